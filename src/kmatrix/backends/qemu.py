@@ -1,0 +1,166 @@
+"""The QEMU backend: build a QEMU command line (pure) and run it (always with a timeout).
+
+Facts about QEMU on our machines (DESIGN.md): TCG needs ``-cpu max`` (Debian's 7.3 kernel
+prints nothing and never boots on QEMU's default CPU model); ``/dev/kvm`` may exist while
+nested KVM hangs forever, so KVM is used only after a smoke boot proves it works.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmatrix.errors import InfraError
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+# panic=-1 reboots at once on a panic and -no-reboot turns that into QEMU exiting, so a
+# panicked guest costs seconds, not the cell timeout. mitigations=off only speeds up TCG.
+BASE_APPEND = "console=ttyS0,115200 panic=-1 mitigations=off"
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    """Everything that determines one QEMU invocation."""
+
+    vmlinuz: Path
+    initrd: Path
+    console_log: Path
+    result_log: Path
+    memory_bytes: int
+    accel: str = "tcg"
+    disk: Path | None = None
+    cpus: int = 1
+    append: str = ""
+    binary: str = QEMU_BINARY
+
+
+def build_argv(spec: QemuSpec) -> list[str]:
+    """The QEMU command line for ``spec``: no network, no display, two serial ports to files."""
+    accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+    argv = [
+        spec.binary,
+        *accel,
+        "-m", f"{spec.memory_bytes // (1024 * 1024)}M",
+        "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(spec.vmlinuz),
+        "-initrd", str(spec.initrd),
+        "-append", f"{BASE_APPEND} {spec.append}".strip(),
+        # ttyS0: the console log, kept per cell. ttyS1: the probe's result channel.
+        "-serial", f"file:{spec.console_log}",
+        "-serial", f"file:{spec.result_log}",
+    ]  # fmt: skip
+    if spec.disk is not None:
+        argv += ["-drive", f"file={spec.disk},format=raw,if=virtio,cache=unsafe"]
+    return argv
+
+
+@dataclass(frozen=True)
+class QemuRun:
+    """How a QEMU process ended."""
+
+    returncode: int | None
+    timed_out: bool
+    duration_s: float
+    stderr: str
+
+
+def run_qemu(argv: list[str], timeout: float) -> QemuRun:
+    """Run QEMU to completion or ``timeout``; QEMU never outlives this call (even on Ctrl-C)."""
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        raise InfraError(
+            f"{argv[0]} not found; install QEMU: apt-get install qemu-system-x86"
+        ) from None
+    timed_out = False
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+        _, err = proc.communicate()
+    except BaseException:
+        _kill_group(proc)
+        proc.wait()
+        raise
+    return QemuRun(
+        returncode=None if timed_out else proc.returncode,
+        timed_out=timed_out,
+        duration_s=round(time.monotonic() - start, 2),
+        stderr=err.decode(errors="replace")[-4000:],
+    )
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def qemu_version(binary: str = QEMU_BINARY) -> str:
+    """QEMU's version line, e.g. ``QEMU emulator version 7.2.22 (Debian ...)``."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except FileNotFoundError:
+        raise InfraError(
+            f"{binary} not found; install QEMU: apt-get install qemu-system-x86"
+        ) from None
+    except (subprocess.SubprocessError, OSError) as exc:
+        raise InfraError(f"{binary} --version failed: {exc}") from None
+    return out.splitlines()[0].strip() if out else "unknown"
+
+
+def kvm_smoke_test(vmlinuz: Path, workdir: Path, timeout: float = 20.0) -> bool:
+    """Boot ``vmlinuz`` briefly under KVM; True only if the kernel printed its banner.
+
+    Nested KVM on some hosts hangs forever after "Booting from ROM", and ``-cpu host`` can
+    abort on an MSR, so /dev/kvm existing proves nothing.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    console = workdir / "kvm-smoke.console.log"
+    spec = QemuSpec(
+        vmlinuz=vmlinuz,
+        initrd=Path("/dev/null"),
+        console_log=console,
+        result_log=Path("/dev/null"),
+        memory_bytes=256 * 1024 * 1024,
+        accel="kvm",
+    )
+    run_qemu(build_argv(spec), timeout)
+    text = console.read_text(errors="replace") if console.exists() else ""
+    return "Linux version" in text
+
+
+def make_disk(path: Path, size_bytes: int) -> None:
+    """A fresh sparse ext4 image for the disk-backed O_TMPFILE scenarios (no root needed).
+
+    Lazy inode-table init is off so no ext4lazyinit thread writes in the background while
+    the probe measures page-cache numbers.
+    """
+    path.unlink(missing_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size_bytes)
+    argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)]
+    try:
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    except FileNotFoundError:
+        raise InfraError("mkfs.ext4 not found; install it: apt-get install e2fsprogs") from None
+    except subprocess.CalledProcessError as exc:
+        raise InfraError(f"mkfs.ext4 {path} failed: {exc.stderr.decode(errors='replace')}") from None

@@ -1,0 +1,186 @@
+"""matrix.yaml -> validated, typed configuration.
+
+Validation happens before anything is downloaded or booted, and every problem is reported
+as one message naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+
+from kmatrix.errors import UserError
+
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+MIB = 1024 * 1024
+
+
+def parse_size(value: Any) -> int:
+    """Turn 512M, 64MiB, 1G or a plain byte count into bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512M, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    raise ValueError(f"expected a size such as 512M or 64MiB, got {value!r}")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GuestConfig(_Strict):
+    """The guest userland and VM shape shared by every QEMU cell."""
+
+    suite: str = "bookworm"
+    memory: Size = 512 * MIB
+    shm_size: Size = 128 * MIB
+    disk_size: Size = 256 * MIB
+
+
+class ProbeConfig(_Strict):
+    """Parameters of the probe run inside each cell."""
+
+    size: Size = 64 * MIB
+    scenarios: list[str] | Literal["all"] = "all"
+    cell_timeout: int = 900
+
+
+class KernelConfig(_Strict):
+    """One column of the matrix: a Debian kernel package, a local build, or the host kernel."""
+
+    name: str
+    backend: Literal["qemu", "docker"] = "qemu"
+    suite: str | None = None
+    package: str | None = None
+    version: str | None = None
+    path: Path | None = None
+    modules: Path | None = None
+    config: Path | None = None
+    memory: Size | None = None
+    shm_size: Size | None = None
+
+    @model_validator(mode="after")
+    def _check_source(self) -> KernelConfig:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"name {self.name!r} must start with a letter or digit and use only "
+                "letters, digits and . _ + -"
+            )
+        if self.backend == "docker":
+            if self.suite or self.package or self.path:
+                raise ValueError("a docker cell runs the host kernel: drop suite/package/path")
+            return self
+        if self.path is not None:
+            if self.suite or self.package or self.version:
+                raise ValueError("give either path: (a local build) or suite:+package:, not both")
+            return self
+        if not (self.suite and self.package):
+            raise ValueError("a qemu kernel needs suite: and package: (or path: to a local build)")
+        return self
+
+    @property
+    def source(self) -> str:
+        """Human-readable origin, used in progress lines and errors."""
+        if self.backend == "docker":
+            return "host kernel (docker)"
+        if self.path is not None:
+            return f"local build {self.path}"
+        pin = f"={self.version}" if self.version else ""
+        return f"{self.suite}/{self.package}{pin}"
+
+
+class Matrix(_Strict):
+    """The whole matrix.yaml."""
+
+    mirror: str | None = None
+    check_valid_until: bool = True
+    keyring: Path = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+    accel: Literal["auto", "tcg", "kvm"] = "tcg"
+    guest: GuestConfig = GuestConfig()
+    probe: ProbeConfig = ProbeConfig()
+    kernels: list[KernelConfig]
+
+    @model_validator(mode="after")
+    def _check_kernels(self) -> Matrix:
+        seen: set[str] = set()
+        for i, k in enumerate(self.kernels):
+            if k.name in seen:
+                raise ValueError(f"kernels[{i}].name: duplicate kernel name {k.name!r}")
+            seen.add(k.name)
+        if not self.kernels:
+            raise ValueError("kernels: the list is empty; add at least one kernel")
+        return self
+
+    def select(self, names: list[str] | None) -> list[KernelConfig]:
+        """The kernels to run: all of them, or those named (unknown names are an error)."""
+        if not names:
+            return list(self.kernels)
+        known = {k.name: k for k in self.kernels}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise UserError(
+                f"unknown kernel(s) {', '.join(missing)}; matrix.yaml has: {', '.join(known)}"
+            )
+        return [known[n] for n in names]
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _known_keys() -> list[str]:
+    models: list[type[BaseModel]] = [Matrix, GuestConfig, ProbeConfig, KernelConfig]
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _describe(err: Any) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    where = _loc(loc)
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "remove it"
+        return f"{where}: unknown key; {hint}"
+    if err["type"] == "missing":
+        return f"{where}: required field is missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return msg if not loc else f"{where}: {msg}"
+
+
+def parse_matrix(text: str, source: str = "matrix.yaml") -> Matrix:
+    """Parse and validate matrix.yaml text; raise UserError naming file and field on error."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping with a kernels: list at the top level")
+    try:
+        return Matrix.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise UserError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_matrix(path: Path) -> Matrix:
+    """Read and validate a matrix file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the matrix file ({exc.strerror})") from None
+    return parse_matrix(text, str(path))

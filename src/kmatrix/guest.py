@@ -1,0 +1,144 @@
+"""The guest image: a Debian userland (built once, cached) plus a small per-cell archive.
+
+The initrd QEMU boots is two newc archives back to back, which the kernel's unpacker
+accepts: the shared userland (busybox, Python) and a cell part (init, probe, the kernel's
+own modules, the cell's parameters). Only the small cell part is rebuilt per cell.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kmatrix.debian import Archive, extract_deb
+from kmatrix.errors import UserError
+from kmatrix.initramfs import CpioWriter
+from kmatrix.kmods import Module
+from kmatrix.results import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES_DIR = ROOT / "images"
+PROBES_DIR = ROOT / "probes"
+PACKAGES_FILE = IMAGES_DIR / "guest" / "packages.txt"
+INIT_FILE = IMAGES_DIR / "guest" / "init"
+
+# Bump when the pruning below changes, so cached userlands are rebuilt.
+USERLAND_LAYOUT = 1
+
+# Parts of the packages the probe never needs; dropping them halves the initrd, and every
+# byte of the initrd sits in guest RAM (rootfs) for the whole run.
+_PRUNE = (
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "usr/share/bug",
+    "usr/share/info",
+    "usr/lib/python3.11/test",
+    "usr/lib/python3.11/idlelib",
+    "usr/lib/python3.11/tkinter",
+    "usr/lib/python3.11/turtledemo",
+    "usr/lib/python3.11/ensurepip",
+    "usr/lib/python3.11/lib2to3",
+    "usr/lib/python3.11/pydoc_data",
+    "usr/lib/python3.11/distutils",
+    "usr/lib/python3.11/config-3.11-x86_64-linux-gnu",
+)
+
+
+def read_package_list(path: Path = PACKAGES_FILE) -> list[str]:
+    """Package names from a package list file (``#`` starts a comment)."""
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return [n for n in names if n]
+
+
+@dataclass(frozen=True)
+class Userland:
+    """A built guest userland: the extracted tree and its newc archive."""
+
+    key: str
+    tree: Path
+    cpio: Path
+    packages: dict[str, str]
+
+
+def build_userland(
+    archive: Archive, suite: str, cache: Path, log: Callable[[str], None] = print
+) -> Userland:
+    """Fetch, verify and unpack the guest packages of ``suite``; cached by their SHA256s."""
+    index = archive.index(suite)
+    records = [index.get(name) for name in read_package_list()]
+    key_src = f"{USERLAND_LAYOUT}\n" + "\n".join(sorted(r.sha256 for r in records))
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    base = cache / "userland" / key
+    tree, cpio = base / "root", base / "userland.cpio"
+    packages = {r.name: r.version for r in records}
+    if cpio.exists():
+        return Userland(key, tree, cpio, packages)
+    log(f"building guest userland from {suite} ({len(records)} packages)")
+    debs = archive.fetch_all(records)
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    for deb in debs:
+        extract_deb(deb, tree)
+    for rel in _PRUNE:
+        shutil.rmtree(tree / rel, ignore_errors=True)
+    python = tree / "usr/bin/python3"
+    if not python.exists():
+        python.symlink_to("python3.11")
+    if not (tree / "bin/busybox").exists():
+        raise UserError(f"{PACKAGES_FILE}: the guest needs busybox-static (no /bin/busybox)")
+    buf = io.BytesIO()
+    writer = CpioWriter(buf)
+    writer.add_tree(tree)
+    writer.finish()
+    atomic_write_bytes(cpio, buf.getvalue())
+    return Userland(key, tree, cpio, packages)
+
+
+def probe_files() -> dict[str, bytes]:
+    """The probe sources shipped into every guest and container, by relative path."""
+    return {
+        str(p.relative_to(PROBES_DIR)): p.read_bytes()
+        for p in sorted(PROBES_DIR.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
+
+
+def probe_sha256() -> str:
+    """One hash over every probe file, recorded in results so runs can be compared."""
+    h = hashlib.sha256()
+    for name, data in probe_files().items():
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def cell_archive(args: dict[str, str], modules: list[Module]) -> bytes:
+    """The per-cell newc archive: /init, /probe, /modules and /kmatrix/args."""
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    for d in ("proc", "sys", "dev", "tmp", "mnt", "run", "bin", "sbin", "usr/bin", "usr/sbin"):
+        w.add_dir(d)
+    w.add_symlink("bin/sh", "busybox")
+    w.add_file("init", INIT_FILE.read_bytes(), 0o755)
+    for name, data in probe_files().items():
+        w.add_file(f"probe/{name}", data)
+    w.add_dir("modules")
+    # Zero-padded prefixes keep `ls /modules` in dependency order.
+    for i, mod in enumerate(modules):
+        w.add_file(f"modules/{i:02d}-{mod.name}.ko", mod.data)
+    text = "".join(f"{k}='{v}'\n" for k, v in sorted(args.items()))
+    w.add_file("kmatrix/args", text.encode())
+    w.finish()
+    return buf.getvalue()
+
+
+def write_initrd(userland: Userland, cell_part: bytes, dest: Path) -> None:
+    """Concatenate the userland and cell archives into the initrd QEMU loads."""
+    with dest.open("wb") as out, userland.cpio.open("rb") as src:
+        shutil.copyfileobj(src, out)
+        out.write(cell_part)

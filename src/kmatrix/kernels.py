@@ -1,0 +1,156 @@
+"""Turning a matrix kernel entry into files QEMU can boot: vmlinuz, modules, config, provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kmatrix.config import KernelConfig
+from kmatrix.debian import Archive, KernelPackages, extract_deb, resolve_kernel
+from kmatrix.errors import InfraError, UserError
+
+# The config values the results record (DESIGN.md, "Kernels and guests").
+RECORDED_CONFIG = (
+    "CONFIG_MEMCG",
+    "CONFIG_MEMCG_V1",
+    "CONFIG_TRANSPARENT_HUGEPAGE",
+    "CONFIG_SHMEM",
+    "CONFIG_SWAP",
+    "CONFIG_HUGETLBFS",
+)
+
+_CONFIG_RE = re.compile(r"^(CONFIG_\w+)=(.*)$|^# (CONFIG_\w+) is not set$")
+
+
+@dataclass(frozen=True)
+class PreparedKernel:
+    """A kernel ready to boot, with everything the results need to say where it came from."""
+
+    name: str
+    vmlinuz: Path
+    modules_dir: Path | None
+    release: str | None
+    config: dict[str, str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_kconfig(text: str) -> dict[str, str]:
+    """Parse a kernel .config; ``# CONFIG_X is not set`` becomes ``"n"``."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _CONFIG_RE.match(line.strip())
+        if m and m.group(1):
+            values[m.group(1)] = m.group(2).strip('"')
+        elif m and m.group(3):
+            values[m.group(3)] = "n"
+    return values
+
+
+def recorded_config(values: dict[str, str]) -> dict[str, str]:
+    """The subset of config values recorded in results; absent options count as ``n``."""
+    return {key: values.get(key, "n") for key in RECORDED_CONFIG}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _find_one(root: Path, patterns: tuple[str, ...]) -> Path | None:
+    for pattern in patterns:
+        hits = sorted(root.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def locate_kernel_tree(root: Path) -> tuple[Path, Path | None, Path | None]:
+    """Find vmlinuz, the modules dir and the config in an extracted package tree.
+
+    Debian <= 6.x installs /boot/vmlinuz-R and /boot/config-R; the 7.x split packages
+    install /usr/lib/modules/R/{vmlinuz,config} instead.
+    """
+    vmlinuz = _find_one(root, ("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz", "lib/modules/*/vmlinuz"))
+    if vmlinuz is None:
+        raise InfraError(f"no vmlinuz found in the extracted kernel packages under {root}")
+    modules = _find_one(root, ("usr/lib/modules/*", "lib/modules/*"))
+    config = _find_one(root, ("boot/config-*", "usr/lib/modules/*/config", "lib/modules/*/config"))
+    return vmlinuz, modules, config
+
+
+def _extract_packages(archive: Archive, pkgs: KernelPackages, dest: Path) -> None:
+    debs = archive.fetch_all(pkgs.records)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for deb in debs:
+        extract_deb(deb, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def resolve_debian(archive: Archive, kernel: KernelConfig) -> KernelPackages:
+    """Resolve a kernel entry to its packages (no .deb download yet: fails fast on bad names)."""
+    assert kernel.suite and kernel.package
+    return resolve_kernel(archive.index(kernel.suite), kernel.package, kernel.version)
+
+
+def prepare_debian(
+    archive: Archive, kernel: KernelConfig, pkgs: KernelPackages, cache: Path
+) -> PreparedKernel:
+    """Download, verify and extract a resolved Debian kernel (once; later runs reuse it)."""
+    primary = pkgs.primary
+    tree = cache / "kernels" / primary.sha256
+    if not (tree / ".complete").exists():
+        _extract_packages(archive, pkgs, tree)
+        (tree / ".complete").touch()
+    vmlinuz, modules, config_file = locate_kernel_tree(tree)
+    config = parse_kconfig(config_file.read_text()) if config_file else {}
+    return PreparedKernel(
+        name=kernel.name,
+        vmlinuz=vmlinuz,
+        modules_dir=modules,
+        release=modules.name if modules else None,
+        config=recorded_config(config),
+        provenance={
+            "suite": kernel.suite,
+            "requested": kernel.package,
+            "package": primary.name,
+            "version": primary.version,
+            "sha256": primary.sha256,
+            "packages": {r.name: {"version": r.version, "sha256": r.sha256} for r in pkgs.records},
+        },
+    )
+
+
+def prepare_local(kernel: KernelConfig) -> PreparedKernel:
+    """A local build: a bzImage/vmlinuz path, optional modules dir and .config."""
+    assert kernel.path is not None
+    vmlinuz = kernel.path.expanduser()
+    if not vmlinuz.is_file():
+        raise UserError(f"kernels[{kernel.name}].path: {vmlinuz} is not a file; point it at a bzImage")
+    modules = kernel.modules.expanduser() if kernel.modules else None
+    if modules is not None and not modules.is_dir():
+        raise UserError(f"kernels[{kernel.name}].modules: {modules} is not a directory")
+    config: dict[str, str] = {}
+    if kernel.config:
+        cfg = kernel.config.expanduser()
+        if not cfg.is_file():
+            raise UserError(f"kernels[{kernel.name}].config: {cfg} is not a file")
+        config = recorded_config(parse_kconfig(cfg.read_text()))
+    return PreparedKernel(
+        name=kernel.name,
+        vmlinuz=vmlinuz,
+        modules_dir=modules,
+        release=modules.name if modules else None,
+        config=config,
+        provenance={"package": None, "version": None, "path": str(vmlinuz), "sha256": sha256_file(vmlinuz)},
+    )

@@ -1,0 +1,152 @@
+"""The results contract (results.json, schema_version 1) and atomic file writes.
+
+Results are plain JSON-compatible dicts so that other tools can read them without
+kmatrix; this module owns their shape, the probe-output parser and the atomic writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kmatrix.errors import UserError
+
+SCHEMA_VERSION = 1
+RECORD_PREFIX = "KMX1 "
+CELL_STATUSES = ("ok", "failed", "timeout", "panic", "error", "skipped")
+
+JSON = dict[str, Any]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Text flavour of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode())
+
+
+def write_results(path: Path, results: JSON) -> None:
+    """Write a results document atomically, pretty-printed with sorted keys for clean diffs."""
+    atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def load_results(path: Path) -> JSON:
+    """Read a results.json, checking it is one this version of kmatrix understands."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read results ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); was it truncated?") from None
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"{path}: not a kmatrix results file with schema_version {SCHEMA_VERSION}"
+        )
+    return data
+
+
+@dataclass
+class ProbeOutput:
+    """What the probe reported over the result channel, parsed and checked."""
+
+    hello: JSON | None = None
+    scenarios: list[JSON] = field(default_factory=list)
+    oom: list[JSON] = field(default_factory=list)
+    done: JSON | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when the probe said hello, finished, and nothing was garbled."""
+        return self.hello is not None and self.done is not None and not self.problems
+
+
+def parse_probe_output(lines: Iterable[str]) -> ProbeOutput:
+    """Parse ``KMX1 {json}`` records; anything garbled is noted, never guessed at.
+
+    Lines without the prefix are ignored (the serial line may carry kernel noise), but a
+    prefixed line that is not a complete JSON object is a problem: a truncated or
+    interleaved record must turn the cell into an error, not into a number.
+    """
+    out = ProbeOutput()
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n").replace("\r", "")
+        start = line.find(RECORD_PREFIX)
+        if start < 0:
+            continue
+        try:
+            rec = json.loads(line[start + len(RECORD_PREFIX) :])
+        except json.JSONDecodeError:
+            out.problems.append(f"line {lineno}: garbled record {line[:80]!r}")
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("type"), str):
+            out.problems.append(f"line {lineno}: record without a type")
+            continue
+        _file_record(out, rec, lineno)
+    if out.done is not None and out.done.get("scenarios") not in (None, len(out.scenarios)):
+        out.problems.append(
+            f"probe said it ran {out.done.get('scenarios')} scenarios, "
+            f"{len(out.scenarios)} arrived"
+        )
+    return out
+
+
+def _file_record(out: ProbeOutput, rec: JSON, lineno: int) -> None:
+    kind = rec["type"]
+    if kind == "hello":
+        out.hello = rec
+    elif kind == "scenario":
+        if not isinstance(rec.get("name"), str) or not isinstance(rec.get("metrics"), dict):
+            out.problems.append(f"line {lineno}: scenario record without name or metrics")
+            return
+        bad = [k for k, v in rec["metrics"].items() if not isinstance(v, int)]
+        if bad:
+            out.problems.append(f"line {lineno}: non-integer metrics {bad} in {rec['name']}")
+            return
+        out.scenarios.append(rec)
+    elif kind == "oom":
+        out.oom.append(rec)
+    elif kind == "done":
+        out.done = rec
+    else:
+        out.problems.append(f"line {lineno}: unknown record type {kind!r}")
+
+
+def scenario_result(rec: JSON) -> JSON:
+    """The results.json form of one probe scenario record (contract keys first)."""
+    keep = ("name", "size_bytes", "metrics", "errno", "error", "detail", "before", "after")
+    return {k: rec.get(k) for k in keep if k in rec} | {"errno": rec.get("errno")}
+
+
+def new_cell(cell_id: str, backend: str) -> JSON:
+    """An empty cell, filled in by a backend."""
+    return {
+        "id": cell_id,
+        "backend": backend,
+        "status": "error",
+        "reason": "not run",
+        "accel": None,
+        "duration_s": 0.0,
+        "memory_bytes": None,
+        "kernel": {},
+        "scenarios": [],
+        "oom": [],
+    }

@@ -1,0 +1,70 @@
+"""matrix.yaml validation: every bad input stops with one message naming file, field and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmatrix.config import load_matrix, parse_matrix, parse_size
+from kmatrix.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD_KERNEL = "{name: a, suite: bookworm, package: linux-image-cloud-amd64}"
+
+
+def test_default_matrix_is_valid() -> None:
+    m = load_matrix(ROOT / "matrix.yaml")
+    assert [k.name for k in m.kernels] == ["5.10", "6.1", "6.12", "unstable", "7.3-rc"]
+    assert m.guest.memory == 512 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kernels: [{name: a, suite: x, pakage: y}]", "kernels[0].pakage: unknown key; did you mean 'package'?"),
+        ("kernels: [{name: a, suite: x, package: y}, {name: a, suite: x, package: z}]", "kernels[1].name: duplicate kernel name 'a'"),
+        (f"guest: {{memory: lots}}\nkernels: [{GOOD_KERNEL}]", "guest.memory: expected a size such as 512M"),
+        ("kernels: [{name: a}]", "kernels[0]: a qemu kernel needs suite: and package:"),
+        ("kernels: []", "kernels: the list is empty"),
+        ("kernels: [{name: 1, suite: x, package: y}]", "kernels[0].name"),
+        (f"accel: fast\nkernels: [{GOOD_KERNEL}]", "accel: Input should be 'auto', 'tcg' or 'kvm'"),
+        ("kernels: [{name: a, suite: x, package: y, path: /k}]", "either path:"),
+        ("kernels: [{name: host, backend: docker, suite: sid}]", "docker cell runs the host kernel"),
+        ("- just a list", "expected a mapping"),
+        ("kernels: [", "not valid YAML"),
+        ("guest: {}", "kernels: required field is missing"),
+        ("kernels: [{name: 'a b', suite: x, package: y}]", "name 'a b' must start"),
+    ],
+)
+def test_bad_matrix_names_the_field(text: str, expected: str) -> None:
+    with pytest.raises(UserError) as exc:
+        parse_matrix(text, "m.yaml")
+    assert str(exc.value).startswith("m.yaml: ")
+    assert expected in str(exc.value)
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read the matrix file"):
+        load_matrix(tmp_path / "nope.yaml")
+
+
+def test_select_unknown_kernel() -> None:
+    m = parse_matrix(f"kernels: [{GOOD_KERNEL}]")
+    with pytest.raises(UserError, match="unknown kernel.*matrix.yaml has: a"):
+        m.select(["b"])
+    assert [k.name for k in m.select(["a"])] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("512M", 512 << 20), ("64MiB", 64 << 20), ("1G", 1 << 30), ("4k", 4096), (123, 123)],
+)
+def test_parse_size(value: object, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["12X", "", True, 1.5, "M"])
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(value)
