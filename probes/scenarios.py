@@ -1,0 +1,327 @@
+"""The accounting scenarios: what a fresh child process does while the parent measures.
+
+Each scenario has an optional ``prepare`` step (run before the BEFORE measurement, for
+things that must exist then, such as the fd whose filesystem is statvfs'ed) and an
+``act`` step (run between BEFORE and AFTER). Both run in the scenario's child process and
+keep every mapping and fd alive in ``ctx.keep`` until the parent kills the child.
+An ``OSError`` escaping a step is reported as the scenario's errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import accounting
+
+MIB = 1 << 20
+CHUNK_SIZE = MIB
+HUGE_PAGE = 2 * MIB
+OVER_LIMIT_EXTRA = 32 * MIB
+MFD_NOEXEC_SEAL = 0x0008
+F_SEAL_EXEC = 0x0020
+#: Refuse to write more than this fraction of MemAvailable (a host /dev/shm may be huge).
+MAX_AVAILABLE_FRACTION = 0.75
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Probe-wide settings, fixed before the first fork."""
+
+    size: int
+    page_size: int
+    shm_dir: str
+    disk_dir: str
+    shm_size: int | None
+    disk_problem: str | None
+
+
+@dataclass
+class Ctx:
+    """Child-side state of one scenario."""
+
+    name: str
+    size: int
+    settings: Settings
+    named_path: str
+    protocol_fds: list[int]
+    chunk: bytes = b""
+    fd: int = -1
+    fs_path: str | None = None
+    fs_fd: int | None = None
+    pipes: dict[str, int] = field(default_factory=dict)
+    keep: list[object] = field(default_factory=list)
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Why a scenario is not run: the record's error text plus detail entries."""
+
+    error: str
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A registry entry: how to size, check, prepare and perform one scenario."""
+
+    name: str
+    act: Callable[[Ctx], None]
+    prepare: Callable[[Ctx], None] | None = None
+    size: Callable[[Settings], int] = lambda s: s.size
+    check: Callable[[Settings], Skip | None] | None = None
+
+
+def errno_name(exc: OSError) -> str:
+    """Symbolic name of an OSError's errno (``"ENOSPC"``), or the number as text."""
+    if exc.errno is None:
+        return type(exc).__name__
+    return errno.errorcode.get(exc.errno, str(exc.errno))
+
+
+def named_shm_path(settings: Settings, name: str) -> str:
+    """Path of the named /dev/shm file of a scenario (chosen by the parent)."""
+    return os.path.join(settings.shm_dir, f"kmatrix-{name}-{os.getpid()}")
+
+
+# ---- building blocks -------------------------------------------------------------------
+
+
+def touch(m: mmap.mmap, page_size: int) -> None:
+    """Fault in every page of a writable mapping by writing one byte per page."""
+    for offset in range(0, len(m), page_size):
+        m[offset] = 1
+
+
+def write_fill(ctx: Ctx, total: int) -> None:
+    """write() ``total`` bytes to ``ctx.fd`` in 1 MiB chunks; record bytes_written."""
+    view = memoryview(ctx.chunk)
+    written = 0
+    try:
+        while written < total:
+            written += os.write(ctx.fd, view[: min(CHUNK_SIZE, total - written)])
+    finally:
+        ctx.detail["bytes_written"] = written
+
+
+def map_fd(ctx: Ctx, truncate: bool = True) -> mmap.mmap:
+    """(ftruncate and) MAP_SHARED-map ``ctx.fd`` and touch every page; keeps the mapping."""
+    if truncate:
+        os.ftruncate(ctx.fd, ctx.size)
+    m = mmap.mmap(ctx.fd, ctx.size, flags=mmap.MAP_SHARED)
+    ctx.keep.append(m)
+    touch(m, ctx.settings.page_size)
+    return m
+
+
+def step(ctx: Ctx, label: str, action: Callable[[], T]) -> T:
+    """Run one step of a feature probe, recording ``ok`` or its errno in detail."""
+    try:
+        result = action()
+    except OSError as exc:
+        ctx.detail[label] = errno_name(exc)
+        raise
+    ctx.detail[label] = "ok"
+    return result
+
+
+# ---- checks (run in the parent; a text means "skip with this error") -------------------
+
+
+def need_disk(settings: Settings) -> Skip | None:
+    """Skip disk scenarios when disk_dir is not on a real disk filesystem."""
+    if settings.disk_problem:
+        return Skip("no disk", {"disk_problem": settings.disk_problem})
+    return None
+
+
+def over_limit_size(settings: Settings) -> int:
+    """shm size= plus 32 MiB (0 when shm_dir has no size limit)."""
+    return settings.shm_size + OVER_LIMIT_EXTRA if settings.shm_size else 0
+
+
+def need_shm_limit(settings: Settings) -> Skip | None:
+    """Skip over-limit scenarios without a limit, or when they would exhaust memory."""
+    if not settings.shm_size:
+        return Skip(f"no size limit known for {settings.shm_dir}")
+    needed = over_limit_size(settings)
+    available = accounting.read_meminfo().get("meminfo_MemAvailable")
+    if available is not None and needed > available * MAX_AVAILABLE_FRACTION:
+        return Skip(
+            f"refused: would write {needed} bytes, more than {MAX_AVAILABLE_FRACTION:.0%} "
+            f"of MemAvailable {available}",
+            {"needed_bytes": needed, "mem_available": available},
+        )
+    return None
+
+
+# ---- prepare steps ---------------------------------------------------------------------
+
+
+def prep_memfd(ctx: Ctx) -> None:
+    """Create the memfd (empty) so the parent can statvfs it before the action."""
+    ctx.fd = os.memfd_create(f"kmatrix-{ctx.name}")
+    ctx.fs_fd = ctx.fd
+
+
+def _prep_tmpfile(ctx: Ctx, directory: str) -> None:
+    """Open an unnamed O_TMPFILE in ``directory``."""
+    ctx.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    ctx.fs_path = directory
+
+
+def prep_tmpfile_shm(ctx: Ctx) -> None:
+    """O_TMPFILE on shm_dir."""
+    _prep_tmpfile(ctx, ctx.settings.shm_dir)
+
+
+def prep_tmpfile_disk(ctx: Ctx) -> None:
+    """O_TMPFILE on disk_dir."""
+    _prep_tmpfile(ctx, ctx.settings.disk_dir)
+
+
+def prep_named_shm(ctx: Ctx) -> None:
+    """Create the named file in shm_dir (the parent removes it afterwards)."""
+    ctx.fd = os.open(ctx.named_path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
+    ctx.fs_path = ctx.settings.shm_dir
+    ctx.detail["path"] = ctx.named_path
+
+
+def prep_memfd_2proc(ctx: Ctx) -> None:
+    """Create and size the memfd and fork the grandchild that will map it too."""
+    prep_memfd(ctx)
+    os.ftruncate(ctx.fd, ctx.size)
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _grandchild_main(ctx, go_r, done_w, close=[go_w, done_r])
+    os.close(go_r)
+    os.close(done_w)
+    ctx.pipes.update(go_w=go_w, done_r=done_r)
+    ctx.detail["grandchild_pid"] = pid
+
+
+def _grandchild_main(ctx: Ctx, go_r: int, done_w: int, close: list[int]) -> None:
+    """Grandchild of memfd-2proc: on "go" map and touch the memfd, then hold it."""
+    status = 1
+    try:
+        for fd in close + ctx.protocol_fds:
+            os.close(fd)
+        if os.read(go_r, 1):
+            map_fd(ctx, truncate=False)
+            os.write(done_w, b"d")
+            os.read(go_r, 1)  # returns (EOF) only when the child is gone
+        status = 0
+    finally:
+        os._exit(status)
+
+
+# ---- actions ---------------------------------------------------------------------------
+
+
+def act_anon_private(ctx: Ctx) -> None:
+    """MAP_PRIVATE|MAP_ANONYMOUS mapping, every page touched."""
+    m = mmap.mmap(-1, ctx.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ctx.keep.append(m)
+    touch(m, ctx.settings.page_size)
+
+
+def act_anon_shared(ctx: Ctx) -> None:
+    """Python's default anonymous mmap (MAP_SHARED|MAP_ANONYMOUS = shmem), touched."""
+    m = mmap.mmap(-1, ctx.size)
+    ctx.keep.append(m)
+    touch(m, ctx.settings.page_size)
+
+
+def act_write(ctx: Ctx) -> None:
+    """Fill the prepared fd with write()."""
+    write_fill(ctx, ctx.size)
+
+
+def act_map(ctx: Ctx) -> None:
+    """ftruncate the prepared fd, map it MAP_SHARED and touch every page."""
+    map_fd(ctx)
+
+
+def act_map_unmap(ctx: Ctx) -> None:
+    """As act_map, then munmap; the fd stays open."""
+    map_fd(ctx).close()
+
+
+def act_memfd_2proc(ctx: Ctx) -> None:
+    """Map and touch the memfd here, then let the grandchild do the same."""
+    map_fd(ctx, truncate=False)
+    os.write(ctx.pipes["go_w"], b"g")
+    if not os.read(ctx.pipes["done_r"], 1):
+        raise RuntimeError("grandchild exited before mapping the memfd")
+
+
+def act_memfd_hugetlb(ctx: Ctx) -> None:
+    """Feature probe: MFD_HUGETLB memfd, 2 MiB ftruncate, mmap, touch one byte."""
+    ctx.detail["nr_hugepages"] = _read_int("/proc/sys/vm/nr_hugepages")
+    flags = os.MFD_CLOEXEC | os.MFD_HUGETLB
+    ctx.fd = step(ctx, "memfd_create", lambda: os.memfd_create("kmatrix-hugetlb", flags))
+    step(ctx, "ftruncate", lambda: os.ftruncate(ctx.fd, HUGE_PAGE))
+    m = step(ctx, "mmap", lambda: mmap.mmap(ctx.fd, HUGE_PAGE, flags=mmap.MAP_SHARED))
+    ctx.keep.append(m)
+    m[0] = 1
+    ctx.detail["touch"] = "ok"
+
+
+def act_memfd_noexec_seal(ctx: Ctx) -> None:
+    """Feature probe: MFD_NOEXEC_SEAL; if supported, does fchmod(0o755) fail?"""
+    ctx.detail["vm_memfd_noexec"] = _read_int("/proc/sys/vm/memfd_noexec")
+    flags = os.MFD_CLOEXEC | MFD_NOEXEC_SEAL
+    ctx.fd = step(ctx, "memfd_create", lambda: os.memfd_create("kmatrix-noexec", flags))
+    ctx.detail["mode"] = oct(os.fstat(ctx.fd).st_mode & 0o7777)
+    seals = fcntl.fcntl(ctx.fd, fcntl.F_GET_SEALS)
+    ctx.detail["seals"] = seals
+    ctx.detail["seal_exec"] = bool(seals & F_SEAL_EXEC)
+    try:
+        os.fchmod(ctx.fd, 0o755)
+        ctx.detail["fchmod_755"] = "ok"
+    except OSError as exc:
+        ctx.detail["fchmod_755"] = errno_name(exc)
+
+
+def _read_int(path: str) -> int | None:
+    """An integer sysctl, or None if it does not exist."""
+    try:
+        return int(accounting.read_text(path))
+    except (OSError, ValueError):
+        return None
+
+
+# ---- registry --------------------------------------------------------------------------
+
+_LIST = [
+    Scenario("anon-private", act_anon_private),
+    Scenario("anon-shared", act_anon_shared),
+    Scenario("memfd-write", act_write, prep_memfd),
+    Scenario("memfd-mmap", act_map, prep_memfd),
+    Scenario("memfd-munmap", act_map_unmap, prep_memfd),
+    Scenario("memfd-2proc", act_memfd_2proc, prep_memfd_2proc),
+    Scenario("tmpfile-shm-write", act_write, prep_tmpfile_shm),
+    Scenario("tmpfile-shm-mmap", act_map, prep_tmpfile_shm),
+    Scenario("tmpfile-disk-write", act_write, prep_tmpfile_disk, check=need_disk),
+    Scenario("tmpfile-disk-mmap", act_map, prep_tmpfile_disk, check=need_disk),
+    Scenario("shm-named-write", act_write, prep_named_shm),
+    Scenario("memfd-over-shm-limit", act_write, prep_memfd, over_limit_size, need_shm_limit),
+    Scenario(
+        "tmpfile-over-shm-limit", act_write, prep_tmpfile_shm, over_limit_size, need_shm_limit
+    ),
+    Scenario("memfd-hugetlb", act_memfd_hugetlb, size=lambda s: HUGE_PAGE),
+    Scenario("memfd-noexec-seal", act_memfd_noexec_seal, size=lambda s: 0),
+]
+
+#: Canonical scenario name -> Scenario, in the canonical order.
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in _LIST}
