@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import termios
+import zlib
 from typing import Any
 
 # The directory is copied into the guest and run as a script: make siblings importable.
@@ -43,9 +44,14 @@ class Output:
                 _raw_output(self.fd)
 
     def emit(self, record: dict[str, Any]) -> None:
-        """Write one ``KMX1 <json>`` line."""
-        line = json.dumps(record, separators=(",", ":"), sort_keys=False)
-        write_all(self.fd, RECORD_PREFIX + line.encode() + b"\n")
+        """Write one ``KMX1 <json> <crc32>`` line.
+
+        The CRC lets the host reject a record that kernel messages or a dying serial line
+        garbled even where the damage still parses as JSON (e.g. inside a string).
+        """
+        line = json.dumps(record, separators=(",", ":"), sort_keys=False).encode()
+        crc = b"%08x" % zlib.crc32(line)
+        write_all(self.fd, RECORD_PREFIX + line + b" " + crc + b"\n")
 
 
 def _raw_output(fd: int) -> None:

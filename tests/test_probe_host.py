@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import zlib
 import os
 import shutil
 import signal
@@ -172,7 +173,9 @@ def run_probe(*args: str, out: Path, prefix: list[str] | None = None) -> list[di
     records = []
     for line in out.read_text().splitlines():
         assert line.startswith("KMX1 "), line
-        records.append(json.loads(line[5:]))
+        payload, _, crc = line[5:].rpartition(" ")
+        assert zlib.crc32(payload.encode()) == int(crc, 16), line
+        records.append(json.loads(payload))
     return records
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,7 @@ class ProbeOutput:
 
 
 def parse_probe_output(lines: Iterable[str]) -> ProbeOutput:
-    """Parse ``KMX1 {json}`` records; anything garbled is noted, never guessed at.
+    """Parse ``KMX1 {json} crc32`` records; anything garbled is noted, never guessed at.
 
     Lines without the prefix are ignored (the serial line may carry kernel noise), but a
     prefixed line that is not a complete JSON object is a problem: a truncated or
@@ -92,8 +93,12 @@ def parse_probe_output(lines: Iterable[str]) -> ProbeOutput:
         start = line.find(RECORD_PREFIX)
         if start < 0:
             continue
+        payload, _, crc = line[start + len(RECORD_PREFIX) :].rpartition(" ")
+        if not _crc_ok(payload, crc):
+            out.problems.append(f"line {lineno}: garbled record (checksum) {line[:80]!r}")
+            continue
         try:
-            rec = json.loads(line[start + len(RECORD_PREFIX) :])
+            rec = json.loads(payload)
         except json.JSONDecodeError:
             out.problems.append(f"line {lineno}: garbled record {line[:80]!r}")
             continue
@@ -107,6 +112,13 @@ def parse_probe_output(lines: Iterable[str]) -> ProbeOutput:
             f"{len(out.scenarios)} arrived"
         )
     return out
+
+
+def _crc_ok(payload: str, crc: str) -> bool:
+    try:
+        return len(crc) == 8 and zlib.crc32(payload.encode()) == int(crc, 16)
+    except ValueError:
+        return False
 
 
 def _file_record(out: ProbeOutput, rec: JSON, lineno: int) -> None:
