@@ -5,21 +5,40 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from invoke import Context, Exit, task
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
-from kmatrix.errors import KmatrixError  # noqa: E402
-from kmatrix.runner import RunOptions, run_matrix, summarize  # noqa: E402
+from kmatrix.errors import KmatrixError
+from kmatrix.runner import RunOptions, run_matrix, summarize
 
 
-@task(help={"name": "report directory under reports/", "kernels": "comma-separated cell names"})
-def matrix(c: Context, name: str = "latest", kernels: str = "", matrix_file: str = "matrix.yaml") -> None:
+@task(
+    help={
+        "name": "report directory under reports/ (default: latest)",
+        "kernels": "comma-separated cell names to run (default: all)",
+        "matrix-file": "the matrix to run (default: matrix.yaml)",
+        "jobs": "cells run in parallel (default: one per CPU core)",
+        "force": "rerun cells even when the result cache has them",
+    }
+)
+def matrix(
+    c: Context,
+    name: str = "latest",
+    kernels: str = "",
+    matrix_file: str = "matrix.yaml",
+    jobs: int = 0,
+    force: bool = False,
+) -> None:
     """Boot every kernel in matrix.yaml, run the probe, write reports/NAME/."""
     opts = RunOptions(
         matrix_path=Path(matrix_file).resolve(),
         name=name,
         kernels=tuple(k for k in kernels.split(",") if k),
+        jobs=jobs,
+        force=force,
     )
     try:
         results = run_matrix(opts)

@@ -11,12 +11,14 @@ apart from the code that touches the network, the disk or subprocesses.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import email.utils
 import gzip
 import hashlib
 import http.client
 import io
+import json
 import lzma
 import os
 import re
@@ -899,17 +901,21 @@ class Archive:
             )
         return cached
 
-    def index(self, suite: str) -> SuiteIndex:
-        """The verified package index of ``suite`` (memoised per Archive)."""
-        if suite in self._indices:
-            return self._indices[suite]
+    def _release(self, suite: str) -> tuple[ReleaseInfo, Path]:
+        """The verified release info of ``suite`` and its verified Packages file."""
         text = self._fetch_inrelease(suite)
         try:
             rel = parse_release(text, f"{suite} InRelease")
         except ValueError as e:
             raise InfraError(f"cannot parse InRelease of {suite} from {self.mirror}: {e}") from e
         self._check_release(suite, rel)
-        path = self._fetch_packages(suite, rel)
+        return rel, self._fetch_packages(suite, rel)
+
+    def index(self, suite: str) -> SuiteIndex:
+        """The verified package index of ``suite`` (memoised per Archive)."""
+        if suite in self._indices:
+            return self._indices[suite]
+        rel, path = self._release(suite)
         try:
             packages = parse_packages(
                 _decompress(path).decode("utf-8", "replace"), suite, f"{suite} Packages"
@@ -921,6 +927,30 @@ class Archive:
         idx = SuiteIndex(suite, rel.codename, rel.date, rel.valid_until, packages)
         self._indices[suite] = idx
         return idx
+
+    def lookup(
+        self, suite: str, key: str, compute: Callable[[SuiteIndex], list[PackageRecord]]
+    ) -> list[PackageRecord]:
+        """``compute(index)``, cached on disk per verified Packages file and ``key``.
+
+        Parsing a whole Packages file takes seconds (sid's is 65 MB); the records a lookup
+        returns only change when the signed index does, so an unchanged rerun skips parsing.
+        """
+        if suite not in self._indices:
+            _, path = self._release(suite)
+            digest = hashlib.sha256(f"{path.name}\n{key}".encode()).hexdigest()[:24]
+            memo = self.cache_dir / "indices" / "lookups" / f"{digest}.json"
+            try:
+                return [PackageRecord(**r) for r in json.loads(memo.read_text())]
+            except (OSError, ValueError, TypeError):
+                pass
+            records = compute(self.index(suite))
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps([dataclasses.asdict(r) for r in records]))
+            os.replace(tmp, memo)
+            return records
+        return compute(self._indices[suite])
 
     # -- packages -------------------------------------------------------------------------
 

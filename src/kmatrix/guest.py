@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,10 @@ def build_userland(
     archive: Archive, suite: str, cache: Path, log: Callable[[str], None] = print
 ) -> Userland:
     """Fetch, verify and unpack the guest packages of ``suite``; cached by their SHA256s."""
-    index = archive.index(suite)
-    records = [index.get(name) for name in read_package_list()]
+    names = read_package_list()
+    records = archive.lookup(
+        suite, "userland " + " ".join(names), lambda index: [index.get(n) for n in names]
+    )
     key_src = f"{USERLAND_LAYOUT}\n" + "\n".join(sorted(r.sha256 for r in records))
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     base = cache / "userland" / key
@@ -98,6 +101,42 @@ def build_userland(
     writer.finish()
     atomic_write_bytes(cpio, buf.getvalue())
     return Userland(key, tree, cpio, packages)
+
+
+#: Empty directories the container root needs (the engine mounts /proc, /sys, /dev over
+#: them) and that the packages do not ship.
+_ROOT_DIRS = ("proc", "sys", "dev", "tmp", "run", "mnt", "mnt/disk")
+
+
+def _tar_entry(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Owned by root and without host user names, whoever built the tree."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def userland_tarball(userland: Userland) -> Path:
+    """The userland tree as a tar (cached next to its cpio): the root of the probe image.
+
+    The same files as the initramfs, so VM and container cells run the same interpreter.
+    """
+    dest = userland.cpio.with_name("userland.tar")
+    if dest.exists():
+        return dest
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for d in _ROOT_DIRS:
+            info = _tar_entry(tarfile.TarInfo(d))
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tf.addfile(info)
+        if not (userland.tree / "bin" / "sh").exists():
+            link = _tar_entry(tarfile.TarInfo("bin/sh"))
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tf.addfile(link)
+        for path in sorted(userland.tree.iterdir()):
+            tf.add(path, arcname=path.name, filter=_tar_entry)
+    atomic_write_bytes(dest, buf.getvalue())
+    return dest
 
 
 def probe_files() -> dict[str, bytes]:

@@ -78,7 +78,9 @@ def locate_kernel_tree(root: Path) -> tuple[Path, Path | None, Path | None]:
     Debian <= 6.x installs /boot/vmlinuz-R and /boot/config-R; the 7.x split packages
     install /usr/lib/modules/R/{vmlinuz,config} instead.
     """
-    vmlinuz = _find_one(root, ("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz", "lib/modules/*/vmlinuz"))
+    vmlinuz = _find_one(
+        root, ("boot/vmlinuz-*", "usr/lib/modules/*/vmlinuz", "lib/modules/*/vmlinuz")
+    )
     if vmlinuz is None:
         raise InfraError(f"no vmlinuz found in the extracted kernel packages under {root}")
     modules = _find_one(root, ("usr/lib/modules/*", "lib/modules/*"))
@@ -99,8 +101,15 @@ def _extract_packages(archive: Archive, pkgs: KernelPackages, dest: Path) -> Non
 
 def resolve_debian(archive: Archive, kernel: KernelConfig) -> KernelPackages:
     """Resolve a kernel entry to its packages (no .deb download yet: fails fast on bad names)."""
-    assert kernel.suite and kernel.package
-    return resolve_kernel(archive.index(kernel.suite), kernel.package, kernel.version)
+    suite, package, version = kernel.suite, kernel.package, kernel.version
+    assert suite and package
+    records = archive.lookup(
+        suite,
+        f"kernel {package} {version}",
+        lambda index: resolve_kernel(index, package, version).records,
+    )
+    # resolve_kernel lists the primary package (the one carrying vmlinuz) first.
+    return KernelPackages(primary=records[0], records=records)
 
 
 def prepare_debian(
@@ -136,7 +145,9 @@ def prepare_local(kernel: KernelConfig) -> PreparedKernel:
     assert kernel.path is not None
     vmlinuz = kernel.path.expanduser()
     if not vmlinuz.is_file():
-        raise UserError(f"kernels[{kernel.name}].path: {vmlinuz} is not a file; point it at a bzImage")
+        raise UserError(
+            f"kernels[{kernel.name}].path: {vmlinuz} is not a file; point it at a bzImage"
+        )
     modules = kernel.modules.expanduser() if kernel.modules else None
     if modules is not None and not modules.is_dir():
         raise UserError(f"kernels[{kernel.name}].modules: {modules} is not a directory")
@@ -152,5 +163,10 @@ def prepare_local(kernel: KernelConfig) -> PreparedKernel:
         modules_dir=modules,
         release=modules.name if modules else None,
         config=config,
-        provenance={"package": None, "version": None, "path": str(vmlinuz), "sha256": sha256_file(vmlinuz)},
+        provenance={
+            "package": None,
+            "version": None,
+            "path": str(vmlinuz),
+            "sha256": sha256_file(vmlinuz),
+        },
     )

@@ -58,9 +58,7 @@ def load_results(path: Path) -> JSON:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc}); was it truncated?") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(
-            f"{path}: not a kmatrix results file with schema_version {SCHEMA_VERSION}"
-        )
+        raise UserError(f"{path}: not a kmatrix results file with schema_version {SCHEMA_VERSION}")
     return data
 
 
@@ -108,8 +106,7 @@ def parse_probe_output(lines: Iterable[str]) -> ProbeOutput:
         _file_record(out, rec, lineno)
     if out.done is not None and out.done.get("scenarios") not in (None, len(out.scenarios)):
         out.problems.append(
-            f"probe said it ran {out.done.get('scenarios')} scenarios, "
-            f"{len(out.scenarios)} arrived"
+            f"probe said it ran {out.done.get('scenarios')} scenarios, {len(out.scenarios)} arrived"
         )
     return out
 

@@ -1,31 +1,38 @@
-"""`invoke matrix`: resolve every kernel, build the guest, run each cell, write results and report.
+"""`invoke matrix`: resolve every kernel, build the guest, run the cells, write results and report.
 
 Order matters for the user: everything that can be wrong with matrix.yaml (unknown package,
-bad pin) is found before any kernel is downloaded, and results are written after every
-cell so an interrupted run loses nothing it already measured.
+bad pin) is found before any kernel is downloaded; cells run in parallel (``--jobs``);
+results are written after every cell so an interrupted run loses nothing it measured, and
+the result cache lets the next run pick up where this one stopped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import platform
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from kmatrix import __version__
-from kmatrix.backends.qemu import kvm_smoke_test, qemu_version
+from kmatrix.backends import qemu
+from kmatrix.cellcache import CellCache, cell_key
 from kmatrix.config import KernelConfig, Matrix, load_matrix
 from kmatrix.debian import Archive, KernelPackages, default_cache_dir, resolve_mirror
-from kmatrix.errors import KmatrixError, UserError
-from kmatrix.guest import ROOT, Userland, build_userland, probe_sha256
+from kmatrix.errors import InfraError, KmatrixError, UserError
+from kmatrix.guest import INIT_FILE, ROOT, Userland, build_userland, probe_sha256
 from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local, resolve_debian
+from kmatrix.progress import Progress
 from kmatrix.qemu_cell import run_qemu_cell
 from kmatrix.report import render_report
 from kmatrix.results import JSON, SCHEMA_VERSION, atomic_write_text, new_cell, write_results
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class RunOptions:
     name: str = "latest"
     kernels: tuple[str, ...] = ()
     reports_dir: Path = ROOT / "reports"
+    jobs: int = 0  # 0: one per CPU core
+    force: bool = False  # rerun cells even when the result cache has them
 
 
 def _now() -> str:
@@ -51,44 +60,31 @@ def _host_info() -> JSON:
     }
 
 
-def _make_archive(matrix: Matrix, log: Log) -> Archive:
-    check = matrix.check_valid_until and os.environ.get("KMATRIX_CHECK_VALID_UNTIL", "1") != "0"
-    return Archive(
-        resolve_mirror(matrix.mirror),
-        default_cache_dir(),
-        keyring=matrix.keyring,
-        check_valid_until=check,
-        log=log,
-    )
-
-
-def _resolve_all(archive: Archive, kernels: list[KernelConfig], log: Log) -> dict[str, KernelPackages]:
+def _resolve_all(
+    archive: Archive, kernels: list[KernelConfig], progress: Progress
+) -> dict[str, KernelPackages]:
     """Resolve every Debian kernel up front: a typo fails before any large download."""
     resolved: dict[str, KernelPackages] = {}
     for k in kernels:
         if k.backend == "qemu" and k.path is None:
             pkgs = resolve_debian(archive, k)
-            log(f"{k.name}: {k.source} -> {pkgs.primary.name} {pkgs.primary.version}")
+            progress.log(f"{k.name}: {k.source} -> {pkgs.primary.name} {pkgs.primary.version}")
             resolved[k.name] = pkgs
     return resolved
 
 
-def _pick_accel(matrix: Matrix, kernel: PreparedKernel, workdir: Path, log: Log) -> str:
-    if matrix.accel != "auto":
-        return matrix.accel
-    workdir.mkdir(parents=True, exist_ok=True)
-    ok = kvm_smoke_test(kernel.vmlinuz, workdir)
-    log(f"KVM smoke boot {'worked: using kvm' if ok else 'failed: using tcg'}")
-    return "kvm" if ok else "tcg"
-
-
 class _Run:
-    """The state of one matrix run: its results document and where it is written."""
+    """The state of one matrix run: its results document, where it goes, shared resources."""
 
-    def __init__(self, opts: RunOptions, matrix: Matrix, log: Log) -> None:
-        self.opts, self.matrix, self.log = opts, matrix, log
+    def __init__(
+        self, opts: RunOptions, matrix: Matrix, kernels: list[KernelConfig], progress: Progress
+    ) -> None:
+        self.opts, self.matrix, self.kernels, self.progress = opts, matrix, kernels, progress
         self.out_dir = opts.reports_dir / opts.name
         self.cache = default_cache_dir()
+        self.cell_cache = CellCache(self.cache / "cells")
+        self._lock = threading.Lock()
+        self._accel: str | None = None
         self.results: JSON = {
             "schema_version": SCHEMA_VERSION,
             "run": {
@@ -104,50 +100,94 @@ class _Run:
         }
 
     def save(self) -> None:
-        write_results(self.out_dir / "results.json", self.results)
-        atomic_write_text(self.out_dir / "report.md", render_report(self.results))
+        """Write results.json and report.md as they stand (cells in matrix order)."""
+        with self._lock:
+            order = {k.name: i for i, k in enumerate(self.kernels)}
+            self.results["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
+            write_results(self.out_dir / "results.json", self.results)
+            atomic_write_text(self.out_dir / "report.md", render_report(self.results))
 
     def add(self, cell: JSON) -> None:
-        self.results["cells"].append(cell)
+        """Record a finished cell and save at once."""
+        with self._lock:
+            self.results["cells"].append(cell)
         self.save()
-        self.log(f"{cell['id']}: {cell['status']} {cell.get('reason') or ''}".rstrip())
-
-    def qemu_cell(self, kernel: KernelConfig, prepared: PreparedKernel, userland: Userland, accel: str) -> JSON:
-        memory = kernel.memory or self.matrix.guest.memory
-        shm = kernel.shm_size or self.matrix.guest.shm_size
-        self.log(f"{kernel.name}: booting {prepared.release or prepared.vmlinuz.name} ({accel})")
-        return run_qemu_cell(
-            prepared,
-            userland,
-            self.matrix,
-            workdir=self.cache / "work" / self.opts.name / kernel.name,
-            console_dest=self.out_dir / "console" / f"{kernel.name}.log",
-            accel=accel,
-            memory_bytes=memory,
-            shm_size=shm,
+        origin = " (cached)" if cell.get("cached") else ""
+        self.progress.finish(
+            cell["id"], f"{cell['status']}{origin} {cell.get('reason') or ''}".rstrip()
         )
 
+    def accel(self, kernel: PreparedKernel) -> str:
+        """The accelerator for every cell of this run (a KVM smoke boot decides ``auto``, once)."""
+        with self._lock:
+            if self._accel is None:
+                self._accel = self.matrix.accel
+                if self._accel == "auto":
+                    work = self.cache / "work"
+                    work.mkdir(parents=True, exist_ok=True)
+                    self._accel = "kvm" if qemu.kvm_smoke_test(kernel.vmlinuz, work) else "tcg"
+                    self.progress.log(f"KVM smoke boot chose {self._accel}")
+            return self._accel
 
-def run_matrix(opts: RunOptions, log: Log = print) -> JSON:
-    """Run the matrix and return the results document (also written to reports/NAME/)."""
-    matrix = load_matrix(opts.matrix_path)
-    kernels = matrix.select(list(opts.kernels))
-    run = _Run(opts, matrix, log)
-    archive = _make_archive(matrix, log)
-    resolved = _resolve_all(archive, kernels, log)
-    run.results["run"]["host"]["qemu"] = qemu_version()
-    userland = build_userland(archive, matrix.guest.suite, run.cache, log)
-    run.results["run"]["guest"] = {"suite": matrix.guest.suite, "packages": userland.packages}
-    for k in kernels:
-        run.add(_run_one(run, archive, k, resolved, userland))
-    run.results["run"]["finished"] = _now()
-    run.save()
-    log(f"wrote {run.out_dir / 'report.md'} and results.json")
-    return run.results
+
+def _cache_key(
+    run: _Run, k: KernelConfig, prepared: PreparedKernel, userland: Userland, accel: str
+) -> str:
+    return cell_key(
+        {
+            "kernel": prepared.provenance.get("sha256"),
+            "userland": userland.key,
+            "probe": run.results["run"]["probe_sha256"],
+            "init": hashlib.sha256(INIT_FILE.read_bytes()).hexdigest(),
+            "matrix": run.matrix.model_dump(mode="json", exclude={"kernels", "mirror"}),
+            "memory": k.memory,
+            "shm_size": k.shm_size,
+            "accel": accel,
+            "qemu": run.results["run"]["host"].get("qemu"),
+        }
+    )
+
+
+def _qemu_cell(
+    run: _Run, archive: Archive, k: KernelConfig, pkgs: KernelPackages | None, userland: Userland
+) -> JSON:
+    if k.path is not None:
+        prepared = prepare_local(k)
+    else:
+        assert pkgs is not None
+        run.progress.phase(k.name, f"fetch {pkgs.primary.name}")
+        prepared = prepare_debian(archive, k, pkgs, run.cache)
+    accel = run.accel(prepared)
+    key = _cache_key(run, k, prepared, userland, accel)
+    console_dest = run.out_dir / "console" / f"{k.name}.log"
+    hit = None if run.opts.force else run.cell_cache.get(key)
+    if hit is not None:
+        cell, console = hit
+        if console is not None:
+            console_dest.parent.mkdir(parents=True, exist_ok=True)
+            console_dest.write_bytes(console.read_bytes())
+        return cell | {"cached": True}
+    run.progress.phase(k.name, f"boot {prepared.release or prepared.vmlinuz.name} ({accel})")
+    cell = run_qemu_cell(
+        prepared,
+        userland,
+        run.matrix,
+        workdir=run.cache / "work" / run.opts.name / k.name,
+        console_dest=console_dest,
+        accel=accel,
+        memory_bytes=k.memory or run.matrix.guest.memory,
+        shm_size=k.shm_size or run.matrix.guest.shm_size,
+    )
+    run.cell_cache.put(key, cell, console_dest)
+    return cell | {"cached": False}
 
 
 def _run_one(
-    run: _Run, archive: Archive, k: KernelConfig, resolved: dict[str, KernelPackages], userland: Userland
+    run: _Run,
+    archive: Archive,
+    k: KernelConfig,
+    resolved: dict[str, KernelPackages],
+    userland: Userland,
 ) -> JSON:
     """One cell; an infrastructure failure becomes the cell's status, not the run's end."""
     if k.backend == "docker":
@@ -155,13 +195,7 @@ def _run_one(
         cell.update(status="skipped", reason="the docker backend is not implemented yet")
         return cell
     try:
-        if k.path is not None:
-            prepared = prepare_local(k)
-        else:
-            run.log(f"{k.name}: fetching {resolved[k.name].primary.name}")
-            prepared = prepare_debian(archive, k, resolved[k.name], run.cache)
-        accel = _pick_accel(run.matrix, prepared, run.cache / "work", run.log)
-        return run.qemu_cell(k, prepared, userland, accel)
+        return _qemu_cell(run, archive, k, resolved.get(k.name), userland)
     except UserError:
         raise
     except KmatrixError as exc:
@@ -170,9 +204,77 @@ def _run_one(
         return cell
 
 
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt in the main thread, like Ctrl-C."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
+    try:
+        yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_cells(
+    run: _Run, archive: Archive, resolved: dict[str, KernelPackages], userland: Userland
+) -> None:
+    jobs = run.opts.jobs or os.cpu_count() or 1
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
+    try:
+        futures = [pool.submit(_run_one, run, archive, k, resolved, userland) for k in run.kernels]
+        for future in as_completed(futures):
+            run.add(future.result())
+    except KeyboardInterrupt:
+        killed = qemu.kill_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        run.results["run"]["interrupted"] = _now()
+        run.save()
+        done = len(run.results["cells"])
+        raise InfraError(
+            f"interrupted: killed {killed} QEMU process(es); {done} finished cell(s) saved in "
+            f"{run.out_dir}; run the same command again to resume from the cache"
+        ) from None
+    finally:
+        pool.shutdown(wait=True)
+
+
+def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
+    """Run the matrix and return the results document (also written to reports/NAME/)."""
+    matrix = load_matrix(opts.matrix_path)
+    kernels = matrix.select(list(opts.kernels))
+    progress = progress or Progress()
+    qemu.allow_start()
+    with progress, _interruptible():
+        run = _Run(opts, matrix, kernels, progress)
+        archive = Archive(
+            resolve_mirror(matrix.mirror),
+            run.cache,
+            keyring=matrix.keyring,
+            check_valid_until=matrix.check_valid_until,
+            log=progress.log,
+        )
+        resolved = _resolve_all(archive, kernels, progress)
+        run.results["run"]["host"]["qemu"] = qemu.qemu_version()
+        userland = build_userland(archive, matrix.guest.suite, run.cache, progress.log)
+        run.results["run"]["guest"] = {"suite": matrix.guest.suite, "packages": userland.packages}
+        _run_cells(run, archive, resolved, userland)
+        run.results["run"]["finished"] = _now()
+        run.save()
+        progress.log(f"wrote {run.out_dir / 'report.md'} and results.json")
+    return run.results
+
+
 def summarize(results: JSON) -> tuple[int, str]:
     """Exit code and one-line summary: 0 when every cell is ok, 1 when any is not."""
-    bad = [f"{c['id']} ({c['status']})" for c in results["cells"] if c["status"] != "ok"]
+    cells = results["cells"]
+    bad = [f"{c['id']} ({c['status']})" for c in cells if c["status"] not in ("ok", "skipped")]
+    cached = sum(1 for c in cells if c.get("cached"))
+    note = f", {cached} from cache" if cached else ""
     if bad:
-        return 1, f"{len(bad)} of {len(results['cells'])} cells not ok: {', '.join(bad)}"
-    return 0, f"all {len(results['cells'])} cells ok"
+        return 1, f"{len(bad)} of {len(cells)} cells not ok: {', '.join(bad)}{note}"
+    return 0, f"{len(cells)} cells done, none failed{note}"

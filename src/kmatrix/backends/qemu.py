@@ -7,9 +7,11 @@ nested KVM hangs forever, so KVM is used only after a smoke boot proves it works
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,11 @@ class QemuSpec:
 
 def build_argv(spec: QemuSpec) -> list[str]:
     """The QEMU command line for ``spec``: no network, no display, two serial ports to files."""
-    accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+    accel = (
+        ["-accel", "kvm", "-cpu", "host"]
+        if spec.accel == "kvm"
+        else ["-accel", "tcg", "-cpu", "max"]
+    )
     argv = [
         spec.binary,
         *accel,
@@ -70,8 +76,27 @@ class QemuRun:
     stderr: str
 
 
+# Every QEMU still running, so an interrupted run can kill them all from the main thread
+# (QEMU runs in its own session and would not see the terminal's Ctrl-C itself).
+_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def kill_all() -> int:
+    """Kill every QEMU started by this process and refuse to start new ones; returns count."""
+    _STOPPING.set()
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        _kill_group(proc)
+    return len(procs)
+
+
 def run_qemu(argv: list[str], timeout: float) -> QemuRun:
     """Run QEMU to completion or ``timeout``; QEMU never outlives this call (even on Ctrl-C)."""
+    if _STOPPING.is_set():
+        raise InfraError("the run is being interrupted; QEMU was not started")
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -85,6 +110,8 @@ def run_qemu(argv: list[str], timeout: float) -> QemuRun:
         raise InfraError(
             f"{argv[0]} not found; install QEMU: apt-get install qemu-system-x86"
         ) from None
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
     timed_out = False
     try:
         _, err = proc.communicate(timeout=timeout)
@@ -96,6 +123,11 @@ def run_qemu(argv: list[str], timeout: float) -> QemuRun:
         _kill_group(proc)
         proc.wait()
         raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+    if _STOPPING.is_set():
+        raise InfraError("the run was interrupted; QEMU was killed")
     return QemuRun(
         returncode=None if timed_out else proc.returncode,
         timed_out=timed_out,
@@ -105,10 +137,8 @@ def run_qemu(argv: list[str], timeout: float) -> QemuRun:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def qemu_version(binary: str = QEMU_BINARY) -> str:
@@ -157,10 +187,26 @@ def make_disk(path: Path, size_bytes: int) -> None:
     path.unlink(missing_ok=True)
     with path.open("wb") as f:
         f.truncate(size_bytes)
-    argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)]
+    argv = [
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-m",
+        "0",
+        "-E",
+        "lazy_itable_init=0,lazy_journal_init=0",
+        str(path),
+    ]
     try:
         subprocess.run(argv, check=True, capture_output=True, timeout=60)
     except FileNotFoundError:
         raise InfraError("mkfs.ext4 not found; install it: apt-get install e2fsprogs") from None
     except subprocess.CalledProcessError as exc:
-        raise InfraError(f"mkfs.ext4 {path} failed: {exc.stderr.decode(errors='replace')}") from None
+        raise InfraError(
+            f"mkfs.ext4 {path} failed: {exc.stderr.decode(errors='replace')}"
+        ) from None
+
+
+def allow_start() -> None:
+    """Undo :func:`kill_all` at the start of a new run in the same process."""
+    _STOPPING.clear()
