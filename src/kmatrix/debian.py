@@ -800,6 +800,7 @@ class Archive:
         self.timeout = timeout
         self.log: Callable[[str], None] = log or (lambda _msg: None)
         self._indices: dict[str, SuiteIndex] = {}
+        self._releases: dict[str, tuple[ReleaseInfo, Path]] = {}
 
     # -- indices --------------------------------------------------------------------------
 
@@ -902,20 +903,25 @@ class Archive:
         return cached
 
     def _release(self, suite: str) -> tuple[ReleaseInfo, Path]:
-        """The verified release info of ``suite`` and its verified Packages file."""
+        """The verified release info of ``suite`` and its verified Packages file (memoised)."""
+        if suite in self._releases:
+            return self._releases[suite]
         text = self._fetch_inrelease(suite)
         try:
             rel = parse_release(text, f"{suite} InRelease")
         except ValueError as e:
             raise InfraError(f"cannot parse InRelease of {suite} from {self.mirror}: {e}") from e
         self._check_release(suite, rel)
-        return rel, self._fetch_packages(suite, rel)
+        self._releases[suite] = (rel, self._fetch_packages(suite, rel))
+        return self._releases[suite]
 
     def index(self, suite: str) -> SuiteIndex:
         """The verified package index of ``suite`` (memoised per Archive)."""
-        if suite in self._indices:
-            return self._indices[suite]
-        rel, path = self._release(suite)
+        if suite not in self._indices:
+            self._indices[suite] = self._parse_index(suite, *self._release(suite))
+        return self._indices[suite]
+
+    def _parse_index(self, suite: str, rel: ReleaseInfo, path: Path) -> SuiteIndex:
         try:
             packages = parse_packages(
                 _decompress(path).decode("utf-8", "replace"), suite, f"{suite} Packages"
@@ -924,9 +930,7 @@ class Archive:
             raise InfraError(
                 f"cannot read the Packages index of {suite} ({path}): {e}; delete it and retry"
             ) from e
-        idx = SuiteIndex(suite, rel.codename, rel.date, rel.valid_until, packages)
-        self._indices[suite] = idx
-        return idx
+        return SuiteIndex(suite, rel.codename, rel.date, rel.valid_until, packages)
 
     def lookup(
         self, suite: str, key: str, compute: Callable[[SuiteIndex], list[PackageRecord]]
@@ -937,14 +941,15 @@ class Archive:
         returns only change when the signed index does, so an unchanged rerun skips parsing.
         """
         if suite not in self._indices:
-            _, path = self._release(suite)
+            rel, path = self._release(suite)
             digest = hashlib.sha256(f"{path.name}\n{key}".encode()).hexdigest()[:24]
             memo = self.cache_dir / "indices" / "lookups" / f"{digest}.json"
             try:
                 return [PackageRecord(**r) for r in json.loads(memo.read_text())]
             except (OSError, ValueError, TypeError):
                 pass
-            records = compute(self.index(suite))
+            self._indices[suite] = self._parse_index(suite, rel, path)
+            records = compute(self._indices[suite])
             memo.parent.mkdir(parents=True, exist_ok=True)
             tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps([dataclasses.asdict(r) for r in records]))
