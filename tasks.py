@@ -12,6 +12,7 @@ from invoke.tasks import task
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
 from kmatrix.errors import KmatrixError
+from kmatrix.images import build_images
 from kmatrix.runner import RunOptions, run_matrix, summarize
 
 
@@ -48,3 +49,13 @@ def matrix(
     print(summary)
     if code:
         raise Exit(code=code)
+
+
+@task(help={"matrix-file": "the matrix whose guest userland the image is built from"})
+def images(c: Context, matrix_file: str = "matrix.yaml") -> None:
+    """Build the probe container image (FROM scratch) unless its content-hash tag exists."""
+    try:
+        image = build_images(Path(matrix_file).resolve())
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+    print(f"{image.tag} ({'built' if image.built else 'up to date'})")

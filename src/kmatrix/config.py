@@ -71,6 +71,7 @@ class KernelConfig(_Strict):
     config: Path | None = None
     memory: Size | None = None
     shm_size: Size | None = None
+    pids_limit: int | None = None  # docker cells: most processes the container may have
 
     @model_validator(mode="after")
     def _check_source(self) -> KernelConfig:
@@ -79,6 +80,8 @@ class KernelConfig(_Strict):
                 f"name {self.name!r} must start with a letter or digit and use only "
                 "letters, digits and . _ + -"
             )
+        if self.pids_limit is not None and (self.backend != "docker" or self.pids_limit < 16):
+            raise ValueError("pids_limit: only for backend: docker, and at least 16")
         if self.backend == "docker":
             if self.suite or self.package or self.path:
                 raise ValueError("a docker cell runs the host kernel: drop suite/package/path")
@@ -109,6 +112,8 @@ class Matrix(_Strict):
     check_valid_until: bool = True
     keyring: Path = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
     accel: Literal["auto", "tcg", "kvm"] = "tcg"
+    # False: docker cells are skipped (with the reason) when no engine answers; True: error.
+    require_docker: bool = False
     guest: GuestConfig = GuestConfig()
     probe: ProbeConfig = ProbeConfig()
     kernels: list[KernelConfig]

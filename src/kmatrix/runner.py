@@ -26,6 +26,7 @@ from kmatrix.backends import qemu
 from kmatrix.cellcache import CellCache, cell_key
 from kmatrix.config import KernelConfig, Matrix, load_matrix
 from kmatrix.debian import Archive, KernelPackages, default_cache_dir, resolve_mirror
+from kmatrix.docker_cell import run_docker_cell
 from kmatrix.errors import InfraError, KmatrixError, UserError
 from kmatrix.guest import INIT_FILE, ROOT, Userland, build_userland, probe_sha256
 from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local, resolve_debian
@@ -191,9 +192,18 @@ def _run_one(
 ) -> JSON:
     """One cell; an infrastructure failure becomes the cell's status, not the run's end."""
     if k.backend == "docker":
-        cell = new_cell(k.name, "docker")
-        cell.update(status="skipped", reason="the docker backend is not implemented yet")
-        return cell
+        try:
+            run.progress.phase(k.name, "container on the host kernel")
+            console_dest = run.out_dir / "console" / f"{k.name}.log"
+            return run_docker_cell(
+                k, run.matrix, userland, run.cache, console_dest, run.progress.log
+            )
+        except UserError:
+            raise
+        except KmatrixError as exc:
+            cell = new_cell(k.name, "docker")
+            cell.update(status="error", reason=str(exc))
+            return cell
     try:
         return _qemu_cell(run, archive, k, resolved.get(k.name), userland)
     except UserError:

@@ -1,0 +1,232 @@
+"""One docker cell: the probe in a container on the host kernel -> a results.json cell.
+
+The counterpart of qemu_cell.py. The container runs under an explicit memory limit (no
+swap), an explicit /dev/shm size, no network, no capabilities and a pids limit; the probe
+measures its own (the container's) memory cgroup. Experiments that would drive the *host*
+into a global OOM (or panic it) are refused and recorded as refused, never run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kmatrix.backends import docker as engine
+from kmatrix.config import KernelConfig, Matrix
+from kmatrix.errors import InfraError
+from kmatrix.guest import PROBES_DIR, Userland
+from kmatrix.images import ensure_probe_image
+from kmatrix.kernels import parse_kconfig, recorded_config
+from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
+
+MIB = 1024 * 1024
+
+#: Docker's own default --shm-size; used when the cell sets none, but always passed explicitly.
+DEFAULT_SHM_SIZE = 64 * MIB
+DEFAULT_PIDS_LIMIT = 256
+
+#: Set to 1 to make a missing engine an error (CI), like ``require_docker: true``.
+REQUIRE_ENV = "KMATRIX_REQUIRE_DOCKER"
+
+GLOBAL_OOM_REASON = (
+    "refused: the docker backend shares the host kernel, so a global OOM (or the panic "
+    "oom-no-killable expects) would hit the host itself; this experiment runs in QEMU cells"
+)
+
+
+def is_global_oom(name: str) -> bool:
+    """True for experiments that exhaust the whole machine's memory or panic it."""
+    return name.startswith("oom-global-") or name == "oom-no-killable"
+
+
+def probe_names(timeout: float = 30.0) -> list[str]:
+    """Scenario and experiment names the probe knows (``probe.py --list``), in its order."""
+    argv = [sys.executable, str(PROBES_DIR / "probe.py"), "--list"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise InfraError(
+            f"cannot list the probe's scenarios with {' '.join(argv)}: {exc}"
+        ) from None
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def plan(requested: list[str] | str, known: list[str]) -> tuple[list[str], list[str]]:
+    """(names to run, global OOM names refused) for a docker cell, in the probe's order."""
+    wanted = known if requested == "all" else [n for n in known if n in requested]
+    return (
+        [n for n in wanted if not is_global_oom(n)],
+        [n for n in wanted if is_global_oom(n)],
+    )
+
+
+def refused_record(name: str) -> JSON:
+    """The results.json oom entry of an experiment this backend does not run."""
+    return {
+        "name": name,
+        "status": "refused",
+        "reason": GLOBAL_OOM_REASON,
+        "repeats": 0,
+        "victims": [],
+        "panic": False,
+        "kills": [],
+    }
+
+
+def probe_command(names: list[str], size_bytes: int, timeout: float) -> list[str]:
+    """Arguments after the image's entrypoint (python3 /probe/probe.py)."""
+    return [
+        "--size-mib", str(size_bytes // MIB),
+        "--shm-dir", "/dev/shm",
+        "--disk-dir", "/mnt/disk",
+        "--scenarios", ",".join(names),
+        "--timeout", str(int(timeout)),
+    ]  # fmt: skip
+
+
+def classify(run: engine.ContainerRun, probe: ProbeOutput) -> tuple[str, str]:
+    """A cell's status and reason from how the container ended and what it printed."""
+    if probe.complete:
+        return "ok", ""
+    if run.timed_out:
+        return "timeout", f"no complete result before the timeout; {len(probe.scenarios)} scenarios"
+    if run.oom_killed:
+        return "error", "the container was OOM-killed before the probe finished; raise memory:"
+    if probe.problems:
+        return "error", "probe output unusable: " + "; ".join(probe.problems[:3])
+    if run.problems:
+        return "error", "; ".join(run.problems)
+    tail = run.stderr.strip().splitlines()[-1:] or ["no error output"]
+    return "error", f"probe exited {run.exit_code} without finishing: {tail[0][:200]}"
+
+
+def _engine_is_local() -> bool:
+    host = os.environ.get("DOCKER_HOST", "")
+    return not host or host.startswith("unix://")
+
+
+def _host_kernel_config() -> dict[str, str]:
+    """The CONFIG_* values that matter, from /proc/config.gz when the kernel exposes it."""
+    try:
+        text = gzip.decompress(Path("/proc/config.gz").read_bytes()).decode(errors="replace")
+    except OSError:
+        return {}
+    return recorded_config(parse_kconfig(text))
+
+
+def _available_memory(info: engine.EngineInfo) -> int:
+    """MemAvailable of a local engine's host; for a remote engine, its MemTotal (the best known)."""
+    if _engine_is_local():
+        available = engine.host_mem_available(Path("/proc/meminfo").read_text())
+        if available is not None:
+            return available
+    return info.mem_total
+
+
+def require_engine(matrix: Matrix) -> bool:
+    """True when a missing engine is an error (matrix.yaml or the environment says so)."""
+    return matrix.require_docker or os.environ.get(REQUIRE_ENV, "") in ("1", "true", "yes")
+
+
+def run_docker_cell(
+    k: KernelConfig,
+    matrix: Matrix,
+    userland: Userland,
+    cache: Path,
+    log_dest: Path,
+    log: Callable[[str], None] = print,
+) -> JSON:
+    """Run the probe in one container on the host kernel and return its cell (any status).
+
+    A missing engine gives a ``skipped`` cell (``error`` when required); a bad memory limit
+    raises UserError; everything else the container does becomes the status.
+    """
+    cell = new_cell(k.name, "docker")
+    memory = k.memory or matrix.guest.memory
+    shm_size = k.shm_size or DEFAULT_SHM_SIZE
+    cell.update(accel="container", memory_bytes=memory, shm_size_bytes=shm_size)
+    try:
+        client = engine.connect()
+    except engine.EngineUnavailable as exc:
+        # Skipping keeps the rest of the matrix useful on a machine without Docker; CI
+        # sets require_docker so that a missing engine cannot pass unnoticed.
+        required = require_engine(matrix)
+        cell.update(
+            status="error" if required else "skipped",
+            reason=str(exc) + ("" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"),
+        )
+        return cell
+    info = engine.engine_info(client)
+    cell["docker"] = info.as_json()
+    cell["kernel"] = {
+        "name": k.name,
+        "release": info.kernel_release,
+        "package": None,
+        "version": None,
+        "sha256": None,
+        "config": _host_kernel_config() if _engine_is_local() else {},
+        "host_kernel": True,
+    }
+    engine.check_memory(memory, _available_memory(info), f"kernels: {k.name}")
+    names, refused = plan(matrix.probe.scenarios, probe_names())
+    cell["oom"] = [refused_record(n) for n in refused]
+    image = ensure_probe_image(client, userland, cache, log)
+    cell["docker"]["image"] = image.tag
+    run = _run_probe(client, k, matrix, image.tag, names, memory, shm_size)
+    _write_log(log_dest, run)
+    probe = parse_probe_output(run.stdout.splitlines())
+    status, reason = classify(run, probe)
+    cell.update(status=status, reason=reason, duration_s=run.duration_s)
+    cell["scenarios"] = [scenario_result(s) for s in probe.scenarios]
+    cell["oom"] = cell["oom"] + probe.oom
+    cell["probe"] = probe.hello or {}
+    if status != "ok":
+        cell["console_tail"] = run.stderr.strip().splitlines()[-20:]
+    return cell
+
+
+def _run_probe(
+    client: Any,
+    k: KernelConfig,
+    matrix: Matrix,
+    image: str,
+    names: list[str],
+    memory: int,
+    shm_size: int,
+) -> engine.ContainerRun:
+    """One container with a fresh disk volume; both are gone when this returns."""
+    suffix = uuid.uuid4().hex[:8]
+    volume = engine.create_volume(client, f"kmatrix-disk-{k.name}-{suffix}")
+    try:
+        spec = engine.ContainerSpec(
+            image=image,
+            command=probe_command(names, matrix.probe.size, timeout=120),
+            memory_bytes=memory,
+            shm_size=shm_size,
+            pids_limit=k.pids_limit or DEFAULT_PIDS_LIMIT,
+            name=f"kmatrix-{k.name}-{suffix}",
+            disk_volume=volume,
+            labels={"kmatrix.cell": k.name},
+        )
+        run = engine.run_container(client, engine.container_config(spec), matrix.probe.cell_timeout)
+    finally:
+        problem = engine.remove_volume(client, volume)
+    if problem:
+        run.problems.append(problem)
+    return run
+
+
+def _write_log(dest: Path, run: engine.ContainerRun) -> None:
+    """Keep what the container printed, like a QEMU cell's console log."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(
+        f"# exit {run.exit_code}, timed_out={run.timed_out}, oom_killed={run.oom_killed}\n"
+        f"# stderr\n{run.stderr}\n# stdout\n{run.stdout}"
+    )
+
