@@ -19,7 +19,7 @@ from typing import Any
 
 from kmatrix.backends import docker as engine
 from kmatrix.config import KernelConfig, Matrix
-from kmatrix.errors import InfraError
+from kmatrix.errors import InfraError, UserError
 from kmatrix.guest import PROBES_DIR, Userland
 from kmatrix.images import ensure_probe_image
 from kmatrix.kernels import parse_kconfig, recorded_config
@@ -38,6 +38,27 @@ GLOBAL_OOM_REASON = (
     "refused: the docker backend shares the host kernel, so a global OOM (or the panic "
     "oom-no-killable expects) would hit the host itself; this experiment runs in QEMU cells"
 )
+
+
+#: Room the probe, its interpreter and a scenario child need besides the measured pages.
+HEADROOM = 96 * MIB
+#: What the over-shm-limit scenarios write beyond /dev/shm's size (probes/scenarios.py).
+OVER_LIMIT_EXTRA = 32 * MIB
+
+
+def check_limits(memory: int, shm_size: int, scenario_size: int, what: str) -> None:
+    """Refuse limits under which the probe would hit the container's own memory limit.
+
+    Inside a container /proc/meminfo is the host's, so the probe's own "would exhaust
+    memory" check cannot see the container limit; a memcg OOM kill would lose the cell.
+    """
+    needed = max(scenario_size, shm_size + OVER_LIMIT_EXTRA) + HEADROOM
+    if memory < needed:
+        raise UserError(
+            f"{what}: memory {memory // MIB} MiB is too small for shm_size {shm_size // MIB} "
+            f"MiB and probe size {scenario_size // MIB} MiB (needs at least {needed // MIB} "
+            "MiB); raise memory: or lower shm_size: / probe.size in matrix.yaml"
+        )
 
 
 def is_global_oom(name: str) -> bool:
@@ -163,7 +184,7 @@ def run_docker_cell(
         )
         return cell
     info = engine.engine_info(client)
-    cell["docker"] = info.as_json()
+    cell["engine"] = info.as_json()
     cell["kernel"] = {
         "name": k.name,
         "release": info.kernel_release,
@@ -174,10 +195,11 @@ def run_docker_cell(
         "host_kernel": True,
     }
     engine.check_memory(memory, _available_memory(info), f"kernels: {k.name}")
+    check_limits(memory, shm_size, matrix.probe.size, f"kernels: {k.name}")
     names, refused = plan(matrix.probe.scenarios, probe_names())
     cell["oom"] = [refused_record(n) for n in refused]
     image = ensure_probe_image(client, userland, cache, log)
-    cell["docker"]["image"] = image.tag
+    cell["engine"]["image"] = image.tag
     run = _run_probe(client, k, matrix, image.tag, names, memory, shm_size)
     _write_log(log_dest, run)
     probe = parse_probe_output(run.stdout.splitlines())

@@ -55,7 +55,8 @@ class EngineInfo:
     def as_json(self) -> dict[str, Any]:
         """The results.json form."""
         return {
-            "engine_version": self.server_version,
+            "name": "docker",
+            "version": self.server_version,
             "api_version": self.api_version,
             "kernel_release": self.kernel_release,
             "cgroup_version": self.cgroup_version,

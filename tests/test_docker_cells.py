@@ -1,0 +1,190 @@
+"""Integration: the real probe in real containers on the local Docker engine.
+
+Needs a running engine (`.ci/run` starts dockerd) and the bookworm guest userland, which is
+fetched through the verified archive client and cached under ~/.cache/kmatrix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmatrix import docker_cell
+from kmatrix.backends import docker as engine
+from kmatrix.config import parse_matrix
+from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
+from kmatrix.guest import Userland, build_userland
+from kmatrix.images import ProbeImage, ensure_probe_image
+from kmatrix.progress import Progress
+from kmatrix.runner import RunOptions, run_matrix
+
+MIB = 1 << 20
+SIZE = 32 * MIB
+SHM = 64 * MIB
+MEMORY = 384 * MIB
+
+MATRIX = """
+check_valid_until: false
+require_docker: true
+guest: {suite: bookworm}
+probe: {size: 32M, cell_timeout: 300}
+kernels:
+  - {name: host, backend: docker, memory: 384M, shm_size: 64M}
+"""
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def client() -> Any:
+    try:
+        return engine.connect()
+    except engine.EngineUnavailable as exc:
+        pytest.fail(f"{exc} (or deselect these tests with -m 'not docker')")
+
+
+@pytest.fixture(scope="module")
+def userland() -> Userland:
+    matrix = parse_matrix(MATRIX)
+    cache = default_cache_dir()
+    archive = Archive(resolve_mirror(None), cache, check_valid_until=False)
+    return build_userland(archive, matrix.guest.suite, cache, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def image(client: Any, userland: Userland) -> ProbeImage:
+    return ensure_probe_image(client, userland, default_cache_dir(), log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def cell(tmp_path_factory: pytest.TempPathFactory, image: ProbeImage) -> dict[str, Any]:
+    """One full `invoke matrix` run of the host cell, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("docker")
+    (tmp / "matrix.yaml").write_text(MATRIX)
+    opts = RunOptions(matrix_path=tmp / "matrix.yaml", name="it", reports_dir=tmp, force=True)
+    results = run_matrix(opts, Progress(io.StringIO(), live=False))
+    assert "host (container)" in (tmp / "it" / "report.md").read_text()
+    assert "KMX1 " in (tmp / "it" / "console" / "host.log").read_text()
+    (only,) = results["cells"]
+    assert only["status"] == "ok", only.get("reason")
+    return dict(only)
+
+
+def _sc(cell: dict[str, Any], name: str) -> dict[str, Any]:
+    return dict(next(s for s in cell["scenarios"] if s["name"] == name))
+
+
+def _near(value: int, expected: int, slack: int = 4 * MIB) -> bool:
+    return expected - slack <= value <= expected + slack
+
+
+def test_provenance_names_host_kernel_cgroup_and_engine(cell: dict[str, Any]) -> None:
+    host_cgroup = "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1"
+    assert cell["backend"] == "docker"
+    assert cell["kernel"]["release"] == os.uname().release
+    assert cell["engine"]["cgroup_version"] == host_cgroup
+    assert cell["engine"]["name"] == "docker" and cell["engine"]["version"]
+    assert cell["probe"]["cgroup"] == host_cgroup
+    # Unprivileged: the cgroupfs is read-only, so the probe measures the container's cgroup.
+    assert cell["probe"]["cgroup_mode"] == "shared"
+    assert cell["probe"]["shm_size"] == SHM
+    assert cell["probe"]["disk_fs"] not in (None, "tmpfs", "overlay")
+    assert cell["memory_bytes"] == MEMORY
+
+
+def test_memfd_write_is_charged_to_the_container(cell: dict[str, Any]) -> None:
+    m = _sc(cell, "memfd-write")["metrics"]
+    assert _near(m["cgroup_shmem_delta"], SIZE)
+    assert _near(m["cgroup_current_delta"], SIZE)
+    assert m["VmRSS_delta"] < 2 * MIB and m["RssShmem_delta"] == 0
+
+
+def test_memfd_passes_shm_size_where_tmpfile_hits_enospc(cell: dict[str, Any]) -> None:
+    memfd = _sc(cell, "memfd-over-shm-limit")
+    tmpfile = _sc(cell, "tmpfile-over-shm-limit")
+    over = SHM + 32 * MIB
+    assert memfd["size_bytes"] == tmpfile["size_bytes"] == over
+    assert memfd["errno"] is None and memfd["detail"]["bytes_written"] == over
+    assert _near(memfd["metrics"]["cgroup_shmem_delta"], over)
+    assert tmpfile["errno"] == "ENOSPC"
+    # What was written before ENOSPC (the whole /dev/shm) is charged to the container too.
+    assert _near(tmpfile["metrics"]["cgroup_shmem_delta"], SHM)
+    assert _near(tmpfile["metrics"]["fs_used_delta"], SHM)
+
+
+def test_disk_tmpfile_is_page_cache_of_the_container(cell: dict[str, Any]) -> None:
+    m = _sc(cell, "tmpfile-disk-write")["metrics"]
+    assert _near(m["cgroup_file_delta"], SIZE)
+    assert abs(m["cgroup_shmem_delta"]) < 2 * MIB
+
+
+def test_probe_reads_the_containers_own_cgroup(client: Any, image: ProbeImage) -> None:
+    """The directory the probe measures holds this container's limit: it is its cgroup."""
+    code = (
+        "import sys; sys.path.insert(0, '/probe'); import system, json;"
+        "c = system.detect_cgroups('/sys/fs/cgroup');"
+        "f = {'v1': 'memory.limit_in_bytes', 'v2': 'memory.max'}[c.version];"
+        "print(json.dumps([c.own_dir, int(open(c.own_dir + '/' + f).read())]))"
+    )
+    spec = engine.ContainerSpec(
+        image=image.tag,
+        command=[],
+        memory_bytes=200 * MIB,
+        shm_size=SHM,
+        pids_limit=64,
+        name="kmatrix-test-cgroup",
+    )
+    config = engine.container_config(spec) | {"entrypoint": ["/usr/bin/python3", "-c", code]}
+    run = engine.run_container(client, config, timeout=60)
+    assert run.exit_code == 0, run.stderr
+    own_dir, limit = json.loads(run.stdout)
+    assert own_dir.startswith("/sys/fs/cgroup")
+    assert limit == 200 * MIB
+
+
+def test_global_oom_is_refused_not_run(
+    image: ProbeImage, userland: Userland, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = ["memfd-write", "oom-global-memfd-unmapped", "oom-no-killable"]
+    monkeypatch.setattr(docker_cell, "probe_names", lambda: names)
+    matrix = parse_matrix(MATRIX.replace("probe: {", f"probe: {{scenarios: {names}, "))
+    cell = docker_cell.run_docker_cell(
+        matrix.kernels[0], matrix, userland, default_cache_dir(), tmp_path / "log"
+    )
+    assert cell["status"] == "ok", cell["reason"]
+    assert [s["name"] for s in cell["scenarios"]] == ["memfd-write"]
+    refused = {o["name"]: o for o in cell["oom"]}
+    assert set(refused) == {"oom-global-memfd-unmapped", "oom-no-killable"}
+    assert all(o["status"] == "refused" and o["repeats"] == 0 for o in refused.values())
+
+
+def test_timeout_kills_and_removes_the_container(client: Any, image: ProbeImage) -> None:
+    spec = engine.ContainerSpec(
+        image=image.tag,
+        command=["sleep", "60"],
+        memory_bytes=64 * MIB,
+        shm_size=SHM,
+        pids_limit=16,
+        name="kmatrix-test-timeout",
+    )
+    config = engine.container_config(spec) | {"entrypoint": ["/bin/busybox"]}
+    run = engine.run_container(client, config, timeout=2)
+    assert run.timed_out and run.duration_s < 30
+    assert not client.containers.list(all=True, filters={"name": "kmatrix-test-timeout"})
+
+
+def test_nothing_is_left_behind(client: Any, cell: dict[str, Any]) -> None:
+    assert not client.containers.list(all=True, filters={"label": engine.LABEL})
+    assert not client.volumes.list(filters={"label": engine.LABEL})
+
+
+def test_unchanged_inputs_reuse_the_image(
+    client: Any, userland: Userland, image: ProbeImage
+) -> None:
+    again = ensure_probe_image(client, userland, default_cache_dir(), log=lambda _: None)
+    assert again.tag == image.tag and again.built is False

@@ -1,0 +1,181 @@
+"""Docker backend without an engine: container settings, safety checks, missing engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kmatrix import docker_cell
+from kmatrix.backends import docker as engine
+from kmatrix.config import parse_matrix
+from kmatrix.errors import UserError
+from kmatrix.guest import Userland
+from kmatrix.images import content_hash, image_tag
+from kmatrix.results import ProbeOutput
+
+MIB = 1 << 20
+
+MATRIX = """
+kernels:
+  - {name: host, backend: docker, memory: 512M, shm_size: 64M, pids_limit: 128}
+"""
+
+
+def _spec(**kw: object) -> engine.ContainerSpec:
+    args: dict[str, object] = {
+        "image": "kmatrix-probe:abc",
+        "command": ["--list"],
+        "memory_bytes": 512 * MIB,
+        "shm_size": 64 * MIB,
+        "pids_limit": 256,
+        "name": "kmatrix-host-1",
+    }
+    args.update(kw)
+    return engine.ContainerSpec(**args)  # type: ignore[arg-type]
+
+
+def test_container_config_has_every_limit_explicit() -> None:
+    cfg = engine.container_config(_spec(disk_volume="vol"))
+    assert cfg["mem_limit"] == cfg["memswap_limit"] == 512 * MIB
+    assert cfg["shm_size"] == 64 * MIB
+    assert cfg["pids_limit"] == 256
+    assert cfg["network_mode"] == "none"
+    assert cfg["cap_drop"] == ["ALL"]
+    assert cfg["privileged"] is False
+    assert "no-new-privileges" in cfg["security_opt"]
+    assert cfg["log_config"]["type"] == "json-file"
+    assert cfg["labels"]["kmatrix"] == "1"
+    assert cfg["volumes"] == {"vol": {"bind": "/mnt/disk", "mode": "rw"}}
+    assert "volumes" not in engine.container_config(_spec())
+
+
+def test_memory_limit_must_stay_well_below_available() -> None:
+    engine.check_memory(512 * MIB, 4096 * MIB, "kernels: host")
+    with pytest.raises(UserError, match=r"kernels: host: memory 3000 MiB .* lower memory:"):
+        engine.check_memory(3000 * MIB, 4096 * MIB, "kernels: host")
+    with pytest.raises(UserError, match="explicit memory"):
+        engine.check_memory(0, None, "kernels: host")
+
+
+def test_limits_must_leave_room_for_the_over_shm_scenarios() -> None:
+    docker_cell.check_limits(512 * MIB, 64 * MIB, 64 * MIB, "kernels: host")
+    with pytest.raises(UserError, match="too small for shm_size 256 MiB"):
+        docker_cell.check_limits(256 * MIB, 256 * MIB, 64 * MIB, "kernels: host")
+
+
+def test_host_mem_available() -> None:
+    assert engine.host_mem_available("MemTotal: 10 kB\nMemAvailable:  2048 kB\n") == 2 * MIB
+    assert engine.host_mem_available("MemTotal: 10 kB\n") is None
+
+
+def test_cgroup_version_from_docker_info() -> None:
+    assert engine.parse_cgroup_version({"CgroupVersion": "2"}) == "v2"
+    assert engine.parse_cgroup_version({"CgroupVersion": "1"}) == "v1"
+    assert engine.parse_cgroup_version({}) == "v1"  # engines before 20.10
+
+
+def test_global_oom_experiments_are_refused() -> None:
+    known = [
+        "anon-private",
+        "memfd-write",
+        "oom-global-memfd-unmapped",
+        "oom-memcg-v2",
+        "oom-memcg-v2-group",
+        "oom-no-killable",
+    ]
+    run, refused = docker_cell.plan("all", known)
+    assert run == ["anon-private", "memfd-write", "oom-memcg-v2", "oom-memcg-v2-group"]
+    assert refused == ["oom-global-memfd-unmapped", "oom-no-killable"]
+    run, refused = docker_cell.plan(["oom-global-memfd-unmapped", "memfd-write"], known)
+    assert (run, refused) == (["memfd-write"], ["oom-global-memfd-unmapped"])
+    rec = docker_cell.refused_record("oom-no-killable")
+    assert rec["status"] == "refused" and rec["repeats"] == 0 and rec["victims"] == []
+    assert "host" in rec["reason"]
+
+
+def test_probe_command() -> None:
+    argv = docker_cell.probe_command(["memfd-write", "anon-private"], 64 * MIB, 120)
+    assert argv[argv.index("--scenarios") + 1] == "memfd-write,anon-private"
+    assert argv[argv.index("--size-mib") + 1] == "64"
+    assert argv[argv.index("--disk-dir") + 1] == "/mnt/disk"
+
+
+def test_content_hash_changes_with_every_input() -> None:
+    base = content_hash("u1", {"probe.py": b"a"}, b"FROM scratch")
+    assert base == content_hash("u1", {"probe.py": b"a"}, b"FROM scratch")
+    assert base != content_hash("u2", {"probe.py": b"a"}, b"FROM scratch")
+    assert base != content_hash("u1", {"probe.py": b"b"}, b"FROM scratch")
+    assert base != content_hash("u1", {"probe.py": b"a", "x.py": b""}, b"FROM scratch")
+    assert base != content_hash("u1", {"probe.py": b"a"}, b"FROM scratch\n")
+    assert image_tag(base) == f"kmatrix-probe:{base}"
+
+
+def test_classify() -> None:
+    done = ProbeOutput(hello={"type": "hello"}, done={"type": "done"})
+    assert docker_cell.classify(engine.ContainerRun(exit_code=0), done) == ("ok", "")
+    status, reason = docker_cell.classify(engine.ContainerRun(timed_out=True), ProbeOutput())
+    assert status == "timeout"
+    status, reason = docker_cell.classify(engine.ContainerRun(oom_killed=True), ProbeOutput())
+    assert status == "error" and "OOM-killed" in reason
+    run = engine.ContainerRun(exit_code=1, stderr="Traceback\nValueError: boom\n")
+    assert docker_cell.classify(run, ProbeOutput()) == (
+        "error",
+        "probe exited 1 without finishing: ValueError: boom",
+    )
+
+
+def test_config_docker_fields() -> None:
+    m = parse_matrix(MATRIX)
+    assert m.kernels[0].pids_limit == 128 and m.require_docker is False
+    with pytest.raises(UserError, match="pids_limit"):
+        parse_matrix(
+            "kernels:\n  - {name: a, suite: bookworm, package: linux-image-cloud-amd64,"
+            " pids_limit: 100}\n"
+        )
+
+
+# --- no engine ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """DOCKER_HOST at a socket that does not exist."""
+    sock = tmp_path / "no-such-docker.sock"
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{sock}")
+    monkeypatch.delenv(docker_cell.REQUIRE_ENV, raising=False)
+    return sock
+
+
+def test_connect_names_the_socket_and_how_to_start_an_engine(no_engine: Path) -> None:
+    with pytest.raises(engine.EngineUnavailable) as info:
+        engine.connect(timeout=5)
+    assert str(no_engine) in str(info.value)
+    assert "systemctl start docker" in str(info.value)
+    assert "dockerd" in str(info.value)
+
+
+def _cell(tmp_path: Path, text: str = MATRIX) -> dict[str, object]:
+    matrix = parse_matrix(text)
+    userland = Userland("none", tmp_path / "root", tmp_path / "u.cpio", {})
+    return docker_cell.run_docker_cell(
+        matrix.kernels[0], matrix, userland, tmp_path, tmp_path / "host.log", log=lambda _: None
+    )
+
+
+def test_missing_engine_skips_the_cell(no_engine: Path, tmp_path: Path) -> None:
+    cell = _cell(tmp_path)
+    assert cell["status"] == "skipped"
+    assert cell["backend"] == "docker"
+    assert "systemctl start docker" in str(cell["reason"])
+    assert docker_cell.REQUIRE_ENV in str(cell["reason"])
+
+
+def test_missing_engine_is_an_error_when_required(
+    no_engine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _cell(tmp_path, "require_docker: true\n" + MATRIX)["status"] == "error"
+    monkeypatch.setenv(docker_cell.REQUIRE_ENV, "1")
+    cell = _cell(tmp_path)
+    assert cell["status"] == "error"
+    assert "no Docker engine answers" in str(cell["reason"])
