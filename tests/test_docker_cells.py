@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +184,34 @@ def test_nothing_is_left_behind(client: Any, cell: dict[str, Any]) -> None:
     assert not client.volumes.list(filters={"label": engine.LABEL})
 
 
-def test_unchanged_inputs_reuse_the_image(
-    client: Any, userland: Userland, image: ProbeImage
-) -> None:
+def test_unchanged_inputs_reuse_the_image(client: Any, userland: Userland) -> None:
+    first = ensure_probe_image(client, userland, default_cache_dir(), log=lambda _: None)
     again = ensure_probe_image(client, userland, default_cache_dir(), log=lambda _: None)
-    assert again.tag == image.tag and again.built is False
+    assert again.tag == first.tag and again.built is False
+
+
+def test_kill_all_removes_a_running_container(client: Any, image: ProbeImage) -> None:
+    """What Ctrl-C does: the waiting cell sees its container vanish and returns at once."""
+    import threading
+
+    spec = engine.ContainerSpec(
+        image=image.tag,
+        command=["sleep", "60"],
+        memory_bytes=64 * MIB,
+        shm_size=SHM,
+        pids_limit=16,
+        name="kmatrix-test-kill-all",
+    )
+    config = engine.container_config(spec) | {"entrypoint": ["/bin/busybox"]}
+    runs: list[engine.ContainerRun] = []
+    worker = threading.Thread(target=lambda: runs.append(engine.run_container(client, config, 60)))
+    worker.start()
+    deadline = time.monotonic() + 20
+    while not client.containers.list(filters={"name": "kmatrix-test-kill-all"}):
+        assert time.monotonic() < deadline, "container did not start"
+        time.sleep(0.1)
+    assert engine.kill_all() == 1
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    assert runs and runs[0].duration_s < 30 and runs[0].exit_code != 0
+    assert not client.containers.list(all=True, filters={"name": "kmatrix-test-kill-all"})

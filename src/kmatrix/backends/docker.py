@@ -7,7 +7,9 @@ place a container is created, and it always removes it, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,6 +195,26 @@ class ContainerRun:
     problems: list[str] = field(default_factory=list)
 
 
+#: Containers this process is running, so Ctrl-C can remove them (see kill_all).
+_ACTIVE: dict[str, Any] = {}
+_ACTIVE_LOCK = threading.Lock()
+
+
+def kill_all() -> int:
+    """Force-remove every container this process is running; how many there were.
+
+    Only ours, by id: the engine may be shared with other users and their containers.
+    """
+    with _ACTIVE_LOCK:
+        containers = list(_ACTIVE.values())
+    # Already gone, or the engine died: the worker thread waiting on it reports that.
+    quiet = contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException)
+    for container in containers:
+        with quiet:
+            container.remove(force=True, v=True)
+    return len(containers)
+
+
 def run_container(client: Any, config: dict[str, Any], timeout: float) -> ContainerRun:
     """Create, start and wait for one container (killed after ``timeout`` s); always remove it."""
     run = ContainerRun()
@@ -200,6 +222,8 @@ def run_container(client: Any, config: dict[str, Any], timeout: float) -> Contai
     container = None
     try:
         container = client.containers.create(**config)
+        with _ACTIVE_LOCK:
+            _ACTIVE[container.id] = container
         container.start()
         _wait(container, timeout, run)
         container.reload()
@@ -213,6 +237,8 @@ def run_container(client: Any, config: dict[str, Any], timeout: float) -> Contai
         run.duration_s = round(time.monotonic() - start, 2)
         if container is not None:
             _remove(container, run)
+            with _ACTIVE_LOCK:
+                _ACTIVE.pop(container.id, None)
     return run
 
 
