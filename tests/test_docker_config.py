@@ -91,6 +91,7 @@ def test_global_oom_experiments_are_refused() -> None:
     assert (run, refused) == (["memfd-write"], ["oom-global-memfd-unmapped"])
     rec = docker_cell.refused_record("oom-no-killable")
     assert rec["status"] == "refused" and rec["repeats"] == 0 and rec["victims"] == []
+    assert rec["panic"] is None  # not measured, not "no panic"
     assert "host" in rec["reason"]
 
 

@@ -88,14 +88,18 @@ def plan(requested: list[str] | str, known: list[str]) -> tuple[list[str], list[
 
 
 def refused_record(name: str) -> JSON:
-    """The results.json oom entry of an experiment this backend does not run."""
+    """The results.json oom entry of an experiment this backend does not run.
+
+    ``panic`` is None, not False: nothing was measured, and a report must not read the
+    refusal as "this kernel does not panic".
+    """
     return {
         "name": name,
         "status": "refused",
         "reason": GLOBAL_OOM_REASON,
         "repeats": 0,
         "victims": [],
-        "panic": False,
+        "panic": None,
         "kills": [],
     }
 
