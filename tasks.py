@@ -11,8 +11,11 @@ from invoke.tasks import task
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
+from kmatrix.check import check_file
+from kmatrix.diff import diff_files
 from kmatrix.errors import KmatrixError
 from kmatrix.images import build_images
+from kmatrix.report import report_from_file
 from kmatrix.runner import RunOptions, run_matrix, summarize
 
 
@@ -59,3 +62,50 @@ def images(c: Context, matrix_file: str = "matrix.yaml") -> None:
     except KmatrixError as exc:
         raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     print(f"{image.tag} ({'built' if image.built else 'up to date'})")
+
+
+@task(
+    help={
+        "results": "the results.json to render",
+        "name": "write to reports/NAME/ instead of next to the results file",
+    }
+)
+def report(c: Context, results: str, name: str = "") -> None:
+    """Re-render report.md and its charts from a results file, without running anything."""
+    out_dir = Path("reports") / name if name else None
+    try:
+        path = report_from_file(Path(results), out_dir)
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+    print(f"wrote {path}")
+
+
+@task(
+    help={
+        "results": "the results.json to check",
+        "junit": "also write JUnit XML here (one testcase per expectation and cell)",
+        "matrix-file": "the matrix whose expectations apply (default: matrix.yaml)",
+    }
+)
+def check(c: Context, results: str, junit: str = "", matrix_file: str = "matrix.yaml") -> None:
+    """Evaluate matrix.yaml's expectations: exit 0 all hold, 1 one failed, 2 cannot run."""
+    try:
+        summary = check_file(Path(results), Path(matrix_file), Path(junit) if junit else None)
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+    print(summary)
+
+
+@task(
+    help={
+        "base": "the older results.json",
+        "new": "the newer results.json",
+        "threshold": "noise threshold, e.g. '1MiB,5%' (default; oom_score: '5pt')",
+    }
+)
+def diff(c: Context, base: str, new: str, threshold: str = "") -> None:
+    """Print, as markdown for a pull request, what changed between two results files."""
+    try:
+        print(diff_files(Path(base), Path(new), threshold), end="")
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None

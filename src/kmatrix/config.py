@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    model_validator,
+)
 
 from kmatrix.errors import UserError
+from kmatrix.expectations import ExpectationSyntaxError, parse_expectation
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
@@ -35,6 +43,17 @@ def parse_size(value: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _check_expectation(text: str) -> str:
+    try:
+        parse_expectation(text)
+    except ExpectationSyntaxError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+ExpectationText = Annotated[str, AfterValidator(_check_expectation)]
 
 
 class _Strict(BaseModel):
@@ -117,6 +136,9 @@ class Matrix(_Strict):
     guest: GuestConfig = GuestConfig()
     probe: ProbeConfig = ProbeConfig()
     kernels: list[KernelConfig]
+    # Facts a release relies on, one line each (grammar in kmatrix/expectations.py);
+    # `invoke check` and the end of `invoke matrix` evaluate them.
+    expectations: list[ExpectationText] = []
 
     @model_validator(mode="after")
     def _check_kernels(self) -> Matrix:

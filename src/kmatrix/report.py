@@ -1,143 +1,247 @@
-"""Render results.json into report.md. Reads data only; never runs anything."""
+"""Render results.json into report.md (and its charts). Reads data only; never runs anything.
+
+Section order is for a release manager reading on a code-hosting site: Findings first (the
+answers, disagreements on top), then the cells, the detailed tables, the OOM section, the
+charts and finally where every kernel came from.
+"""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from tabulate import tabulate
-
-from kmatrix.results import JSON
-
-MIB = 1024 * 1024
-
-# Row order of the per-scenario tables (DESIGN.md metric names).
-METRICS = (
-    "VmRSS",
-    "RssAnon",
-    "RssFile",
-    "RssShmem",
-    "Pss",
-    "oom_score",
-    "meminfo_Shmem",
-    "meminfo_Cached",
-    "meminfo_MemAvailable",
-    "meminfo_Committed_AS",
-    "cgroup_current",
-    "cgroup_anon",
-    "cgroup_file",
-    "cgroup_shmem",
-    "fs_used",
+from kmatrix.charts import planned_charts, write_charts
+from kmatrix.findings import DISAGREE_MARK, answer_all, findings_table
+from kmatrix.results import JSON, atomic_write_text, load_results
+from kmatrix.view import (
+    METRICS,
+    cell_label,
+    fmt_metric,
+    get_path,
+    md_table,
+    mib,
+    scenario,
+    scenario_names,
 )
 
+# Re-exported: older callers import these helpers from kmatrix.report.
+__all__ = ["cell_label", "fmt_metric", "mib", "render_report", "write_report"]
 
-def mib(value: int | None) -> str:
-    """Bytes as MiB with one decimal; an em dash when not measured."""
-    if value is None:
-        return "—"
-    return f"{value / MIB:.1f}"
-
-
-def fmt_metric(metric: str, value: int | None) -> str:
-    """oom_score is in points, everything else in bytes shown as MiB."""
-    if value is None:
-        return "—"
-    return str(value) if metric == "oom_score" else mib(value)
-
-
-def cell_label(cell: JSON) -> str:
-    """Column header: the cell id, plus where it runs when that is not a VM."""
-    if cell.get("backend") == "docker":
-        return f"{cell['id']} (host kernel, container)"
-    return str(cell["id"])
-
-
-def _scenario_names(cells: Sequence[JSON]) -> list[str]:
-    names: list[str] = []
-    for cell in cells:
-        for sc in cell.get("scenarios", []):
-            if sc["name"] not in names:
-                names.append(sc["name"])
-    return names
-
-
-def _scenario(cell: JSON, name: str) -> JSON | None:
-    return next((s for s in cell.get("scenarios", []) if s["name"] == name), None)
+UNITS_NOTE = (
+    "Values are before→after deltas measured around each scenario, in MiB "
+    "(oom_score in points); — means not measured. Raw bytes are in `results.json`."
+)
 
 
 def cells_table(cells: Sequence[JSON]) -> str:
     """One row per cell: status and what ran."""
     rows = []
     for c in cells:
-        k = c.get("kernel", {})
+        k = c.get("kernel") or {}
+        status = str(c.get("status")) + (f": {c['reason']}" if c.get("reason") else "")
         rows.append(
             [
                 c["id"],
                 c.get("backend"),
-                c.get("status") + (f": {c['reason']}" if c.get("reason") else ""),
+                status,
                 k.get("release") or "—",
                 k.get("version") or "—",
                 c.get("accel") or "—",
                 mib(c.get("memory_bytes")),
-                f"{c.get('duration_s', 0):.1f}",
+                f"{c.get('duration_s') or 0:.1f}",
             ]
         )
-    headers = ["cell", "backend", "status", "release", "package version", "accel", "memory MiB", "s"]
-    return tabulate(rows, headers, tablefmt="github")
+    headers = [
+        "cell",
+        "backend",
+        "status",
+        "release",
+        "package version",
+        "accel",
+        "memory MiB",
+        "s",
+    ]
+    return md_table(rows, headers)
 
 
 def scenario_table(cells: Sequence[JSON], name: str) -> str:
     """Metric deltas of one scenario: one row per metric, one column per cell."""
     rows: list[list[Any]] = []
-    for metric in METRICS:
+    for m in METRICS:
         values = []
         for cell in cells:
-            sc = _scenario(cell, name)
-            values.append(None if sc is None else sc["metrics"].get(f"{metric}_delta"))
+            sc = scenario(cell, name)
+            values.append(None if sc is None else (sc.get("metrics") or {}).get(f"{m}_delta"))
         if any(v is not None for v in values):
-            rows.append([metric, *(fmt_metric(metric, v) for v in values)])
-    errnos = [(_scenario(c, name) or {}).get("errno") for c in cells]
-    if any(errnos):
-        rows.append(["errno", *(e or "—" for e in errnos)])
-    errors = [(_scenario(c, name) or {}).get("error") for c in cells]
-    if any(errors):
-        rows.append(["error", *(e or "—" for e in errors)])
-    return tabulate(rows, ["metric (Δ)", *(cell_label(c) for c in cells)], tablefmt="github")
+            rows.append([m, *(fmt_metric(m, v) for v in values)])
+    for key in ("errno", "error"):
+        found = [(scenario(c, name) or {}).get(key) for c in cells]
+        if any(found):
+            rows.append([key, *(v or "—" for v in found)])
+    return md_table(rows, ["metric (Δ)", *(cell_label(c) for c in cells)], numeric=True)
 
 
-def provenance_table(cells: Sequence[JSON]) -> str:
-    """Where every kernel came from, with hashes and the config values that matter."""
+def _header(results: JSON) -> str:
+    run = results.get("run") or {}
+    cells = results.get("cells") or []
+    bad = [f"{c['id']} ({c.get('status')})" for c in cells if c.get("status") != "ok"]
+    lines = [
+        f"# kmatrix report: {run.get('name')}",
+        "",
+        f"Run {run.get('started')} → {run.get('finished') or 'unfinished'}, "
+        f"kmatrix {run.get('kmatrix_version')}, {len(cells)} cell(s)"
+        + (f"; not ok: {', '.join(bad)}" if bad else "; all ok")
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def _findings(cells: Sequence[JSON]) -> str:
+    rows = answer_all(cells)
+    differ = sum(r.disagree for r in rows)
+    summary = (
+        f"{DISAGREE_MARK} marks the {differ} question(s) where cells disagree; they come first."
+        if differ
+        else "All cells agree on every question they measured."
+    )
+    return "\n\n".join(["## Findings", summary, findings_table(cells)])
+
+
+def _accounting(cells: Sequence[JSON]) -> str:
+    ok = [c for c in cells if c.get("scenarios")]
+    if not ok:
+        return "## Accounting\n\nNo cell measured any scenario."
+    parts = ["## Accounting", UNITS_NOTE]
+    for name in scenario_names(ok):
+        size = next((s.get("size_bytes") for c in ok if (s := scenario(c, name))), None)
+        parts += [f"### `{name}` ({mib(size)} MiB)", scenario_table(ok, name)]
+    return "\n\n".join(parts)
+
+
+def _charts(results: JSON) -> str:
+    charts = planned_charts(results)
+    if not charts:
+        return ""
+    parts = ["## Charts"]
+    for chart in charts:
+        what = "metric deltas" if chart.kind == "scenario" else "first OOM victim"
+        parts.append(f"![{chart.name}: {what}]({chart.filename})")
+    return "\n\n".join(parts)
+
+
+def _engine(cell: JSON, run: JSON) -> str:
+    """QEMU version (VM cells) or Docker engine version (container cells)."""
+    if cell.get("backend") == "docker":
+        version = get_path(cell, "engine", "version") or get_path(run, "host", "docker")
+        cgroup = get_path(cell, "engine", "cgroup_version")
+        # The cgroup version decides which memory files the container's numbers come from.
+        where = f", cgroup {cgroup}" if cgroup else ""
+        return f"Docker {version}{where}" if version else "Docker (version not recorded)"
+    qemu = get_path(run, "host", "qemu")
+    return f"QEMU {str(qemu).removeprefix('QEMU emulator version ')}" if qemu else "—"
+
+
+def _provenance_kernels(cells: Sequence[JSON]) -> str:
     rows = []
     for c in cells:
-        k = c.get("kernel", {})
-        config = ", ".join(f"{key.removeprefix('CONFIG_')}={v}" for key, v in k.get("config", {}).items())
-        rows.append([c["id"], k.get("package") or "—", k.get("version") or "—", k.get("sha256") or "—", config or "—"])
-    return tabulate(rows, ["cell", "package", "version", "sha256", "config"], tablefmt="github")
+        k = c.get("kernel") or {}
+        rows.append(
+            [
+                c["id"],
+                k.get("package") or ("host kernel" if c.get("backend") == "docker" else "—"),
+                k.get("version") or "—",
+                k.get("release") or get_path(c, "probe", "release") or "—",
+                f"`{k['sha256']}`" if k.get("sha256") else "—",
+            ]
+        )
+    return md_table(rows, ["cell", "package", "version", "release", "sha256"])
+
+
+def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
+    keys = sorted({key for c in cells for key in (get_path(c, "kernel", "config") or {})})
+    rows: list[list[str]] = [
+        [key, *(str(get_path(c, "kernel", "config", key) or "—") for c in cells)] for key in keys
+    ]
+    rows += [
+        ["accel", *(c.get("accel") or "—" for c in cells)],
+        ["emulator / engine", *(_engine(c, run) for c in cells)],
+        ["guest memory MiB", *(mib(c.get("memory_bytes")) for c in cells)],
+        ["MemTotal seen MiB", *(mib(get_path(c, "probe", "mem_total")) for c in cells)],
+        ["/dev/shm size MiB", *(mib(get_path(c, "probe", "shm_size")) for c in cells)],
+        ["cgroup", *(str(get_path(c, "probe", "cgroup") or "—") for c in cells)],
+    ]
+    return md_table(rows, ["", *(cell_label(c) for c in cells)])
+
+
+def _provenance(results: JSON) -> str:
+    run = results.get("run") or {}
+    cells = results.get("cells") or []
+    probes = {c.get("probe_sha256") or run.get("probe_sha256") for c in cells} or {
+        run.get("probe_sha256")
+    }
+    probe_line = (
+        f"Probe SHA256 (every cell): `{probes.pop()}`"
+        if len(probes) == 1
+        else "Probe SHA256 per cell: "
+        + ", ".join(
+            f"{c['id']} `{c.get('probe_sha256') or run.get('probe_sha256')}`" for c in cells
+        )
+    )
+    parts = [
+        "## Provenance",
+        _provenance_kernels(cells),
+        probe_line,
+        _provenance_machine(cells, run),
+    ]
+    guest = run.get("guest") or {}
+    if guest.get("packages"):
+        pkgs = ", ".join(f"{n} {v}" for n, v in sorted(guest["packages"].items()))
+        parts.append(f"Guest userland ({guest.get('suite')}): {pkgs}.")
+    host = run.get("host") or {}
+    if host:
+        parts.append(
+            f"Host: {host.get('machine')}, {host.get('cpus')} CPU(s), kernel {host.get('kernel')}, "
+            f"Python {host.get('python')}."
+        )
+    return "\n\n".join(parts)
 
 
 def render_report(results: JSON) -> str:
-    """The whole report.md."""
-    run = results["run"]
-    cells = results["cells"]
-    ok = [c for c in cells if c.get("scenarios")]
+    """The whole report.md as text; chart links point at the files write_report draws."""
+    cells = results.get("cells") or []
     parts = [
-        f"# kmatrix report: {run['name']}",
-        "",
-        f"Run {run.get('started')} → {run.get('finished') or 'unfinished'}, kmatrix "
-        f"{run.get('kmatrix_version')}, probe sha256 `{str(run.get('probe_sha256'))[:16]}…`, "
-        f"{run.get('host', {}).get('qemu') or 'QEMU not used'}.",
-        "",
-        "Values are before→after deltas measured around each scenario, in MiB "
-        "(oom_score in points); — means not measured. Raw bytes are in `results.json`.",
-        "",
-        "## Cells",
-        "",
-        cells_table(cells),
-        "",
-        "## Accounting",
+        _header(results),
+        _findings(cells),
+        "## Cells\n\n" + cells_table(cells),
+        _accounting(cells),
+        # The OOM section (report_oom.oom_section) belongs here: after accounting, before charts.
+        _charts(results),
+        _provenance(results),
     ]
-    for name in _scenario_names(ok):
-        size = next((s.get("size_bytes") for c in ok if (s := _scenario(c, name))), None)
-        parts += ["", f"### `{name}` ({mib(size)} MiB)", "", scenario_table(ok, name)]
-    parts += ["", "## Provenance", "", provenance_table(cells), ""]
-    return "\n".join(parts)
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def write_report(results: JSON, out_dir: Path) -> Path:
+    """Write report.md and its charts into ``out_dir``; returns the report's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_charts(results, out_dir)
+    path = out_dir / "report.md"
+    atomic_write_text(path, render_report(results))
+    return path
+
+
+def report_from_file(results_path: Path, out_dir: Path | None = None) -> Path:
+    """Re-render a report from a results file, next to it or into ``out_dir``.
+
+    When ``out_dir`` is elsewhere the results file is copied there too, so that the
+    report directory is self-contained like one written by ``invoke matrix``.
+    """
+    results = load_results(results_path)
+    target = out_dir or results_path.parent
+    target.mkdir(parents=True, exist_ok=True)
+    copy = target / "results.json"
+    if not copy.exists() or not copy.samefile(results_path):
+        shutil.copyfile(results_path, copy)
+    return write_report(results, target)
