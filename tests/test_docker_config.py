@@ -180,3 +180,20 @@ def test_missing_engine_is_an_error_when_required(
     cell = _cell(tmp_path)
     assert cell["status"] == "error"
     assert "no Docker engine answers" in str(cell["reason"])
+
+
+def test_failed_oom_container_keeps_accounting_and_records_the_error() -> None:
+    cell = docker_cell.new_cell("host", "docker")
+    good = ProbeOutput(hello={"type": "hello"}, done={"type": "done"})
+    failed = engine.ContainerRun(exit_code=1, stderr="PermissionError: denied\n")
+    docker_cell._fill(
+        cell,
+        [
+            (["memfd-write"], engine.ContainerRun(exit_code=0), good),
+            (["oom-memcg-v2"], failed, ProbeOutput(hello={"type": "hello"})),
+        ],
+    )
+    assert cell["status"] == "ok"
+    (rec,) = cell["oom"]
+    assert rec["name"] == "oom-memcg-v2" and rec["status"] == "error"
+    assert "PermissionError" in rec["reason"]

@@ -30,6 +30,10 @@ MIB = 1024 * 1024
 #: Docker's own default --shm-size; used when the cell sets none, but always passed explicitly.
 DEFAULT_SHM_SIZE = 64 * MIB
 DEFAULT_PIDS_LIMIT = 256
+#: The OOM harness's oom_score_adj. None: a negative value needs CAP_SYS_RESOURCE in the
+#: runtime, and on engines without it (e.g. dockerd inside a sandbox) runc cannot start the
+#: container at all ("can't get final child's PID from pipe"). The probe must cope.
+OOM_HARNESS_ADJ: int | None = None
 
 #: Set to 1 to make a missing engine an error (CI), like ``require_docker: true``.
 REQUIRE_ENV = "KMATRIX_REQUIRE_DOCKER"
@@ -201,20 +205,61 @@ def run_docker_cell(
     engine.check_memory(memory, _available_memory(info), f"kernels: {k.name}")
     check_limits(memory, shm_size, matrix.probe.size, f"kernels: {k.name}")
     names, refused = plan(matrix.probe.scenarios, probe_names())
-    cell["oom"] = [refused_record(n) for n in refused]
     image = ensure_probe_image(client, userland, cache, log)
     cell["engine"]["image"] = image.tag
-    run = _run_probe(client, k, matrix, image.tag, names, memory, shm_size)
-    _write_log(log_dest, run)
-    probe = parse_probe_output(run.stdout.splitlines())
-    status, reason = classify(run, probe)
-    cell.update(status=status, reason=reason, duration_s=run.duration_s)
-    cell["scenarios"] = [scenario_result(s) for s in probe.scenarios]
-    cell["oom"] = cell["oom"] + probe.oom
-    cell["probe"] = probe.hello or {}
-    if status != "ok":
-        cell["console_tail"] = run.stderr.strip().splitlines()[-20:]
+    # Accounting and OOM experiments run in separate containers: an OOM in the container's
+    # cgroup can take the probe down with it, and must not cost the accounting results.
+    parts = [
+        (group, adj)
+        for group, adj in (
+            ([n for n in names if not n.startswith("oom-")], None),
+            ([n for n in names if n.startswith("oom-")], OOM_HARNESS_ADJ),
+        )
+        if group
+    ]
+    results = [
+        _run_probe(client, k, matrix, image.tag, group, memory, shm_size, adj)
+        for group, adj in parts
+    ]
+    _write_log(log_dest, [run for run, _ in results])
+    _fill(cell, [(group, *result) for (group, _), result in zip(parts, results, strict=True)])
+    cell["oom"] = [refused_record(n) for n in refused] + cell["oom"]
     return cell
+
+
+def _fill(cell: JSON, results: list[tuple[list[str], engine.ContainerRun, ProbeOutput]]) -> None:
+    """Status, scenarios and OOM records from the container(s).
+
+    The cell's status is the accounting container's. A failed OOM container turns each of
+    its experiments that left no record into an ``error`` entry with the reason, so the
+    accounting results stay usable and the failure is still in plain sight.
+    """
+    status, reason = "ok", ""
+    for names, run, probe in results:
+        part_status, part_reason = classify(run, probe)
+        is_oom = names[0].startswith("oom-")
+        if part_status != "ok":
+            cell.setdefault("console_tail", run.stderr.strip().splitlines()[-20:])
+            if not is_oom and status == "ok":
+                status, reason = part_status, part_reason
+        cell["scenarios"] += [scenario_result(s) for s in probe.scenarios]
+        cell["oom"] += probe.oom
+        if is_oom and part_status != "ok":
+            seen = {rec.get("name") for rec in probe.oom}
+            cell["oom"] += [_failed_record(n, part_reason) for n in names if n not in seen]
+        if probe.hello and not cell.get("probe"):
+            cell["probe"] = probe.hello
+    cell.update(
+        status=status,
+        reason=reason,
+        duration_s=round(sum(run.duration_s for _, run, _ in results), 2),
+    )
+
+
+def _failed_record(name: str, reason: str) -> JSON:
+    """The oom entry of an experiment whose container failed before reporting it."""
+    return {"name": name, "status": "error", "reason": reason, "repeats": 0, "victims": [],
+            "panic": None, "kills": []}  # fmt: skip
 
 
 def _run_probe(
@@ -225,7 +270,8 @@ def _run_probe(
     names: list[str],
     memory: int,
     shm_size: int,
-) -> engine.ContainerRun:
+    oom_score_adj: int | None,
+) -> tuple[engine.ContainerRun, ProbeOutput]:
     """One container with a fresh disk volume; both are gone when this returns."""
     suffix = uuid.uuid4().hex[:8]
     volume = engine.create_volume(client, f"kmatrix-disk-{k.name}-{suffix}")
@@ -239,20 +285,24 @@ def _run_probe(
             name=f"kmatrix-{k.name}-{suffix}",
             disk_volume=volume,
             labels={"kmatrix.cell": k.name},
+            oom_score_adj=oom_score_adj,
         )
         run = engine.run_container(client, engine.container_config(spec), matrix.probe.cell_timeout)
     finally:
         problem = engine.remove_volume(client, volume)
     if problem:
         run.problems.append(problem)
-    return run
+    return run, parse_probe_output(run.stdout.splitlines())
 
 
-def _write_log(dest: Path, run: engine.ContainerRun) -> None:
-    """Keep what the container printed, like a QEMU cell's console log."""
+def _write_log(dest: Path, runs: list[engine.ContainerRun]) -> None:
+    """Keep what the containers printed, like a QEMU cell's console log."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(
-        f"# exit {run.exit_code}, timed_out={run.timed_out}, oom_killed={run.oom_killed}\n"
-        f"# stderr\n{run.stderr}\n# stdout\n{run.stdout}"
+        "".join(
+            f"# container {i}: exit {run.exit_code}, timed_out={run.timed_out}, "
+            f"oom_killed={run.oom_killed}\n# stderr\n{run.stderr}\n# stdout\n{run.stdout}\n"
+            for i, run in enumerate(runs, 1)
+        )
     )
 

@@ -150,6 +150,9 @@ class ContainerSpec:
     pids_limit: int
     name: str
     disk_volume: str | None = None  # a named volume mounted at /mnt/disk
+    # Set by the runtime (which has CAP_SYS_RESOURCE) on the container's first process;
+    # -1000 also lets that process and its children go back down to -1000 without the cap.
+    oom_score_adj: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
 
@@ -176,6 +179,8 @@ def container_config(spec: ContainerSpec) -> dict[str, Any]:
         "log_config": {"type": "json-file", "config": {"max-size": "20m"}},
         "labels": {LABEL: "1", **spec.labels},
     }
+    if spec.oom_score_adj is not None:
+        config["oom_score_adj"] = spec.oom_score_adj
     if spec.disk_volume:
         config["volumes"] = {spec.disk_volume: {"bind": "/mnt/disk", "mode": "rw"}}
     return config
