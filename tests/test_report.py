@@ -1,0 +1,181 @@
+"""Rendering report.md from recorded real results: golden files, Findings, charts, provenance.
+
+Golden files live in tests/golden/; after an intended change to the report, regenerate them
+with ``KMATRIX_UPDATE_GOLDEN=1 pytest tests/test_report.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmatrix.charts import planned_charts, write_charts
+from kmatrix.findings import DISAGREE_MARK, answer_all
+from kmatrix.report import render_report, report_from_file, write_report
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures" / "results"
+GOLDEN = HERE / "golden"
+RECORDED = sorted(p.name for p in FIXTURES.glob("*.json"))
+
+
+def load(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return data
+
+
+def with_oom(results: dict[str, Any]) -> dict[str, Any]:
+    """Recorded results plus OOM experiments shaped like the probe's (victims differ by cell)."""
+    out = copy.deepcopy(results)
+    for i, cell in enumerate(out["cells"]):
+        first = "hog" if i == 0 else "holder"
+        cell["oom"] = [
+            {
+                "name": "oom-global-memfd-unmapped",
+                "repeats": 3,
+                "victims": [[first, "bystander"], [first], ["hog"]],
+                "panic": False,
+                "kills": [],
+                "predicted_victim": "hog",
+            },
+            {"name": "oom-no-killable", "repeats": 1, "victims": [[]], "panic": True},
+        ]
+    return out
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_report_matches_golden(name: str) -> None:
+    text = render_report(load(name))
+    golden = GOLDEN / name.replace(".json", ".md")
+    if os.environ.get("KMATRIX_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"report changed; see module docstring to update {golden}"
+
+
+def test_sections_in_order_findings_first() -> None:
+    text = render_report(load("partial-5.10-6.1.json"))
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    assert headings == ["Findings", "Cells", "Accounting", "Charts", "Provenance"]
+
+
+def test_kernel_names_are_not_parsed_as_numbers() -> None:
+    # tabulate would print the cell "5.10" as 5.1 and 64.0 MiB as 64.
+    text = render_report(load("partial-5.10-6.1.json"))
+    assert "| 5.10 " in text and "| 5.1 " not in text
+    assert re.search(r"\|\s+64\.0 \|", text)
+
+
+def test_findings_answer_with_numbers() -> None:
+    rows = {r.question: r for r in answer_all(load("dev-6.1.json")["cells"])}
+    unmapped = rows["unmapped memfd (write()) counted in RSS / oom_score?"].answers[0]
+    assert unmapped.text == "no (RSS +0.0 MiB, oom_score +0)"
+    assert rows["memfd limited by /dev/shm size?"].answers[0].text.startswith("no: wrote 160.0")
+    assert rows["O_TMPFILE on /dev/shm limited?"].answers[0].text.startswith("yes: ENOSPC")
+    assert rows["memfd charged to the writer's memory cgroup?"].answers[0].key == "yes"
+    assert rows["MFD_NOEXEC_SEAL supported?"].answers[0].text == "no (EINVAL from memfd_create)"
+
+
+def test_oom_rows_show_dash_without_oom_data() -> None:
+    rows = {r.question: r for r in answer_all(load("partial-5.10-6.1.json")["cells"])}
+    for q in ("first OOM victim, holder's memfd unmapped", "panic when nothing is killable?"):
+        assert [a.text for a in rows[q].answers] == ["—", "—"]
+        assert not rows[q].disagree
+
+
+def test_disagreeing_rows_are_marked_and_first() -> None:
+    results = with_oom(load("partial-5.10-6.1.json"))
+    rows = answer_all(results["cells"])
+    assert rows[0].question == "first OOM victim, holder's memfd unmapped"
+    assert rows[0].disagree and not any(r.disagree for r in rows[1:])
+    assert [a.text for a in rows[0].answers] == [
+        "hog 3/3 (model: hog)",
+        "holder 2/3, hog 1/3 (model: hog)",
+    ]
+    text = render_report(results)
+    findings = text.split("## Findings", 1)[1]
+    first_row = [line for line in findings.splitlines() if line.startswith("| ")][1]
+    assert first_row.startswith(f"| {DISAGREE_MARK} first OOM victim")
+    panic = next(r for r in rows if r.question == "panic when nothing is killable?")
+    assert [a.text for a in panic.answers] == ["yes", "yes"]
+
+
+def test_noise_does_not_count_as_disagreement() -> None:
+    # 5.10 shows RSS +0.0 MiB and 6.1 +0.3 MiB for memfd-write: both "no".
+    rows = answer_all(load("partial-5.10-6.1.json")["cells"])
+    assert not any(r.disagree for r in rows)
+
+
+def test_failed_cell_renders_with_dashes() -> None:
+    results = load("partial-5.10-6.1.json")
+    results["cells"].append(
+        {"id": "7.3-rc", "backend": "qemu", "status": "timeout", "reason": "no init", "kernel": {}}
+    )
+    text = render_report(results)
+    assert "not ok: 7.3-rc (timeout)" in text
+    assert "timeout: no init" in text
+
+
+def test_provenance_has_every_sha256_and_machine_facts() -> None:
+    results = load("partial-5.10-6.1.json")
+    text = render_report(results).split("## Provenance", 1)[1]
+    for cell in results["cells"]:
+        assert f"`{cell['kernel']['sha256']}`" in text
+    assert f"`{results['run']['probe_sha256']}`" in text
+    assert "QEMU 7.2.22" in text and "CONFIG_MEMCG_V1" in text and "/dev/shm size MiB" in text
+
+
+def test_docker_cell_provenance_names_the_engine() -> None:
+    results = load("dev-6.1.json")
+    results["cells"].append(
+        {
+            "id": "host",
+            "backend": "docker",
+            "status": "ok",
+            "kernel": {"release": "6.18.0"},
+            "engine": {"name": "docker", "version": "27.5.1"},
+            "scenarios": [],
+        }
+    )
+    text = render_report(results)
+    assert "Docker 27.5.1" in text and "host (container)" in text
+
+
+def test_write_report_links_only_charts_that_exist(tmp_path: Path) -> None:
+    results = with_oom(load("partial-5.10-6.1.json"))
+    write_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert len(links) == 15 + 2  # every accounting scenario and OOM experiment
+    assert all((tmp_path / link).is_file() for link in links)
+    assert sorted(p.name for p in tmp_path.glob("chart-*.svg")) == sorted(links)
+
+
+def test_charts_are_deterministic_and_stale_ones_removed(tmp_path: Path) -> None:
+    results = load("dev-6.1.json")
+    (tmp_path / "chart-gone.svg").write_text("<svg/>")
+    first = {p.name: p.read_bytes() for p in write_charts(results, tmp_path)}
+    second = {p.name: p.read_bytes() for p in write_charts(results, tmp_path)}
+    assert first == second
+    assert not (tmp_path / "chart-gone.svg").exists()
+    svg = first["chart-memfd-write.svg"].decode()
+    assert "<dc:date>" not in svg and "memfd-write" in svg
+
+
+def test_no_charts_without_measurements() -> None:
+    assert planned_charts({"cells": [{"id": "a", "status": "timeout"}]}) == []
+
+
+def test_report_from_file_copies_results(tmp_path: Path) -> None:
+    out = report_from_file(FIXTURES / "dev-6.1.json", tmp_path / "named")
+    assert out == tmp_path / "named" / "report.md"
+    assert (tmp_path / "named" / "results.json").read_bytes() == (
+        FIXTURES / "dev-6.1.json"
+    ).read_bytes()
+    # Rendering next to the file itself must not try to copy it onto itself.
+    report_from_file(tmp_path / "named" / "results.json")
