@@ -24,6 +24,7 @@ from types import FrameType
 from kmatrix import __version__
 from kmatrix.backends import qemu
 from kmatrix.cellcache import CellCache, cell_key
+from kmatrix.check import enforce
 from kmatrix.config import KernelConfig, Matrix, load_matrix
 from kmatrix.debian import Archive, KernelPackages, default_cache_dir, resolve_mirror
 from kmatrix.docker_cell import run_docker_cell
@@ -32,8 +33,8 @@ from kmatrix.guest import INIT_FILE, ROOT, Userland, build_userland, probe_sha25
 from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local, resolve_debian
 from kmatrix.progress import Progress
 from kmatrix.qemu_cell import run_qemu_cell
-from kmatrix.report import render_report
-from kmatrix.results import JSON, SCHEMA_VERSION, atomic_write_text, new_cell, write_results
+from kmatrix.report import write_report
+from kmatrix.results import JSON, SCHEMA_VERSION, new_cell, write_results
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class _Run:
             order = {k.name: i for i, k in enumerate(self.kernels)}
             self.results["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
             write_results(self.out_dir / "results.json", self.results)
-            atomic_write_text(self.out_dir / "report.md", render_report(self.results))
+            write_report(self.results, self.out_dir)
 
     def add(self, cell: JSON) -> None:
         """Record a finished cell and save at once."""
@@ -276,6 +277,8 @@ def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
         run.results["run"]["finished"] = _now()
         run.save()
         progress.log(f"wrote {run.out_dir / 'report.md'} and results.json")
+        # matrix.yaml's expectations gate a release: ExpectationFailed (exit 1) names each one.
+        progress.log(enforce(matrix.expectations, run.results))
     return run.results
 
 
