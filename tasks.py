@@ -72,9 +72,8 @@ def images(c: Context, matrix_file: str = "matrix.yaml") -> None:
 )
 def report(c: Context, results: str, name: str = "") -> None:
     """Re-render report.md and its charts from a results file, without running anything."""
-    out_dir = Path("reports") / name if name else None
     try:
-        path = report_from_file(Path(results), out_dir)
+        path = report_from_file(Path(results), name)
     except KmatrixError as exc:
         raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     print(f"wrote {path}")

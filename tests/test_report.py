@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from kmatrix.charts import planned_charts, write_charts
+from kmatrix.errors import UserError
 from kmatrix.findings import DISAGREE_MARK, answer_all
 from kmatrix.report import render_report, report_from_file, write_report
 
@@ -75,8 +76,14 @@ def test_findings_answer_with_numbers() -> None:
     rows = {r.question: r for r in answer_all(load("dev-6.1.json")["cells"])}
     unmapped = rows["unmapped memfd (write()) counted in RSS / oom_score?"].answers[0]
     assert unmapped.text == "no (RSS +0.0 MiB, oom_score +0)"
-    assert rows["memfd limited by /dev/shm size?"].answers[0].text.startswith("no: wrote 160.0")
-    assert rows["O_TMPFILE on /dev/shm limited?"].answers[0].text.startswith("yes: ENOSPC")
+    assert (
+        rows["memfd limited by /dev/shm size?"].answers[0].text
+        == "no: wrote 160.0 MiB (size= 128.0)"
+    )
+    assert (
+        rows["O_TMPFILE on /dev/shm limited?"].answers[0].text
+        == "yes: ENOSPC at 128.0 MiB (size= 128.0)"
+    )
     assert rows["memfd charged to the writer's memory cgroup?"].answers[0].key == "yes"
     assert rows["MFD_NOEXEC_SEAL supported?"].answers[0].text == "no (EINVAL from memfd_create)"
 
@@ -172,10 +179,19 @@ def test_no_charts_without_measurements() -> None:
 
 
 def test_report_from_file_copies_results(tmp_path: Path) -> None:
-    out = report_from_file(FIXTURES / "dev-6.1.json", tmp_path / "named")
+    out = report_from_file(FIXTURES / "dev-6.1.json", "named", reports_dir=tmp_path)
     assert out == tmp_path / "named" / "report.md"
     assert (tmp_path / "named" / "results.json").read_bytes() == (
         FIXTURES / "dev-6.1.json"
     ).read_bytes()
     # Rendering next to the file itself must not try to copy it onto itself.
     report_from_file(tmp_path / "named" / "results.json")
+    with pytest.raises(UserError, match=re.escape("report name '../x'")):
+        report_from_file(FIXTURES / "dev-6.1.json", "../x", reports_dir=tmp_path)
+
+
+def test_full_run_marks_noexec_seal_as_the_disagreement() -> None:
+    rows = answer_all(load("full-5-kernels.json")["cells"])
+    assert rows[0].question == "MFD_NOEXEC_SEAL supported?" and rows[0].disagree
+    assert [a.key for a in rows[0].answers] == ["no:EINVAL", "no:EINVAL", "yes", "yes", "yes"]
+    assert not any(r.disagree for r in rows[1:])

@@ -96,10 +96,10 @@ def _limited_by_shm(name: str) -> Callable[[JSON], Answer]:
             return NO_DATA
         written = get_path(sc, "detail", "bytes_written")
         shm = get_path(cell, "probe", "shm_size")
-        limit = f"/dev/shm size= {mib(shm)} MiB" if isinstance(shm, int) else "/dev/shm size="
+        limit = f"size= {mib(shm)}" if isinstance(shm, int) else "size= unknown"
         if sc.get("errno"):
-            return Answer(f"yes: {sc['errno']} after {mib(written)} MiB ({limit})", "yes")
-        return Answer(f"no: wrote {mib(written)} MiB past {limit}", "no")
+            return Answer(f"yes: {sc['errno']} at {mib(written)} MiB ({limit})", "yes")
+        return Answer(f"no: wrote {mib(written)} MiB ({limit})", "no")
 
     return answer
 

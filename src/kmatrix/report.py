@@ -7,12 +7,14 @@ charts and finally where every kernel came from.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kmatrix.charts import planned_charts, write_charts
+from kmatrix.errors import UserError
 from kmatrix.findings import DISAGREE_MARK, answer_all, findings_table
 from kmatrix.results import JSON, atomic_write_text, load_results
 from kmatrix.view import (
@@ -29,6 +31,8 @@ from kmatrix.view import (
 # Re-exported: older callers import these helpers from kmatrix.report.
 __all__ = ["cell_label", "fmt_metric", "mib", "render_report", "write_report"]
 
+REPORTS = Path(__file__).resolve().parents[2] / "reports"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 UNITS_NOTE = (
     "Values are before→after deltas measured around each scenario, in MiB "
     "(oom_score in points); — means not measured. Raw bytes are in `results.json`."
@@ -232,14 +236,19 @@ def write_report(results: JSON, out_dir: Path) -> Path:
     return path
 
 
-def report_from_file(results_path: Path, out_dir: Path | None = None) -> Path:
-    """Re-render a report from a results file, next to it or into ``out_dir``.
+def report_from_file(results_path: Path, name: str = "", reports_dir: Path = REPORTS) -> Path:
+    """Re-render a report from a results file: next to it, or into ``reports_dir/name``.
 
-    When ``out_dir`` is elsewhere the results file is copied there too, so that the
-    report directory is self-contained like one written by ``invoke matrix``.
+    With a name the results file is copied there too, so that the report directory is
+    self-contained like one written by ``invoke matrix --name``.
     """
+    if name and not _NAME_RE.match(name):
+        raise UserError(
+            f"report name {name!r}: use letters, digits and . _ + - only (it becomes a "
+            f"directory under {reports_dir})"
+        )
     results = load_results(results_path)
-    target = out_dir or results_path.parent
+    target = reports_dir / name if name else results_path.parent
     target.mkdir(parents=True, exist_ok=True)
     copy = target / "results.json"
     if not copy.exists() or not copy.samefile(results_path):
