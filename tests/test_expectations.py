@@ -94,7 +94,9 @@ def test_matrix_error_names_the_position_and_expectation() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["partial-5.10-6.1.json", "full-5-kernels.json", "dev-6.1.json"])
+@pytest.mark.parametrize(
+    "name", ["partial-5.10-6.1.json", "full-5-kernels.json", "dev-6.1.json", "host-docker.json"]
+)
 def test_default_matrix_expectations_hold_on_recorded_results(name: str) -> None:
     matrix = load_matrix(ROOT / "matrix.yaml")
     assert matrix.expectations
@@ -162,6 +164,10 @@ def test_oom_expectations() -> None:
     assert evaluate_cell(never_bystander, c).result == "pass"
     c["oom"][1]["panic"] = None  # refused experiments record null: not measured
     assert evaluate_cell(panic, c).why == "panic not recorded"
+    c["oom"][1].update(status="refused", reason="docker shares the host kernel")
+    assert evaluate_cell(panic, c).result == "skip"
+    c["oom"][1].update(status="error", reason="probe exited 1")
+    assert evaluate_cell(panic, c).why == "experiment error: probe exited 1"
 
 
 def test_junit_has_one_testcase_per_expectation_and_cell() -> None:

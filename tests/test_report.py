@@ -195,3 +195,14 @@ def test_full_run_marks_noexec_seal_as_the_disagreement() -> None:
     assert rows[0].question == "MFD_NOEXEC_SEAL supported?" and rows[0].disagree
     assert [a.key for a in rows[0].answers] == ["no:EINVAL", "no:EINVAL", "yes", "yes", "yes"]
     assert not any(r.disagree for r in rows[1:])
+
+
+def test_refused_oom_experiments_are_not_answers_or_charts() -> None:
+    results = with_oom(load("dev-6.1.json"))
+    for exp in results["cells"][0]["oom"]:
+        exp.update(status="refused", victims=[], panic=None)
+    rows = {r.question: r for r in answer_all(results["cells"])}
+    answer = rows["first OOM victim, holder's memfd unmapped"].answers[0]
+    assert (answer.text, answer.key) == ("— (refused)", "")
+    assert rows["panic when nothing is killable?"].answers[0].text == "— (refused)"
+    assert all(c.kind == "scenario" for c in planned_charts(results))

@@ -72,7 +72,11 @@ def planned_charts(results: JSON) -> list[Chart]:
         for n in scenario_names(cells)
         if any(metric(c, n, m) is not None for c in cells for m in CHART_METRICS)
     ]
-    charts += [Chart("oom", n, f"{PREFIX}{_slug(n)}.svg") for n in oom_names(cells)]
+    charts += [
+        Chart("oom", n, f"{PREFIX}{_slug(n)}.svg")
+        for n in oom_names(cells)
+        if any(victim_distribution(oom_experiment(c, n) or {}) for c in cells)
+    ]
     return charts
 
 

@@ -314,8 +314,12 @@ def _evaluate_oom(exp: Expectation, cell: JSON, cid: str) -> Outcome:
     run = oom_experiment(cell, exp.scenario)
     if run is None:
         return Outcome(exp, cid, "fail", "—", f"{exp.scenario} was not run in this cell")
-    if run.get("status") == "skipped":
-        return Outcome(exp, cid, "skip", "—", f"experiment skipped: {run.get('reason') or ''}")
+    status = run.get("status")
+    if status in ("skipped", "refused"):
+        # Deliberate: e.g. docker cells refuse global OOMs, which would hit the host itself.
+        return Outcome(exp, cid, "skip", "—", f"experiment {status}: {run.get('reason') or ''}")
+    if status not in (None, "ok"):
+        return Outcome(exp, cid, "fail", "—", f"experiment {status}: {run.get('reason') or ''}")
     if exp.kind == "panic":
         panic = run.get("panic")
         panic = any(panic) if isinstance(panic, list) else panic

@@ -121,6 +121,9 @@ def _first_victim(name: str) -> Callable[[JSON], Answer]:
         exp = oom_experiment(cell, name)
         if exp is None:
             return NO_DATA
+        if exp.get("status") not in (None, "ok"):
+            # Refused (docker shares the host kernel) or failed: not an answer to compare.
+            return Answer(f"— ({exp['status']})")
         dist = victim_distribution(exp)
         if not dist:
             return Answer("no victim recorded", "none")
@@ -138,6 +141,8 @@ def _panic_when_unkillable(cell: JSON) -> Answer:
     exp = oom_experiment(cell, "oom-no-killable")
     if exp is None:
         return NO_DATA
+    if exp.get("status") not in (None, "ok"):
+        return Answer(f"— ({exp['status']})")
     panic = exp.get("panic")
     if isinstance(panic, list):
         panic = any(panic)
