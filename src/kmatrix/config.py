@@ -77,6 +77,23 @@ class ProbeConfig(_Strict):
     cell_timeout: int = 900
 
 
+class OomConfig(_Strict):
+    """The OOM experiments of every QEMU cell (probes/oom.py), run in their own boots."""
+
+    repeats: int = 3
+    experiments: list[str] | Literal["all"] = "all"
+    memory: Size = 192 * MIB  # guest RAM of the OOM boots (the accounting boot keeps guest.memory)
+    timeout: int = 30  # seconds per repeat inside the guest before it counts as hung
+
+    @model_validator(mode="after")
+    def _check(self) -> OomConfig:
+        if not 1 <= self.repeats <= 20:
+            raise ValueError("repeats: must be between 1 and 20")
+        if self.memory < 160 * MIB:
+            raise ValueError("memory: the OOM boots need at least 160M (the userland is in RAM)")
+        return self
+
+
 class KernelConfig(_Strict):
     """One column of the matrix: a Debian kernel package, a local build, or the host kernel."""
 
@@ -91,6 +108,7 @@ class KernelConfig(_Strict):
     memory: Size | None = None
     shm_size: Size | None = None
     pids_limit: int | None = None  # docker cells: most processes the container may have
+    cmdline: str = ""  # qemu cells: extra kernel command line, e.g. transparent_hugepage=never
 
     @model_validator(mode="after")
     def _check_source(self) -> KernelConfig:
@@ -135,6 +153,7 @@ class Matrix(_Strict):
     require_docker: bool = False
     guest: GuestConfig = GuestConfig()
     probe: ProbeConfig = ProbeConfig()
+    oom: OomConfig = OomConfig()
     kernels: list[KernelConfig]
     # Facts a release relies on, one line each (grammar in kmatrix/expectations.py);
     # `invoke check` and the end of `invoke matrix` evaluate them.
@@ -172,7 +191,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 
 def _known_keys() -> list[str]:
-    models: list[type[BaseModel]] = [Matrix, GuestConfig, ProbeConfig, KernelConfig]
+    models: list[type[BaseModel]] = [Matrix, GuestConfig, ProbeConfig, OomConfig, KernelConfig]
     return sorted({name for m in models for name in m.model_fields})
 
 

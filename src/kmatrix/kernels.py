@@ -36,6 +36,7 @@ class PreparedKernel:
     release: str | None
     config: dict[str, str]
     provenance: dict[str, Any] = field(default_factory=dict)
+    cmdline: str = ""
 
 
 def parse_kconfig(text: str) -> dict[str, str]:
@@ -137,6 +138,7 @@ def prepare_debian(
             "sha256": primary.sha256,
             "packages": {r.name: {"version": r.version, "sha256": r.sha256} for r in pkgs.records},
         },
+        cmdline=kernel.cmdline,
     )
 
 
@@ -169,4 +171,5 @@ def prepare_local(kernel: KernelConfig) -> PreparedKernel:
             "path": str(vmlinuz),
             "sha256": sha256_file(vmlinuz),
         },
+        cmdline=kernel.cmdline,
     )

@@ -75,6 +75,7 @@ def run_qemu_cell(
         memory_bytes=memory_bytes,
         accel=accel,
         disk=disk,
+        append=kernel.cmdline,
     )
     run = run_qemu(build_argv(spec), timeout=matrix.probe.cell_timeout)
     console_text = _read(spec.console_log)

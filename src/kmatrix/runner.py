@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from kmatrix import __version__
+from kmatrix.backends import docker as docker_backend
 from kmatrix.backends import qemu
 from kmatrix.cellcache import CellCache, cell_key
 from kmatrix.check import enforce
@@ -143,6 +144,7 @@ def _cache_key(
             "init": hashlib.sha256(INIT_FILE.read_bytes()).hexdigest(),
             "matrix": run.matrix.model_dump(mode="json", exclude={"kernels", "mirror"}),
             "memory": k.memory,
+            "cmdline": k.cmdline,
             "shm_size": k.shm_size,
             "accel": accel,
             "qemu": run.results["run"]["host"].get("qemu"),
@@ -241,14 +243,14 @@ def _run_cells(
         for future in as_completed(futures):
             run.add(future.result())
     except KeyboardInterrupt:
-        killed = qemu.kill_all()
+        killed = qemu.kill_all() + docker_backend.kill_all()
         pool.shutdown(wait=True, cancel_futures=True)
         run.results["run"]["interrupted"] = _now()
         run.save()
         done = len(run.results["cells"])
         raise InfraError(
-            f"interrupted: killed {killed} QEMU process(es); {done} finished cell(s) saved in "
-            f"{run.out_dir}; run the same command again to resume from the cache"
+            f"interrupted: stopped {killed} QEMU process(es) and container(s); {done} finished "
+            f"cell(s) saved in {run.out_dir}; run the same command again to resume from the cache"
         ) from None
     finally:
         pool.shutdown(wait=True)

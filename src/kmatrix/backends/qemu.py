@@ -95,22 +95,24 @@ def kill_all() -> int:
 
 def run_qemu(argv: list[str], timeout: float) -> QemuRun:
     """Run QEMU to completion or ``timeout``; QEMU never outlives this call (even on Ctrl-C)."""
-    if _STOPPING.is_set():
-        raise InfraError("the run is being interrupted; QEMU was not started")
     start = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-    except FileNotFoundError:
-        raise InfraError(
-            f"{argv[0]} not found; install QEMU: apt-get install qemu-system-x86"
-        ) from None
+    # Start and register under the lock kill_all takes after setting _STOPPING: a QEMU
+    # started while a run is being interrupted would otherwise escape the kill.
     with _LIVE_LOCK:
+        if _STOPPING.is_set():
+            raise InfraError("the run is being interrupted; QEMU was not started")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise InfraError(
+                f"{argv[0]} not found; install QEMU: apt-get install qemu-system-x86"
+            ) from None
         _LIVE.add(proc)
     timed_out = False
     try:
