@@ -11,6 +11,7 @@ from invoke.tasks import task
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
+from kmatrix.bench import run_bench
 from kmatrix.check import check_file
 from kmatrix.diff import diff_files
 from kmatrix.errors import KmatrixError
@@ -106,5 +107,20 @@ def diff(c: Context, base: str, new: str, threshold: str = "") -> None:
     """Print, as markdown for a pull request, what changed between two results files."""
     try:
         print(diff_files(Path(base), Path(new), threshold), end="")
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+
+
+@task(
+    help={
+        "matrix-file": "the matrix to measure (default: matrix.yaml)",
+        "repeats": "warm and cached runs to take medians over (default: 3)",
+        "cold": "also run once with an empty cache, downloading everything (default: on)",
+    }
+)
+def bench(c: Context, matrix_file: str = "matrix.yaml", repeats: int = 3, cold: bool = True) -> None:
+    """Measure download, build, boot and whole-matrix times and peak memory; print a table."""
+    try:
+        print(run_bench(Path(matrix_file).resolve(), repeats=repeats, cold=cold))
     except KmatrixError as exc:
         raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None

@@ -227,10 +227,11 @@ def render_report(results: JSON) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def write_report(results: JSON, out_dir: Path) -> Path:
-    """Write report.md and its charts into ``out_dir``; returns the report's path."""
+def write_report(results: JSON, out_dir: Path, charts: bool = True) -> Path:
+    """Write report.md (and, unless ``charts`` is false, its charts); returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_charts(results, out_dir)
+    if charts:
+        write_charts(results, out_dir)
     path = out_dir / "report.md"
     atomic_write_text(path, render_report(results))
     return path

@@ -102,13 +102,16 @@ class _Run:
             "cells": [],
         }
 
-    def save(self) -> None:
-        """Write results.json and report.md as they stand (cells in matrix order)."""
+    def save(self, final: bool = False) -> None:
+        """Write results.json and report.md as they stand (cells in matrix order).
+
+        Charts take seconds to draw, so they are drawn only once, at the end of the run.
+        """
         with self._lock:
             order = {k.name: i for i, k in enumerate(self.kernels)}
             self.results["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
             write_results(self.out_dir / "results.json", self.results)
-            write_report(self.results, self.out_dir)
+            write_report(self.results, self.out_dir, charts=final)
 
     def add(self, cell: JSON) -> None:
         """Record a finished cell and save at once."""
@@ -277,7 +280,7 @@ def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
         run.results["run"]["guest"] = {"suite": matrix.guest.suite, "packages": userland.packages}
         _run_cells(run, archive, resolved, userland)
         run.results["run"]["finished"] = _now()
-        run.save()
+        run.save(final=True)
         progress.log(f"wrote {run.out_dir / 'report.md'} and results.json")
         # matrix.yaml's expectations gate a release: ExpectationFailed (exit 1) names each one.
         progress.log(enforce(matrix.expectations, run.results))
