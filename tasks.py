@@ -118,7 +118,9 @@ def diff(c: Context, base: str, new: str, threshold: str = "") -> None:
         "cold": "also run once with an empty cache, downloading everything (default: on)",
     }
 )
-def bench(c: Context, matrix_file: str = "matrix.yaml", repeats: int = 3, cold: bool = True) -> None:
+def bench(
+    c: Context, matrix_file: str = "matrix.yaml", repeats: int = 3, cold: bool = True
+) -> None:
     """Measure download, build, boot and whole-matrix times and peak memory; print a table."""
     try:
         print(run_bench(Path(matrix_file).resolve(), repeats=repeats, cold=cold))
