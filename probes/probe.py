@@ -3,7 +3,8 @@
 
 Stdlib-only; runs in the QEMU guest (``python3 /probe/probe.py``), in a container and on
 a host. Writes one ``KMX1 <compact json>`` line per record: ``hello``, one ``scenario``
-record per scenario as soon as it finishes, and ``done``. See probes/README.md.
+record per scenario as soon as it finishes, ``oom`` records for the OOM experiments
+(``--oom``, see oom.py), and ``done``. See probes/README.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accounting
+import oom
 import system
 from protocol import run_scenario, write_all
 from scenarios import MIB, SCENARIOS, Settings
@@ -71,23 +73,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", default="all", help="comma-separated names, or all")
     p.add_argument("--cgroup-root", default="/sys/fs/cgroup")
     p.add_argument("--timeout", type=float, default=120.0, help="per-scenario timeout (s)")
-    p.add_argument("--list", action="store_true", help="list scenario names and exit")
+    p.add_argument(
+        "--oom",
+        default="",
+        help="OOM experiments: all, or name[:first-last],... (repeat indexes); default none",
+    )
+    p.add_argument("--oom-repeats", type=int, default=3, help="repeats per experiment (3)")
+    p.add_argument(
+        "--oom-timeout", type=float, default=30.0, help="seconds per OOM repeat (default 30)"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="list scenario and OOM experiment names and exit"
+    )
     return p.parse_args(argv)
 
 
 def select_scenarios(spec: str) -> list[str]:
-    """Scenario names from ``--scenarios``, in canonical order; SystemExit(2) if unknown."""
+    """Scenario names from ``--scenarios``, in canonical order; SystemExit(2) if unknown.
+
+    OOM experiment names are accepted too (and picked out by :func:`select_oom`), so a
+    caller can pass one list of everything it wants; ``all`` means the accounting ones.
+    """
     if spec.strip() == "all":
         return list(SCENARIOS)
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in SCENARIOS]
+    unknown = [name for name in wanted if name not in SCENARIOS and name not in oom.EXPERIMENTS]
     if unknown or not wanted:
         sys.stderr.write(
             f"probe: unknown scenario(s): {', '.join(unknown) or '(none given)'}\n"
-            f"valid names: {', '.join(SCENARIOS)}\n"
+            f"valid names: {', '.join([*SCENARIOS, *oom.EXPERIMENTS])}\n"
         )
         raise SystemExit(2)
     return [name for name in SCENARIOS if name in wanted]
+
+
+def select_oom(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(experiment, repeat) units from ``--oom`` plus OOM names given in ``--scenarios``."""
+    spec = ",".join(
+        part
+        for part in (args.oom, *(n.strip() for n in args.scenarios.split(",")))
+        if part and (part == args.oom or part in oom.EXPERIMENTS)
+    )
+    try:
+        return oom.parse_plan(spec, args.oom_repeats) if spec else []
+    except ValueError as exc:
+        sys.stderr.write(f"probe: --oom: {exc}\n")
+        raise SystemExit(2) from None
 
 
 def become_subreaper() -> bool:
@@ -131,25 +162,48 @@ def hello_record(settings: Settings, cgroups: system.Cgroups) -> dict[str, Any]:
     }
 
 
+def _cgroup_version(root: str) -> str:
+    """v2 / v1 / none, without changing anything (unlike system.detect_cgroups)."""
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        return "v2"
+    return "v1" if os.path.isdir(os.path.join(root, "memory")) else "none"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected scenarios and stream their records."""
     args = parse_args(argv)
     if args.list:
-        print("\n".join(SCENARIOS))
+        print("\n".join([*SCENARIOS, *oom.EXPERIMENTS]))
         return 0
-    names = select_scenarios(args.scenarios)
+    names = select_scenarios(args.scenarios) if args.scenarios else []
+    plan = select_oom(args)
     out = Output(args.out)
     settings = make_settings(args)
-    cgroups = system.detect_cgroups(args.cgroup_root)
-    if cgroups.problem:
+    # detect_cgroups enables +memory on the v2 root; an OOM-only run must not (oom_scope).
+    cgroups = (
+        system.detect_cgroups(args.cgroup_root)
+        if names
+        else system.Cgroups(_cgroup_version(args.cgroup_root), "none", None, None)
+    )
+    if names and cgroups.problem:
         sys.stderr.write(f"probe: cgroups: {cgroups.problem}\n")
     become_subreaper()
-    out.emit(hello_record(settings, cgroups))
+    hello = hello_record(settings, cgroups) | {"uptime": oom.uptime()}
+    out.emit(hello)
     for name in names:
         out.emit(run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd))
     if cgroups.base_dir:
         system.remove_cgroup(cgroups.base_dir)
-    out.emit({"type": "done", "scenarios": len(names)})
+    env = oom.Env(
+        mem_total=hello["mem_total"] or 0,
+        page_size=settings.page_size,
+        shm_dir=args.shm_dir,
+        cgroup_root=args.cgroup_root,
+        timeout=args.oom_timeout,
+        out_fd=out.fd,
+    )
+    ran = oom.run_plan(plan, env, out.emit) if plan else 0
+    out.emit({"type": "done", "scenarios": len(names), "oom": ran})
     return 0
 
 

@@ -1,0 +1,483 @@
+"""OOM experiments: whom does the OOM killer kill when memory sits in memfd and tmpfs?
+
+Each repeat of an experiment forks its roles (``holder``, ``bystander``, ``hog``) into
+one process group, emits an ``oom`` ``start`` record naming their pids (drained to the
+wire before the OOM, so even a panic leaves it behind), lets the hog allocate until the
+kernel acts, watches who dies in which order, cleans up and checks that Shmem is back at
+its baseline before the next repeat. The harness itself runs with oom_score_adj -1000.
+Sizes are fractions of MemTotal (or of the cgroup limit), so they mean the same at any
+guest size. The kernel's own account (Killed process lines) is parsed on the host from
+the console; the record carries what only the guest can see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import oom_model
+import oom_scope
+from accounting import parse_flat_keyed, read_meminfo, read_text
+from oom_roles import OOM_SCORE_ADJ_MIN, RoleSpec, role_main
+from protocol import Channel, ProtocolError
+
+Record = dict[str, Any]
+Emit = Callable[[Record], None]
+
+# Sizes are fractions of MemAvailable at the start of each repeat (the guest's memory
+# minus the userland in rootfs and the harness), chosen so the roles keep their order at
+# any guest size: a mapped holder (half) > the hog (what is left, ~40 %) > the bystander.
+HOLDER_FRACTION = 0.50  # the holder's file, of MemAvailable (global) or of the limit
+BYSTANDER_FRACTION = 0.04  # of MemAvailable (global) or of the limit (memcg)
+# memory.max, of MemAvailable: a fraction of MemTotal would let the global limit hit
+# first in a small guest (the userland alone is ~36 MiB of rootfs Shmem).
+MEMCG_LIMIT_FRACTION = 0.50
+HOG_CAP_FACTOR = 2  # the hog stops (and says so) after 2x MemTotal: no OOM happened
+SETTLE_S = 0.15  # after the hog died: time for group kills / reaping to finish
+SHMEM_TOLERANCE = 4 << 20
+RESTORE_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One OOM experiment: how the holder keeps its memory, and where the OOM happens."""
+
+    name: str
+    holder: str  # memfd-write | memfd-mapped | tmpfile-shm | shm-named | fd-passed
+    scope: str = "global"  # global | v2 | v1
+    group: bool = False  # memory.oom.group=1
+    killable: bool = True  # False: every role runs at oom_score_adj -1000
+
+
+#: In run order. oom-memcg-v1 comes first (the v1 controller can only be taken before v2
+#: used it, see oom_scope) and oom-no-killable last (it ends the boot with a panic).
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment("oom-memcg-v1", "memfd-write", "v1"),
+        Experiment("oom-global-memfd-unmapped", "memfd-write"),
+        Experiment("oom-global-memfd-mapped", "memfd-mapped"),
+        Experiment("oom-global-tmpfile-shm", "tmpfile-shm"),
+        Experiment("oom-global-shm-named", "shm-named"),
+        Experiment("oom-global-fd-passed", "fd-passed"),
+        Experiment("oom-memcg-v2", "memfd-write", "v2"),
+        Experiment("oom-memcg-v2-group", "memfd-write", "v2", group=True),
+        Experiment("oom-no-killable", "memfd-write", killable=False),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Env:
+    """Probe-wide facts and settings for the experiments."""
+
+    mem_total: int
+    page_size: int
+    shm_dir: str
+    cgroup_root: str
+    timeout: float
+    out_fd: int
+
+
+def parse_plan(spec: str, repeats: int) -> list[tuple[str, int]]:
+    """``all`` or ``name[:first-last],...`` -> (experiment, repeat index) units in run order.
+
+    Unknown names raise ValueError naming the valid ones.
+    """
+    if spec.strip() == "all":
+        return [(name, r) for name in EXPERIMENTS for r in range(repeats)]
+    wanted: dict[str, list[int]] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, span = item.partition(":")
+        if name not in EXPERIMENTS:
+            raise ValueError(f"unknown OOM experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+        first, _, last = span.partition("-")
+        lo = int(first) if first else 0
+        hi = int(last) if last else (lo if first else repeats - 1)
+        wanted.setdefault(name, []).extend(range(lo, hi + 1))
+    return [(name, r) for name in EXPERIMENTS for r in sorted(set(wanted.get(name, [])))]
+
+
+# ---- one repeat ------------------------------------------------------------------------
+
+
+@dataclass
+class Role:
+    """A forked role as the harness sees it."""
+
+    name: str
+    pid: int
+    cmd_w: int
+    channel: Channel
+    ready: Record = field(default_factory=dict)
+    alive: bool = True
+
+
+def _sizes(exp: Experiment, env: Env) -> dict[str, int]:
+    """Bytes per role (and the cgroup limit), from MemAvailable right now."""
+    available = read_meminfo().get("meminfo_MemAvailable", env.mem_total // 2)
+    base = available if exp.scope == "global" else int(available * MEMCG_LIMIT_FRACTION)
+    sizes = {
+        "mem_available": available,
+        "holder": int(base * HOLDER_FRACTION),
+        "bystander": int(base * BYSTANDER_FRACTION),
+        "hog": HOG_CAP_FACTOR * env.mem_total,
+    }
+    if exp.scope != "global":
+        sizes["limit"] = base
+    return sizes
+
+
+def _make_scope(exp: Experiment, env: Env, limit: int | None) -> oom_scope.Scope:
+    if exp.scope == "v2":
+        assert limit is not None
+        return oom_scope.make_v2(env.cgroup_root, exp.name, limit, exp.group)
+    if exp.scope == "v1":
+        assert limit is not None
+        return oom_scope.make_v1(exp.name, limit)
+    return oom_scope.Scope()
+
+
+def _role_specs(
+    exp: Experiment, env: Env, scope: oom_scope.Scope, sizes: dict[str, int]
+) -> list[RoleSpec]:
+    """holder (+ fd-passed creator), bystander and hog, in fork order."""
+    adj = 0 if exp.killable else OOM_SCORE_ADJ_MIN
+    procs = scope.procs
+    holder_path = {
+        "tmpfile-shm": env.shm_dir,
+        "shm-named": os.path.join(env.shm_dir, f"kmx-{exp.name}-{os.getpid()}"),
+    }.get(exp.holder)
+    specs = []
+    if exp.holder == "fd-passed":
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        specs.append(RoleSpec("holder", "fd-receive", 0, adj, procs, sock=b))
+        specs.append(RoleSpec("creator", "fd-create", sizes["holder"], adj, procs, sock=a))
+    else:
+        specs.append(RoleSpec("holder", exp.holder, sizes["holder"], adj, procs, holder_path))
+    if exp.killable:
+        specs.append(RoleSpec("bystander", "anon", sizes["bystander"], adj, procs))
+    specs.append(RoleSpec("hog", "hog", sizes["hog"], adj, procs))
+    return specs
+
+
+def _fork(spec: RoleSpec, pgid: int, inherited: list[int]) -> Role:
+    cmd_r, cmd_w = os.pipe()
+    res_r, res_w = os.pipe()
+    spec.pgid = pgid
+    spec.close_fds = [cmd_w, res_r, *inherited]
+    pid = os.fork()
+    if pid == 0:
+        role_main(spec, cmd_r, res_w)
+    os.close(cmd_r)
+    os.close(res_w)
+    with contextlib.suppress(OSError):  # the child may have done it already
+        os.setpgid(pid, pgid or pid)
+    return Role(spec.role, pid, cmd_w, Channel(res_r))
+
+
+def _spawn_all(specs: list[RoleSpec], env: Env, deadline: float) -> list[Role]:
+    """Fork every role into one process group, then wait for each to be ready.
+
+    All roles are forked before any is awaited: fd-passed's holder is ready only once
+    the creator (forked after it) has sent the memfd.
+    """
+    roles: list[Role] = []
+    pgid = 0
+    for spec in specs:
+        inherited = [env.out_fd] + [fd for r in roles for fd in (r.cmd_w, r.channel.fd)]
+        inherited += [s.sock.fileno() for s in specs if s.sock is not None and s is not spec]
+        roles.append(_fork(spec, pgid, inherited))
+        pgid = pgid or roles[0].pid
+    for spec in specs:
+        if spec.sock is not None:
+            spec.sock.close()
+    for role in roles:
+        role.ready = role.channel.receive(deadline, f"{role.name} ready")
+        if not role.ready.get("ready"):
+            raise ProtocolError(str(role.ready.get("error") or f"{role.name} failed to start"))
+    return roles
+
+
+def _snapshot_all(roles: list[Role]) -> dict[str, dict[str, int]] | None:
+    snaps = {}
+    for role in roles:
+        if role.name == "creator":
+            continue
+        snap = oom_model.snapshot(role.pid)
+        if snap is None:
+            return None
+        snaps[role.name] = snap
+    return snaps
+
+
+def vmstat_oom_kill() -> int | None:
+    """The system-wide oom_kill counter of /proc/vmstat (4.13+)."""
+    try:
+        return parse_flat_keyed(read_text("/proc/vmstat")).get("oom_kill")
+    except OSError:
+        return None
+
+
+def uptime() -> float | None:
+    """Seconds since boot (/proc/uptime), to time the boot and each repeat."""
+    try:
+        return float(read_text("/proc/uptime").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def shmem() -> int:
+    """meminfo Shmem in bytes."""
+    return read_meminfo().get("meminfo_Shmem", 0)
+
+
+@dataclass
+class Watch:
+    """What the harness saw while the hog ran."""
+
+    deaths: list[Record] = field(default_factory=list)  # {"role", "t"} in the order seen
+    snapshot: dict[str, dict[str, int]] | None = None  # last complete one before a death
+    hog_bytes: int = 0
+    outcome: str = "timeout"  # hog-died | hog-done (no OOM) | timeout
+
+
+def _on_message(message: Record, roles: list[Role], watch: Watch) -> bool:
+    """Handle one hog message; True when the hog gave up without an OOM."""
+    if "progress" in message:
+        watch.hog_bytes = int(message["progress"])
+        if not watch.deaths:
+            watch.snapshot = _snapshot_all(roles) or watch.snapshot
+    return "hog_done" in message
+
+
+def _read_lines(role: Role) -> list[Record] | None:
+    """Messages now readable from a role; None at EOF (the process has exited)."""
+    data = os.read(role.channel.fd, 65536)
+    if not data:
+        return None
+    role.channel.buffer += data
+    *lines, role.channel.buffer = role.channel.buffer.split(b"\n")
+    return [json.loads(line) for line in lines if line]
+
+
+def watch(roles: list[Role], start: float, deadline: float) -> Watch:
+    """Follow the hog's progress (snapshotting /proc per chunk) and every role's death."""
+    result = Watch()
+    live = {r.channel.fd: r for r in roles if r.name != "creator"}
+    stop_at = deadline
+    while live:
+        now = time.monotonic()
+        if now >= stop_at:
+            break
+        for fd in select.select(list(live), [], [], stop_at - now)[0]:
+            role = live[fd]
+            messages = _read_lines(role)
+            if messages is None:
+                role.alive = False
+                del live[fd]
+                result.deaths.append({"role": role.name, "t": round(time.monotonic() - start, 3)})
+                if role.name == "hog":
+                    result.outcome = "hog-died"
+                    stop_at = time.monotonic() + SETTLE_S
+            elif any(_on_message(m, roles, result) for m in messages):
+                result.outcome = "hog-done"
+                stop_at = time.monotonic()
+    return result
+
+
+def _exit_signals(roles: list[Role]) -> dict[str, str]:
+    """How each exited role ended (SIGKILL = the OOM killer), reaping it."""
+    ends = {}
+    for role in roles:
+        try:
+            pid, status = os.waitpid(role.pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if pid == 0:
+            continue
+        role.alive = False
+        if os.WIFSIGNALED(status):
+            ends[role.name] = signal.Signals(os.WTERMSIG(status)).name
+        else:
+            ends[role.name] = f"exit {os.WEXITSTATUS(status)}"
+    return ends
+
+
+def _kill_all(roles: list[Role]) -> None:
+    """SIGKILL the repeat's process group and every role, and reap them."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(roles[0].pid, signal.SIGKILL)
+    for role in roles:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(role.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(role.pid, 0)
+        for fd in (role.cmd_w, role.channel.fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def wait_shmem(baseline: int, timeout: float = RESTORE_TIMEOUT) -> int:
+    """Poll meminfo Shmem until it is back within tolerance of ``baseline``; the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = shmem()
+        if value <= baseline + SHMEM_TOLERANCE or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+# ---- the repeat as a whole -------------------------------------------------------------
+
+
+def _keep_reference(exp: Experiment, holder: Role) -> int | None:
+    """memcg experiments: the harness opens the holder's memfd too (/proc/PID/fd/N), so
+    the file outlives every process in the cgroup and we can see whether its charge
+    stays with the cgroup."""
+    fd = holder.ready.get("fd")
+    if exp.scope == "global" or not isinstance(fd, int):
+        return None
+    return os.open(f"/proc/{holder.pid}/fd/{fd}", os.O_RDONLY)
+
+
+def _predict(
+    rec: Record, snaps: dict[str, dict[str, int]] | None, scope: oom_scope.Scope, env: Env
+) -> None:
+    """The badness model's victim from the last /proc snapshot before the first death."""
+    rec["pre_oom"] = snaps
+    if not snaps:
+        return
+    total = (scope.limit or env.mem_total) // env.page_size
+    victim, points = oom_model.predict(snaps, total, env.page_size)
+    rec.update(predicted_victim=victim, model_points=points)
+    rec["predicted_by_oom_score"] = oom_model.by_oom_score(snaps)
+
+
+def _armed(rec: Record, roles: list[Role], scope: oom_scope.Scope, emit: Emit, env: Env) -> None:
+    """Record the set-up and tell the host the pids before anything can go wrong."""
+    rec["pids"] = {r.name: r.pid for r in roles}
+    rec["shmem"]["armed"] = shmem()
+    rec["cgroup"]["current_armed"] = scope.current()
+    emit(
+        {
+            "type": "oom",
+            "event": "start",
+            "name": rec["name"],
+            "repeat": rec["repeat"],
+            "pids": rec["pids"],
+            "mem_total": env.mem_total,
+            "uptime": uptime(),
+        }
+    )
+    # The next thing may be a panic: make sure the start record has left the guest.
+    with contextlib.suppress(OSError):
+        import termios
+
+        termios.tcdrain(env.out_fd)
+
+
+def _outcome(rec: Record, seen: Watch, roles: list[Role], scope: oom_scope.Scope) -> None:
+    rec.update(outcome=seen.outcome, hog_bytes=seen.hog_bytes, died=seen.deaths)
+    rec["exit"] = _exit_signals(roles)
+    rec["probe_victims"] = [
+        d["role"] for d in seen.deaths if rec["exit"].get(d["role"]) == "SIGKILL"
+    ]
+    rec["shmem"]["after_oom"] = shmem()
+    rec["cgroup"]["current_after_oom"] = scope.current()
+    rec["cgroup"]["events"] = scope.events()
+    if seen.outcome == "timeout":
+        rec["status"] = "timeout"
+        rec["error"] = "the hog was still alive at the per-experiment timeout"
+
+
+def _finish(
+    rec: Record,
+    roles: list[Role],
+    scope: oom_scope.Scope,
+    ref: int | None,
+    exp: Experiment,
+    env: Env,
+) -> None:
+    """Kill what is left, measure the charge that outlived the processes, clean up."""
+    _kill_all(roles)
+    cg = rec["cgroup"]
+    if scope.path:
+        cg["current_after_exit"] = scope.current()
+        holder = rec.get("sizes", {}).get("holder", 0)
+        if ref is not None and cg["current_after_exit"] is not None:
+            cg["charge_stayed"] = cg["current_after_exit"] >= holder // 2
+    if ref is not None:
+        os.close(ref)
+    if exp.holder == "shm-named":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(env.shm_dir, f"kmx-{exp.name}-{os.getpid()}"))
+    problem = oom_scope.release(scope)
+    if problem:
+        cg["cleanup_error"] = problem
+    sh = rec["shmem"]
+    sh["after_cleanup"] = wait_shmem(sh["baseline"])
+    sh["restored"] = sh["after_cleanup"] <= sh["baseline"] + SHMEM_TOLERANCE
+    if sh.get("after_oom") is not None and sh.get("armed") is not None:
+        sh["freed_by_oom"] = sh["armed"] - sh["after_oom"] >= rec["sizes"]["holder"] // 2
+
+
+def _new_record(exp: Experiment, repeat: int, env: Env) -> Record:
+    return {
+        "type": "oom", "event": "result", "name": exp.name, "repeat": repeat,
+        "status": "ok", "error": None, "scope": exp.scope, "group": exp.group,
+        "mem_total": env.mem_total, "sizes": _sizes(exp, env),
+        "shmem": {"baseline": shmem()}, "cgroup": {}, "vmstat_oom_kill": None,
+    }  # fmt: skip
+
+
+def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
+    """One repeat of one experiment, end to end; never raises."""
+    start = time.monotonic()
+    rec = _new_record(exp, repeat, env)
+    oom_before = vmstat_oom_kill()
+    try:
+        scope = _make_scope(exp, env, rec["sizes"].get("limit"))
+    except oom_scope.Unavailable as exc:
+        rec.update(status="not available", error=str(exc))
+        return rec
+    rec["cgroup"].update(version=scope.version, path=scope.path, limit=scope.limit)
+    roles: list[Role] = []
+    ref = None
+    try:
+        deadline = start + env.timeout
+        roles = _spawn_all(_role_specs(exp, env, scope, rec["sizes"]), env, deadline)
+        rec["t_ready"] = round(time.monotonic() - start, 3)
+        ref = _keep_reference(exp, roles[0])
+        _armed(rec, roles, scope, emit, env)
+        os.write(roles[-1].cmd_w, b"g")
+        seen = watch(roles, start, deadline)
+        _predict(rec, seen.snapshot, scope, env)
+        _outcome(rec, seen, roles, scope)
+    except (ProtocolError, OSError, ValueError) as exc:
+        rec.update(status="error", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        rec["t_watched"] = round(time.monotonic() - start, 3)
+        _finish(rec, roles, scope, ref, exp, env)
+    after = vmstat_oom_kill()
+    if oom_before is not None and after is not None:
+        rec["vmstat_oom_kill"] = after - oom_before
+    rec["duration_s"] = round(time.monotonic() - start, 3)
+    return rec
+
+
+def run_plan(plan: list[tuple[str, int]], env: Env, emit: Emit) -> int:
+    """Run the (experiment, repeat) units in order, emitting a record per repeat."""
+    with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
+        f.write(str(OOM_SCORE_ADJ_MIN))  # the harness survives every OOM
+    for name, repeat in plan:
+        emit(run_repeat(EXPERIMENTS[name], repeat, env, emit))
+    return len(plan)

@@ -1,0 +1,148 @@
+"""The processes of an OOM experiment: holder, bystander, hog (and fd-passed's creator).
+
+Every role is a forked child of the harness. It names itself ``kmx-<role>`` (so the
+kernel's own OOM report says who is who), sets its oom_score_adj, joins the experiment's
+cgroup, does its set-up, reports ``ready`` over a pipe and then holds its memory until the
+harness closes the command pipe (or the OOM killer ends it). Only the hog acts on ``go``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from protocol import send
+
+MIB = 1 << 20
+#: write() buffer for filling files: big enough that a 100 MiB fill is ~50 system calls.
+WRITE_CHUNK = 2 * MIB
+#: The hog maps and populates this much per mmap() call: one system call per chunk, no
+#: per-page Python loop, and the harness gets a progress line (and a /proc snapshot) per
+#: chunk, so the snapshot "just before the OOM" is at most one chunk old.
+HOG_CHUNK = 4 * MIB
+
+#: Killable roles get the neutral adjustment; the harness runs at -1000 and children
+#: inherit it (lowering it back needs CAP_SYS_RESOURCE, which the guest's root has).
+OOM_SCORE_ADJ_NEUTRAL = 0
+OOM_SCORE_ADJ_MIN = -1000
+
+
+@dataclass
+class RoleSpec:
+    """What one role process does; built by the harness before forking."""
+
+    role: str
+    # memfd-write | memfd-mapped | tmpfile-shm | shm-named | fd-receive | fd-create | anon | hog
+    action: str
+    size: int  # bytes to hold (hog: the most it will try to allocate)
+    oom_score_adj: int = OOM_SCORE_ADJ_NEUTRAL
+    cgroup_procs: str | None = None  # cgroup.procs file to join
+    path: str | None = None  # shm dir (tmpfile-shm) or file path (shm-named)
+    sock: socket.socket | None = None  # fd-passed: the socketpair end of this role
+    close_fds: list[int] = field(default_factory=list)
+    pgid: int = 0  # process group of the repeat (0: this role starts it)
+
+
+def _write_proc(path: str, text: str) -> None:
+    with open(path, "w", encoding="ascii") as f:
+        f.write(text)
+
+
+def fill(fd: int, total: int) -> int:
+    """write() ``total`` bytes to ``fd`` from one preallocated buffer; returns bytes written."""
+    view = memoryview(b"\xa5" * min(WRITE_CHUNK, max(total, 1)))
+    written = 0
+    while written < total:
+        written += os.write(fd, view[: min(len(view), total - written)])
+    return written
+
+
+def _hold_file(spec: RoleSpec, keep: list[object]) -> dict[str, object]:
+    """Create the holder's file, fill it with write(), and (memfd-mapped) map it."""
+    if spec.action in ("memfd-write", "memfd-mapped", "fd-create"):
+        fd = os.memfd_create(f"kmx-{spec.role}")
+    elif spec.action == "tmpfile-shm":
+        assert spec.path
+        fd = os.open(spec.path, os.O_TMPFILE | os.O_RDWR, 0o600)
+    else:  # shm-named
+        assert spec.path
+        fd = os.open(spec.path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
+    written = fill(fd, spec.size)
+    if spec.action == "memfd-mapped":
+        # The pages exist after write(); MAP_POPULATE maps them all in one call, so they
+        # count in RssShmem (MM_SHMEMPAGES) and therefore in oom_badness().
+        m = mmap.mmap(fd, spec.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        keep.append(m)
+    if spec.action == "fd-create":
+        assert spec.sock is not None
+        socket.send_fds(spec.sock, [b"m"], [fd])
+        os.close(fd)
+        return {"bytes_written": written, "passed": True}
+    return {"bytes_written": written, "fd": fd}
+
+
+def _receive_fd(spec: RoleSpec) -> dict[str, object]:
+    """fd-passed holder: receive the memfd over SCM_RIGHTS and keep it (never mapped)."""
+    assert spec.sock is not None
+    _, fds, _, _ = socket.recv_fds(spec.sock, 16, 1)
+    if not fds:
+        raise RuntimeError("no fd arrived over SCM_RIGHTS")
+    return {"fd": fds[0], "received_size": os.fstat(fds[0]).st_size}
+
+
+def _anon(size: int, keep: list[object]) -> None:
+    """A private anonymous mapping with every page faulted in by the kernel (MAP_POPULATE)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+    keep.append(mmap.mmap(-1, size, flags=flags))
+
+
+def _hog(spec: RoleSpec, res_w: int, keep: list[object]) -> None:
+    """Allocate private anonymous memory chunk by chunk until killed (or spec.size reached)."""
+    total = 0
+    while total < spec.size:
+        _anon(HOG_CHUNK, keep)
+        total += HOG_CHUNK
+        send(res_w, {"progress": total})
+    send(res_w, {"hog_done": total})
+
+
+def _setup(spec: RoleSpec) -> None:
+    """Join the repeat's process group, name the process, set oom_score_adj, join the cgroup."""
+    os.setpgid(0, spec.pgid)
+    _write_proc("/proc/self/comm", f"kmx-{spec.role}")
+    _write_proc("/proc/self/oom_score_adj", str(spec.oom_score_adj))
+    if spec.cgroup_procs:
+        _write_proc(spec.cgroup_procs, str(os.getpid()))
+
+
+def role_main(spec: RoleSpec, cmd_r: int, res_w: int) -> NoReturn:
+    """Body of a role process; never returns."""
+    keep: list[object] = []
+    status = 1
+    try:
+        for fd in spec.close_fds:
+            os.close(fd)
+        _setup(spec)
+        info: dict[str, object] = {"ready": True, "pid": os.getpid()}
+        if spec.action == "anon":
+            _anon(spec.size, keep)
+        elif spec.action == "fd-receive":
+            info.update(_receive_fd(spec))
+        elif spec.action != "hog":
+            info.update(_hold_file(spec, keep))
+        send(res_w, info)
+        if spec.action == "fd-create":
+            os._exit(0)  # the creator leaves: only the receiver keeps the memfd
+        if spec.action == "hog" and os.read(cmd_r, 1) == b"g":
+            _hog(spec, res_w, keep)
+        os.read(cmd_r, 1)  # hold everything until the harness closes the pipe
+        status = 0
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            send(res_w, {"ready": False, "error": f"{spec.role}: {exc!r}"})
+    finally:
+        os._exit(status)

@@ -1,0 +1,149 @@
+"""The OOM boots of a QEMU cell: run every (experiment, repeat) unit in as few boots as can be.
+
+One boot runs the units in the probe's order (oom-memcg-v1 first, oom-no-killable last).
+A boot that ends early — the expected panic of oom-no-killable, or an unexpected panic
+or hang — costs only the unit that was running (the probe announced it with a ``start``
+record): that unit is recorded from the console and the next boot runs what is left.
+The OOM boots use their own guest memory (``oom.memory``), never the accounting boot's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmatrix.backends.qemu import QemuRun, QemuSpec, build_argv, run_qemu
+from kmatrix.config import Matrix
+from kmatrix.console import analyze_console
+from kmatrix.errors import UserError
+from kmatrix.guest import Userland, cell_archive, write_initrd
+from kmatrix.kernels import PreparedKernel
+from kmatrix.oomresults import EXPERIMENTS, BootOutput, Unit, assemble
+from kmatrix.results import JSON, parse_probe_output
+
+MIB = 1024 * 1024
+#: /dev/shm size= in the OOM boots, as a fraction of guest memory: large enough for the
+#: tmpfile-shm and shm-named holders (40 % of MemTotal), so ENOSPC never ends them early.
+SHM_FRACTION = 0.9
+#: Boot, userland unpack and probe start-up under TCG, on top of the per-repeat timeouts.
+BOOT_ALLOWANCE_S = 90
+#: Extra seconds per unit beyond the in-guest timeout (cleanup, Shmem check).
+UNIT_SLACK_S = 10
+#: "quiet" keeps the boot off the slow serial console; init raises the loglevel again.
+OOM_APPEND = "quiet"
+
+
+@dataclass
+class OomRun:
+    """Everything the OOM boots of one cell produced."""
+
+    experiments: list[JSON]
+    boots: list[JSON] = field(default_factory=list)
+    consoles: list[str] = field(default_factory=list)
+
+
+def plan_units(matrix: Matrix) -> list[Unit]:
+    """Every (experiment, repeat) unit the matrix asks for, in canonical order."""
+    cfg = matrix.oom
+    names = list(EXPERIMENTS) if cfg.experiments == "all" else list(cfg.experiments)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise UserError(
+            f"matrix.yaml: oom.experiments: unknown {', '.join(unknown)}; "
+            f"valid: all, or any of {', '.join(EXPERIMENTS)}"
+        )
+    return [Unit(n, r) for n in EXPERIMENTS if n in names for r in range(cfg.repeats)]
+
+
+def plan_arg(units: list[Unit]) -> str:
+    """The probe's ``--oom`` argument: ``name:first-last`` per run of consecutive repeats."""
+    parts: list[str] = []
+    for name in dict.fromkeys(u.name for u in units):
+        reps = sorted(u.repeat for u in units if u.name == name)
+        start = prev = reps[0]
+        for r in [*reps[1:], None]:
+            if r is not None and r == prev + 1:
+                prev = r
+                continue
+            parts.append(f"{name}:{start}-{prev}")
+            if r is not None:
+                start = prev = r
+    return ",".join(parts)
+
+
+def _boot_timeout(matrix: Matrix, units: list[Unit]) -> float:
+    return BOOT_ALLOWANCE_S + len(units) * (matrix.oom.timeout + UNIT_SLACK_S)
+
+
+def _boot(
+    kernel: PreparedKernel, userland: Userland, matrix: Matrix, workdir: Path, accel: str,
+    units: list[Unit], index: int,
+) -> BootOutput:  # fmt: skip
+    """One OOM boot running ``units``; returns what came back (never raises on a panic)."""
+    cfg = matrix.oom
+    args = {
+        "KMX_MODE": "oom",
+        "KMX_OOM": plan_arg(units),
+        "KMX_OOM_REPEATS": str(cfg.repeats),
+        "KMX_OOM_TIMEOUT": str(cfg.timeout),
+        "KMX_SHM_SIZE": str(int(cfg.memory * SHM_FRACTION)),
+        "KMX_SIZE_MIB": "0",
+        "KMX_SCENARIOS": "",
+    }
+    initrd = workdir / f"oom-{index}.initrd"
+    write_initrd(userland, cell_archive(args, []), initrd)
+    spec = QemuSpec(
+        vmlinuz=kernel.vmlinuz,
+        initrd=initrd,
+        console_log=workdir / f"oom-{index}.console.log",
+        result_log=workdir / f"oom-{index}.results.log",
+        memory_bytes=cfg.memory,
+        accel=accel,
+        append=f"{OOM_APPEND} {getattr(kernel, 'cmdline', '')}".strip(),
+    )
+    run = run_qemu(build_argv(spec), timeout=_boot_timeout(matrix, units))
+    initrd.unlink(missing_ok=True)
+    console = _read(spec.console_log)
+    probe = parse_probe_output(_read(spec.result_log).splitlines())
+    return BootOutput(index, units, probe, console, _boot_end(run, console))
+
+
+def _boot_end(run: QemuRun, console: str) -> JSON:
+    summary = analyze_console(console)
+    return {
+        "duration_s": run.duration_s,
+        "timed_out": run.timed_out,
+        "returncode": run.returncode,
+        "panic": summary.panic,
+        "console_tail": summary.tail[-25:],
+    }
+
+
+def run_oom_boots(
+    kernel: PreparedKernel, userland: Userland, matrix: Matrix, workdir: Path, accel: str
+) -> OomRun:
+    """Run every OOM unit of the matrix on ``kernel``; one boot, plus one per early end."""
+    units = plan_units(matrix)
+    if not units:
+        return OomRun([])
+    workdir.mkdir(parents=True, exist_ok=True)
+    boots: list[BootOutput] = []
+    remaining = units
+    while remaining:
+        boot = _boot(kernel, userland, matrix, workdir, accel, remaining, len(boots) + 1)
+        boots.append(boot)
+        covered = boot.covered()
+        if not covered:
+            break  # no unit even started: another boot would fail the same way
+        remaining = [u for u in remaining if u not in covered]
+    result = OomRun(assemble(units, boots))
+    for boot in boots:
+        result.boots.append(boot.summary())
+        result.consoles.append(boot.console)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -1,0 +1,248 @@
+"""Parse the kernel's own account of OOM kills from a console log. Pure: text in, data out.
+
+What mm/oom_kill.c prints, per OOM invocation (format strings quoted from the source):
+
+* ``dump_header()``: ``"%s invoked oom-killer: gfp_mask=%#x(%pGg), order=%d,
+  oom_score_adj=%hd"``, then the stack dump whose first line names the task
+  (``CPU: 0 PID: 123 Comm: kmx-hog ...``; 6.11+ adds ``UID: 0`` before ``PID``), memory
+  info, and (vm.oom_dump_tasks=1, the default) the task dump: ``Tasks state (memory
+  values in pages):``, a header line and one ``[  pid]`` row per task. 6.8 added the
+  columns ``rss_anon rss_file rss_shmem`` after ``rss``; rows are parsed by the header.
+* ``dump_oom_summary()``: ``oom-kill:constraint=CONSTRAINT_...,nodemask=...,...,task=C,pid=N,
+  uid=U`` (one line).
+* ``__oom_kill_process()``: ``"%s: Killed process %d (%s) total-vm:%lukB, anon-rss:%lukB,
+  file-rss:%lukB, shmem-rss:%lukB, UID:%u pgtables:%lukB oom_score_adj:%hd"`` where %s is
+  ``Out of memory`` or ``Memory cgroup out of memory``; memory.oom.group kills print one
+  such line per task after ``Tasks in /cg are going to be killed due to memory.oom.group set``.
+* ``out_of_memory()`` with nothing killable: ``Out of memory and no killable processes...``
+  and, for a global OOM, ``panic("System is deadlocked on memory")``.
+
+``dump_header()`` is rate limited (10 per 5 s): a Killed line may come without a header;
+it then starts an event of its own with ``header=False``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KIB = 1024
+
+_TS = re.compile(r"^\[\s*\d+\.\d+\]\s?")
+_INVOKED = re.compile(
+    r"(?P<comm>.+?) invoked oom-killer: gfp_mask=(?P<gfp>0x[0-9a-f]+)\((?P<flags>[^)]*)\), "
+    r"order=(?P<order>-?\d+), oom_score_adj=(?P<adj>-?\d+)"
+)
+_CPU = re.compile(r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>\S+)")
+_KILLED = re.compile(
+    r"(?P<msg>Out of memory|Memory cgroup out of memory): Killed process (?P<pid>\d+) "
+    r"\((?P<comm>.*?)\) total-vm:(?P<total_vm>\d+)kB, anon-rss:(?P<anon_rss>\d+)kB, "
+    r"file-rss:(?P<file_rss>\d+)kB, shmem-rss:(?P<shmem_rss>\d+)kB, UID:(?P<uid>\d+) "
+    r"pgtables:(?P<pgtables>\d+)kB oom_score_adj:(?P<adj>-?\d+)"
+)
+_REAPED = re.compile(
+    r"oom_reaper: reaped process (?P<pid>\d+) \((?P<comm>.*?)\), now anon-rss:(?P<anon>\d+)kB, "
+    r"file-rss:(?P<file>\d+)kB, shmem-rss:(?P<shmem>\d+)kB"
+)
+_GROUP = re.compile(r"Tasks in (?P<cg>\S+) are going to be killed due to memory\.oom\.group set")
+_PANIC = re.compile(r"Kernel panic - not syncing: ?(?P<msg>.*)")
+_ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
+NO_KILLABLE = "Out of memory and no killable processes"
+TASKS_STATE = "Tasks state (memory values in pages):"
+
+
+@dataclass
+class Kill:
+    """One ``Killed process`` line; sizes in bytes."""
+
+    pid: int
+    comm: str
+    memcg: bool  # "Memory cgroup out of memory" rather than "Out of memory"
+    total_vm: int
+    anon_rss: int
+    file_rss: int
+    shmem_rss: int
+    uid: int
+    pgtables: int
+    oom_score_adj: int
+    reaped: bool = False
+
+
+@dataclass
+class OomEvent:
+    """One OOM invocation as the kernel reported it."""
+
+    header: bool = True  # False: the Killed line came without dump_header (rate limited)
+    trigger_comm: str | None = None
+    trigger_pid: int | None = None
+    gfp_mask: str | None = None
+    order: int | None = None
+    constraint: dict[str, str] = field(default_factory=dict)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    task_columns: list[str] = field(default_factory=list)
+    group_memcg: str | None = None
+    no_killable: bool = False
+    kills: list[Kill] = field(default_factory=list)
+
+    def pids(self) -> set[int]:
+        """Every pid this event names: trigger, constraint task and victims."""
+        found = {k.pid for k in self.kills}
+        if self.trigger_pid is not None:
+            found.add(self.trigger_pid)
+        if self.constraint.get("pid", "").isdigit():
+            found.add(int(self.constraint["pid"]))
+        return found
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class OomLog:
+    """Every OOM event of one boot's console, in order, and the panic message if any."""
+
+    events: list[OomEvent] = field(default_factory=list)
+    panic: str | None = None
+    panic_line: int | None = None
+
+
+def strip_prefix(line: str) -> str:
+    """A console line without its ``[   12.345678]`` timestamp and trailing CR."""
+    return _TS.sub("", line.rstrip("\r\n").replace("\r", ""), count=1)
+
+
+def parse_constraint(text: str) -> dict[str, str]:
+    """``oom-kill:constraint=X,nodemask=(null),...`` -> {"constraint": "X", ...}.
+
+    Values never contain commas except nodemask/mems_allowed ranges like ``0-1,3``, which
+    are rejoined onto the previous key.
+    """
+    body = text.split("oom-kill:", 1)[1]
+    out: dict[str, str] = {}
+    last = None
+    for part in body.split(","):
+        key, sep, value = part.partition("=")
+        if sep and re.fullmatch(r"[a-z_]+", key):
+            out[key] = value
+            last = key
+        elif last is not None:
+            out[last] += "," + part
+    return out
+
+
+def parse_task_row(columns: list[str], line: str) -> dict[str, Any] | None:
+    """One task-dump row by the header's columns; None if it does not fit them."""
+    m = _ROW.match(line)
+    if not m:
+        return None
+    values = m.group("rest").split(None, len(columns) - 1)
+    if len(values) != len(columns):
+        return None
+    row: dict[str, Any] = {"pid": int(m.group("pid"))}
+    for name, value in zip(columns, values, strict=True):
+        row[name] = value if name == "name" else _int(value)
+    return row
+
+
+def _int(value: str) -> int | str:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _kill(m: re.Match[str]) -> Kill:
+    def kb(name: str) -> int:
+        return int(m.group(name)) * KIB
+
+    return Kill(
+        pid=int(m.group("pid")),
+        comm=m.group("comm"),
+        memcg=m.group("msg").startswith("Memory cgroup"),
+        total_vm=kb("total_vm"),
+        anon_rss=kb("anon_rss"),
+        file_rss=kb("file_rss"),
+        shmem_rss=kb("shmem_rss"),
+        uid=int(m.group("uid")),
+        pgtables=kb("pgtables"),
+        oom_score_adj=int(m.group("adj")),
+    )
+
+
+class _Parser:
+    """Line-by-line state machine behind :func:`parse_oom_log`."""
+
+    def __init__(self) -> None:
+        self.log = OomLog()
+        self.event: OomEvent | None = None
+        self.columns: list[str] | None = None  # set while inside a task dump
+
+    def _current(self) -> OomEvent:
+        if self.event is None:
+            self.event = OomEvent(header=False)
+            self.log.events.append(self.event)
+        return self.event
+
+    def feed(self, lineno: int, line: str) -> None:
+        if self.columns is not None and self._task_line(line):
+            return
+        if m := _INVOKED.search(line):
+            self.event = OomEvent(
+                trigger_comm=m.group("comm").split()[-1],
+                gfp_mask=m.group("gfp"),
+                order=int(m.group("order")),
+            )
+            self.log.events.append(self.event)
+        elif (m := _CPU.match(line)) and self.event is not None and self.event.trigger_pid is None:
+            self.event.trigger_pid = int(m.group("pid"))
+        elif TASKS_STATE in line:
+            self.columns = []
+        elif "oom-kill:constraint=" in line:
+            self._current().constraint = parse_constraint(line)
+        elif m := _KILLED.search(line):
+            event = self._current()
+            if event.kills and not event.group_memcg:
+                # A second Killed line without a new header: a rate-limited next OOM.
+                event = self.event = OomEvent(header=False)
+                self.log.events.append(event)
+            event.kills.append(_kill(m))
+        else:
+            self._other(lineno, line)
+
+    def _other(self, lineno: int, line: str) -> None:
+        if m := _GROUP.search(line):
+            self._current().group_memcg = m.group("cg")
+        elif NO_KILLABLE in line:
+            self._current().no_killable = True
+        elif m := _REAPED.search(line):
+            for event in self.log.events:
+                for kill in event.kills:
+                    if kill.pid == int(m.group("pid")):
+                        kill.reaped = True
+        elif (m := _PANIC.search(line)) and self.log.panic is None:
+            self.log.panic = m.group("msg").strip() or "kernel panic"
+            self.log.panic_line = lineno
+
+    def _task_line(self, line: str) -> bool:
+        """Consume a task-dump header or row; False ends the dump."""
+        assert self.columns is not None
+        if not self.columns and line.startswith("[  pid  ]"):
+            self.columns = line.split("]", 1)[1].split()
+            self._current().task_columns = self.columns
+            return True
+        row = parse_task_row(self.columns, line) if self.columns else None
+        if row is None:
+            self.columns = None
+            return False
+        self._current().tasks.append(row)
+        return True
+
+
+def parse_oom_log(text: str) -> OomLog:
+    """Every OOM event in a console log (one boot), oldest first; never raises."""
+    parser = _Parser()
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        parser.feed(lineno, strip_prefix(raw))
+    return parser.log
