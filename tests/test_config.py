@@ -81,3 +81,16 @@ def test_parse_size(value: object, expected: int) -> None:
 def test_parse_size_rejects(value: object) -> None:
     with pytest.raises(ValueError):
         parse_size(value)
+
+
+BAD = sorted((Path(__file__).parent / "fixtures" / "bad-matrix").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_bad_matrix_files_give_their_one_line_message(path: Path) -> None:
+    text = path.read_text()
+    expected = text.splitlines()[0].removeprefix("# expect: ")
+    with pytest.raises(UserError) as exc:
+        parse_matrix(text, "bad.yaml")
+    assert str(exc.value) == expected
+    assert "\n" not in str(exc.value)

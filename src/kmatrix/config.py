@@ -26,6 +26,9 @@ from kmatrix.expectations import ExpectationSyntaxError, parse_expectation
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
+# Guest RAM the kernel and the in-RAM userland take before the probe allocates anything.
+GUEST_OVERHEAD = 96 * 1024 * 1024
+MIN_GUEST_MEMORY = 192 * 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 MIB = 1024 * 1024
@@ -122,6 +125,9 @@ class KernelConfig(_Strict):
         if self.backend == "docker":
             if self.suite or self.package or self.path:
                 raise ValueError("a docker cell runs the host kernel: drop suite/package/path")
+            if self.memory is None:
+                # Without a limit a container's experiments could push the host itself into OOM.
+                raise ValueError("memory: a docker cell needs a memory limit, e.g. memory: 512M")
             return self
         if self.path is not None:
             if self.suite or self.package or self.version:
@@ -168,7 +174,40 @@ class Matrix(_Strict):
             seen.add(k.name)
         if not self.kernels:
             raise ValueError("kernels: the list is empty; add at least one kernel")
+        for i, k in enumerate(self.kernels):
+            if k.backend == "qemu":
+                self._check_guest_fits(f"kernels[{i}] ({k.name})", k)
         return self
+
+    def _check_guest_fits(self, where: str, k: KernelConfig) -> None:
+        """Refuse sizes the guest cannot hold: the probe would measure the OOM, not the question."""
+        memory = k.memory or self.guest.memory
+        shm = k.shm_size or self.guest.shm_size
+        # The userland sits in RAM (rootfs) and the kernel needs its own share.
+        usable = memory - GUEST_OVERHEAD
+        mib = MIB
+        if memory < MIN_GUEST_MEMORY:
+            raise ValueError(
+                f"{where}: guest memory {memory // mib}M is too small; use at least "
+                f"{MIN_GUEST_MEMORY // mib}M"
+            )
+        if self.probe.size > usable // 2:
+            raise ValueError(
+                f"{where}: probe.size {self.probe.size // mib}M does not fit a "
+                f"{memory // mib}M guest (at most {usable // 2 // mib}M); lower probe.size "
+                "or raise memory"
+            )
+        # memfd-over-shm-limit writes /dev/shm's size + 32 MiB into memory.
+        if shm + 32 * mib > usable:
+            raise ValueError(
+                f"{where}: shm_size {shm // mib}M + 32M does not fit a {memory // mib}M guest "
+                f"(at most {(usable - 32 * mib) // mib}M); lower shm_size or raise memory"
+            )
+        if self.guest.disk_size < self.probe.size + 32 * mib:
+            raise ValueError(
+                f"guest.disk_size {self.guest.disk_size // mib}M must exceed probe.size by 32M "
+                "(the disk-backed O_TMPFILE scenarios write probe.size to it)"
+            )
 
     def select(self, names: list[str] | None) -> list[KernelConfig]:
         """The kernels to run: all of them, or those named (unknown names are an error)."""

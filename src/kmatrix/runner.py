@@ -70,7 +70,10 @@ def _resolve_all(
     resolved: dict[str, KernelPackages] = {}
     for k in kernels:
         if k.backend == "qemu" and k.path is None:
-            pkgs = resolve_debian(archive, k)
+            try:
+                pkgs = resolve_debian(archive, k)
+            except UserError as exc:
+                raise UserError(f"matrix.yaml kernel {k.name!r}: {exc}") from None
             progress.log(f"{k.name}: {k.source} -> {pkgs.primary.name} {pkgs.primary.version}")
             resolved[k.name] = pkgs
     return resolved
