@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import errno
 import json
-import zlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
