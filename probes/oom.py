@@ -474,10 +474,38 @@ def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
     return rec
 
 
+def protect_harness() -> str | None:
+    """oom_score_adj -1000 for the harness (and, inherited, the roles until they reset it).
+
+    Lowering the adjustment needs CAP_SYS_RESOURCE: a container may refuse. Returns why
+    the harness is unprotected, or None.
+    """
+    try:
+        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
+            f.write(str(OOM_SCORE_ADJ_MIN))
+    except OSError as exc:
+        return f"the harness cannot set its oom_score_adj to -1000 ({exc})"
+    return None
+
+
 def run_plan(plan: list[tuple[str, int]], env: Env, emit: Emit) -> int:
-    """Run the (experiment, repeat) units in order, emitting a record per repeat."""
-    with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
-        f.write(str(OOM_SCORE_ADJ_MIN))  # the harness survives every OOM
+    """Run the (experiment, repeat) units in order, emitting a record per repeat.
+
+    A global OOM could kill an unprotected harness: those experiments are then "not
+    available". memcg OOMs only kill inside the cgroup, which the harness is not in.
+    Nothing raised by one repeat stops the others.
+    """
+    unprotected = protect_harness()
     for name, repeat in plan:
-        emit(run_repeat(EXPERIMENTS[name], repeat, env, emit))
+        exp = EXPERIMENTS[name]
+        if unprotected and exp.scope == "global":
+            rec = _new_record(exp, repeat, env)
+            rec.update(status="not available", error=unprotected)
+        else:
+            try:
+                rec = run_repeat(exp, repeat, env, emit)
+            except Exception as exc:
+                rec = {"type": "oom", "event": "result", "name": name, "repeat": repeat}
+                rec.update(status="error", error=f"probe error: {exc!r}")
+        emit(rec)
     return len(plan)

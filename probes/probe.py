@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.oom_timeout,
         out_fd=out.fd,
     )
-    ran = oom.run_plan(plan, env, out.emit) if plan else 0
-    out.emit({"type": "done", "scenarios": len(names), "oom": ran})
+    done: dict[str, Any] = {"type": "done", "scenarios": len(names)}
+    if plan:
+        done["oom"] = oom.run_plan(plan, env, out.emit)
+    out.emit(done)
     return 0
 
 

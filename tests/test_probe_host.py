@@ -340,7 +340,10 @@ def test_list_and_unknown_scenario() -> None:
     listed = subprocess.run(
         [sys.executable, str(PROBE), "--list"], capture_output=True, text=True, check=True
     )
-    assert listed.stdout.split() == ALL
+    names = listed.stdout.split()
+    # The accounting scenarios, then the OOM experiments (probes/oom.py) in run order.
+    assert names[: len(ALL)] == ALL
+    assert names[len(ALL)] == "oom-memcg-v1" and names[-1] == "oom-no-killable"
     bad = subprocess.run(
         [sys.executable, str(PROBE), "--scenarios", "anon-private,nope"],
         capture_output=True,

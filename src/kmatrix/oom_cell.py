@@ -121,9 +121,17 @@ def _boot_end(run: QemuRun, console: str) -> JSON:
 
 
 def run_oom_boots(
-    kernel: PreparedKernel, userland: Userland, matrix: Matrix, workdir: Path, accel: str
+    kernel: PreparedKernel,
+    userland: Userland,
+    matrix: Matrix,
+    workdir: Path,
+    accel: str,
+    keep_workdir: bool = False,
 ) -> OomRun:
-    """Run every OOM unit of the matrix on ``kernel``; one boot, plus one per early end."""
+    """Run every OOM unit of the matrix on ``kernel``; one boot, plus one per early end.
+
+    ``keep_workdir`` keeps each boot's raw console and result logs (for fixtures).
+    """
     units = plan_units(matrix)
     if not units:
         return OomRun([])
@@ -141,7 +149,8 @@ def run_oom_boots(
     for boot in boots:
         result.boots.append(boot.summary())
         result.consoles.append(boot.console)
-    shutil.rmtree(workdir, ignore_errors=True)
+    if not keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 

@@ -219,3 +219,15 @@ def experiment_names(cells: Sequence[JSON]) -> list[str]:
     seen = [e["name"] for c in cells for e in c.get("oom", []) if isinstance(e, dict)]
     extra = [n for n in dict.fromkeys(seen) if n not in EXPERIMENTS]
     return [n for n in EXPERIMENTS if n in seen] + extra
+
+
+def entries_from_probe(probe: ProbeOutput) -> list[JSON]:
+    """Experiment entries from one probe run without a kernel console (e.g. a container,
+    where the host's kernel log is not ours to read): victims come from the probe."""
+    units = [
+        Unit(str(r["name"]), int(r["repeat"]))
+        for r in probe.oom
+        if r.get("event") == "result" and isinstance(r.get("name"), str)
+    ]
+    boot = BootOutput(1, units, probe, "", {})
+    return assemble(units, [boot]) if units else []

@@ -12,6 +12,7 @@ from kmatrix.console import ConsoleSummary, analyze_console
 from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
+from kmatrix.oom_cell import run_oom_boots
 from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
 
 
@@ -40,6 +41,7 @@ def cell_args(matrix: Matrix, shm_size: int) -> dict[str, str]:
     """The parameters /init reads from /kmatrix/args."""
     scenarios = matrix.probe.scenarios
     return {
+        "KMX_MODE": "accounting",
         "KMX_SIZE_MIB": str(matrix.probe.size // (1024 * 1024)),
         "KMX_SHM_SIZE": str(shm_size),
         "KMX_SCENARIOS": scenarios if isinstance(scenarios, str) else ",".join(scenarios),
@@ -93,7 +95,28 @@ def run_qemu_cell(
         cell["console_tail"] = console.tail
     disk.unlink(missing_ok=True)
     initrd.unlink(missing_ok=True)
+    if console.reached_init:  # a kernel that cannot boot our init cannot run OOM boots either
+        _run_oom(cell, kernel, userland, matrix, workdir / "oom", accel, console_dest)
     return cell
+
+
+def _run_oom(
+    cell: JSON, kernel: PreparedKernel, userland: Userland, matrix: Matrix, workdir: Path,
+    accel: str, console_dest: Path,
+) -> None:  # fmt: skip
+    """The OOM boots (kmatrix.oom_cell): results in cell["oom"], consoles appended."""
+    oom = run_oom_boots(kernel, userland, matrix, workdir, accel)
+    if not oom.boots:
+        return
+    cell["oom"] = oom.experiments
+    cell["oom_boots"] = oom.boots
+    cell["oom_memory_bytes"] = matrix.oom.memory
+    cell["oom_duration_s"] = round(sum(b["duration_s"] for b in oom.boots), 2)
+    cell["duration_s"] = round(cell["duration_s"] + cell["oom_duration_s"], 2)
+    with console_dest.open("a") as f:
+        for boot, text in zip(oom.boots, oom.consoles, strict=True):
+            f.write(f"\n===== kmatrix OOM boot {boot['index']} ({boot['units']} repeats) =====\n")
+            f.write(text)
 
 
 def _kernel_info(kernel: PreparedKernel) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 from kmatrix.charts import planned_charts, write_charts
 from kmatrix.errors import UserError
 from kmatrix.findings import DISAGREE_MARK, answer_all, findings_table
+from kmatrix.report_oom import oom_section
 from kmatrix.results import JSON, atomic_write_text, load_results
 from kmatrix.view import (
     METRICS,
@@ -220,7 +221,7 @@ def render_report(results: JSON) -> str:
         _findings(cells),
         "## Cells\n\n" + cells_table(cells),
         _accounting(cells),
-        # The OOM section (report_oom.oom_section) belongs here: after accounting, before charts.
+        oom_section(cells).rstrip(),
         _charts(results),
         _provenance(results),
     ]

@@ -1,0 +1,89 @@
+"""Host tests of the probe's OOM pieces that need no OOM: plans, the badness model, sizes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
+
+import oom
+import oom_model
+from kmatrix.oom_cell import plan_arg
+from kmatrix.oomresults import EXPERIMENTS, Unit
+
+PAGE = 4096
+MIB = 1 << 20
+
+
+def test_host_and_probe_agree_on_the_experiments() -> None:
+    assert set(oom.EXPERIMENTS) == set(EXPERIMENTS)
+
+
+def test_run_order_takes_v1_first_and_ends_with_the_panic() -> None:
+    order = list(oom.EXPERIMENTS)
+    assert order[0] == "oom-memcg-v1"  # before v2 enables +memory (oom_scope)
+    assert order[-1] == "oom-no-killable"  # its panic ends the boot
+
+
+def test_parse_plan_all_and_ranges() -> None:
+    assert len(oom.parse_plan("all", 3)) == 3 * len(oom.EXPERIMENTS)
+    plan = oom.parse_plan("oom-no-killable:1-2,oom-global-memfd-unmapped,oom-memcg-v1:0", 3)
+    assert plan == [
+        ("oom-memcg-v1", 0),
+        ("oom-global-memfd-unmapped", 0),
+        ("oom-global-memfd-unmapped", 1),
+        ("oom-global-memfd-unmapped", 2),
+        ("oom-no-killable", 1),
+        ("oom-no-killable", 2),
+    ]
+    with pytest.raises(ValueError, match="unknown OOM experiment 'oom-nope'"):
+        oom.parse_plan("oom-nope", 3)
+
+
+def test_host_plan_argument_round_trips_through_the_probe() -> None:
+    units = [Unit("oom-no-killable", 1), Unit("oom-no-killable", 2), Unit("oom-memcg-v2", 0)]
+    units.append(Unit("oom-memcg-v2", 2))
+    arg = plan_arg(units)
+    assert arg == "oom-no-killable:1-2,oom-memcg-v2:0-0,oom-memcg-v2:2-2"
+    assert sorted(oom.parse_plan(arg, 3)) == sorted((u.name, u.repeat) for u in units)
+
+
+def _snap(rss_mib: int, adj: int = 0, pte_kib: int = 100) -> dict[str, int]:
+    return {
+        "VmRSS": rss_mib * MIB, "RssAnon": rss_mib * MIB, "RssFile": 0, "RssShmem": 0,
+        "VmPTE": pte_kib * 1024, "VmSwap": 0, "oom_score": 0, "oom_score_adj": adj,
+    }  # fmt: skip
+
+
+def test_badness_is_rss_plus_page_tables_plus_adjustment() -> None:
+    total = 40000
+    assert oom_model.badness(_snap(10, pte_kib=40), total, PAGE) == 2560 + 10
+    assert oom_model.badness(_snap(10, adj=500, pte_kib=0), total, PAGE) == 2560 + 500 * 40
+    assert oom_model.badness(_snap(10, adj=-1000), total, PAGE) is None
+
+
+def test_predict_skips_unkillable_and_picks_the_biggest() -> None:
+    snaps = {"holder": _snap(50, adj=-1000), "bystander": _snap(5), "hog": _snap(30)}
+    victim, points = oom_model.predict(snaps, 40000, PAGE)
+    assert victim == "hog" and points["holder"] is None
+    assert oom_model.predict({"holder": _snap(1, adj=-1000)}, 40000, PAGE)[0] is None
+
+
+def test_snapshot_of_this_process_and_of_a_missing_one() -> None:
+    import os
+
+    snap = oom_model.snapshot(os.getpid())
+    assert snap is not None and snap["VmRSS"] > 0 and "oom_score" in snap
+    assert oom_model.snapshot(2**22 + 12345) is None
+
+
+def test_sizes_keep_the_roles_in_order() -> None:
+    env = oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 30.0, 1)
+    for exp in oom.EXPERIMENTS.values():
+        sizes = oom._sizes(exp, env)
+        assert sizes["holder"] > 5 * sizes["bystander"] > 0
+        assert sizes["hog"] >= env.mem_total  # the hog only stops at an OOM
+        assert ("limit" in sizes) == (exp.scope != "global")

@@ -1,0 +1,77 @@
+"""Integration: the OOM boots of a real Debian 6.1 kernel under QEMU (library, not invoke).
+
+Asserts only what mm/oom_kill.c makes certain: oom_badness() counts mapped pages only
+(get_mm_rss = file + anon + shmem *mapped* pages), so a holder whose memfd was filled by
+write() and never mapped scores ~its interpreter and cannot be the first victim while a
+hog holds far more anon memory; and with every task at oom_score_adj -1000,
+out_of_memory() finds nothing to kill and panics ("System is deadlocked on memory").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kmatrix.config import parse_matrix
+from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
+from kmatrix.guest import build_userland
+from kmatrix.kernels import prepare_debian, resolve_debian
+from kmatrix.oom_cell import run_oom_boots
+
+pytestmark = pytest.mark.qemu
+
+MATRIX = """
+check_valid_until: false
+oom: {repeats: 2, experiments: [oom-global-memfd-unmapped, oom-no-killable], timeout: 30}
+kernels:
+  - {name: "6.1", suite: bookworm, package: linux-image-cloud-amd64}
+"""
+
+
+@pytest.fixture(scope="module")
+def oom_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two repeats of each experiment: one boot, plus one for the second panic."""
+    matrix = parse_matrix(MATRIX)
+    cache = default_cache_dir()
+    archive = Archive(
+        resolve_mirror(matrix.mirror), cache, keyring=matrix.keyring, check_valid_until=False
+    )
+    (k,) = matrix.kernels
+    kernel = prepare_debian(archive, k, resolve_debian(archive, k), cache)
+    userland = build_userland(archive, matrix.guest.suite, cache, lambda _: None)
+    work = tmp_path_factory.mktemp("oom")
+    run = run_oom_boots(kernel, userland, matrix, Path(work), "tcg")
+    return {"experiments": {e["name"]: e for e in run.experiments}, "boots": run.boots}
+
+
+def test_unmapped_memfd_holder_is_never_the_first_victim(oom_run: dict[str, Any]) -> None:
+    exp = oom_run["experiments"]["oom-global-memfd-unmapped"]
+    assert exp["status"] == "ok" and exp["repeats"] == 2
+    assert all(first is not None and first != "holder" for first in exp["first_victim"])
+    assert exp["constraint"] == "CONSTRAINT_NONE"
+    assert not exp["panic"]
+    for run in exp["runs"]:
+        assert run["victims_source"] == "kernel"  # parsed from the console, not guessed
+        assert run["shmem_restored"] is True  # the harness cleaned up between repeats
+        assert all(k["role"] in ("hog", "bystander") for k in run["kills"])
+
+
+def test_no_killable_ends_in_a_panic_recorded_as_its_outcome(oom_run: dict[str, Any]) -> None:
+    exp = oom_run["experiments"]["oom-no-killable"]
+    assert exp["status"] == "ok" and exp["repeats"] == 2
+    assert exp["panic"] is True and exp["panic_expected"] is True
+    assert exp["victims"] == [[], []]
+    for run in exp["runs"]:
+        assert run["status"] == "panic"
+        assert run["panic_message"] == "System is deadlocked on memory"
+        assert run["no_killable"] is True
+        assert run["console_tail"]
+
+
+def test_each_panic_costs_one_boot(oom_run: dict[str, Any]) -> None:
+    boots = oom_run["boots"]
+    assert len(boots) == 2
+    assert boots[0]["finished"] == 2 and boots[1]["finished"] == 0
+    assert all(b["panic"] == "System is deadlocked on memory" for b in boots)
