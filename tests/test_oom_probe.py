@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,8 +75,6 @@ def test_predict_skips_unkillable_and_picks_the_biggest() -> None:
 
 
 def test_snapshot_of_this_process_and_of_a_missing_one() -> None:
-    import os
-
     snap = oom_model.snapshot(os.getpid())
     assert snap is not None and snap["VmRSS"] > 0 and "oom_score" in snap
     assert oom_model.snapshot(2**22 + 12345) is None
@@ -87,3 +87,36 @@ def test_sizes_keep_the_roles_in_order() -> None:
         assert sizes["holder"] > 5 * sizes["bystander"] > 0
         assert sizes["hog"] >= env.mem_total  # the hog only stops at an OOM
         assert ("limit" in sizes) == (exp.scope != "global")
+
+
+def _env() -> oom.Env:
+    return oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 10.0, os.open(os.devnull, 1))
+
+
+def test_watch_a_hog_that_finds_no_oom_and_a_repeat_that_hangs() -> None:
+    """Real forked roles on the host, far below any OOM: the two ways a repeat can end
+    without one. The hog says "hog_done" at its cap; a role that never dies (and no hog)
+    ends at the per-repeat deadline, so a hung experiment costs only itself."""
+    from oom_roles import RoleSpec
+
+    env = _env()
+    start = time.monotonic()
+    specs = [RoleSpec("holder", "anon", MIB), RoleSpec("hog", "hog", 8 * MIB)]
+    roles = oom._spawn_all(specs, env, start + 10)
+    try:
+        os.write(roles[-1].cmd_w, b"g")
+        seen = oom.watch(roles, start, start + 10)
+        assert seen.outcome == "hog-done" and seen.hog_bytes == 8 * MIB
+        assert seen.snapshot is not None and set(seen.snapshot) == {"holder", "hog"}
+        assert seen.snapshot["hog"]["RssAnon"] >= 8 * MIB
+    finally:
+        oom._kill_all(roles)
+    roles = oom._spawn_all([RoleSpec("holder", "anon", MIB)], env, time.monotonic() + 10)
+    try:
+        begin = time.monotonic()
+        seen = oom.watch(roles, begin, begin + 0.5)
+        assert seen.outcome == "timeout" and seen.deaths == []
+        assert time.monotonic() - begin < 3
+    finally:
+        oom._kill_all(roles)
+    assert oom._exit_signals(roles) == {}  # all reaped by _kill_all

@@ -13,12 +13,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmatrix.backends.qemu import QemuRun, QemuSpec, build_argv, run_qemu
+from kmatrix.backends.qemu import QemuRun, QemuSpec, arch_for, build_argv, run_qemu
 from kmatrix.config import Matrix
 from kmatrix.console import analyze_console
 from kmatrix.errors import UserError
 from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
+from kmatrix.kmods import Module, modules_to_load
 from kmatrix.oomresults import EXPERIMENTS, BootOutput, Unit, assemble
 from kmatrix.results import JSON, parse_probe_output
 
@@ -26,9 +27,15 @@ MIB = 1024 * 1024
 #: /dev/shm size= in the OOM boots, as a fraction of guest memory: large enough for the
 #: tmpfile-shm and shm-named holders (40 % of MemTotal), so ENOSPC never ends them early.
 SHM_FRACTION = 0.9
-#: Boot, userland unpack and probe start-up under TCG, on top of the per-repeat timeouts.
+#: Boot, userland unpack and probe start-up under TCG.
 BOOT_ALLOWANCE_S = 90
-#: Extra seconds per unit beyond the in-guest timeout (cleanup, Shmem check).
+#: A repeat takes 1-3 s under TCG; allow 8 s each on a loaded host.
+UNIT_S = 8
+#: The probe ends a hung repeat itself (oom.timeout); allow for a few of those. Only a
+#: guest that hangs as a whole runs into the boot timeout, and then costs one repeat.
+HUNG_REPEATS_ALLOWED = 3
+#: Worst case per repeat beyond the in-guest timeout, for callers that budget the OOM part
+#: as a whole (every repeat hung): BOOT_ALLOWANCE_S + repeats * (oom.timeout + UNIT_SLACK_S).
 UNIT_SLACK_S = 10
 #: "quiet" keeps the boot off the slow serial console; init raises the loglevel again.
 OOM_APPEND = "quiet"
@@ -73,7 +80,7 @@ def plan_arg(units: list[Unit]) -> str:
 
 
 def _boot_timeout(matrix: Matrix, units: list[Unit]) -> float:
-    return BOOT_ALLOWANCE_S + len(units) * (matrix.oom.timeout + UNIT_SLACK_S)
+    return BOOT_ALLOWANCE_S + len(units) * UNIT_S + HUNG_REPEATS_ALLOWED * matrix.oom.timeout
 
 
 def _boot(
@@ -82,8 +89,10 @@ def _boot(
 ) -> BootOutput:  # fmt: skip
     """One OOM boot running ``units``; returns what came back (never raises on a panic)."""
     cfg = matrix.oom
+    arch = arch_for(kernel.arch)
     args = {
         "KMX_MODE": "oom",
+        "KMX_RESULT_DEV": arch.result_device,
         "KMX_OOM": plan_arg(units),
         "KMX_OOM_REPEATS": str(cfg.repeats),
         "KMX_OOM_TIMEOUT": str(cfg.timeout),
@@ -92,7 +101,7 @@ def _boot(
         "KMX_SCENARIOS": "",
     }
     initrd = workdir / f"oom-{index}.initrd"
-    write_initrd(userland, cell_archive(args, []), initrd)
+    write_initrd(userland, cell_archive(args, _channel_modules(kernel)), initrd)
     spec = QemuSpec(
         vmlinuz=kernel.vmlinuz,
         initrd=initrd,
@@ -101,12 +110,19 @@ def _boot(
         memory_bytes=cfg.memory,
         accel=accel,
         append=f"{OOM_APPEND} {getattr(kernel, 'cmdline', '')}".strip(),
+        arch=arch,
     )
     run = run_qemu(build_argv(spec), timeout=_boot_timeout(matrix, units))
     initrd.unlink(missing_ok=True)
     console = _read(spec.console_log)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
     return BootOutput(index, units, probe, console, _boot_end(run, console))
+
+
+def _channel_modules(kernel: PreparedKernel) -> list[Module]:
+    """The result channel's modules, where the kernel builds them as modules (arm64 6.1)."""
+    wanted = arch_for(kernel.arch).channel_modules
+    return modules_to_load(kernel.modules_dir, wanted) if wanted and kernel.modules_dir else []
 
 
 def _boot_end(run: QemuRun, console: str) -> JSON:
