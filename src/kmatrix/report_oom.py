@@ -129,7 +129,7 @@ def experiment_table(cells: Sequence[JSON], name: str) -> str:
         ]
         shown = [v for v in values if v not in ("—", "refused", "not available")]
         mark = f" {DISAGREE_MARK}" if len(set(shown)) > 1 else ""
-        if any(v != "—" for v in values):
+        if shown:  # a row that no kernel measured says nothing
             rows.append([label + mark, *values])
     return tabulate(rows, ["", *(_label(c) for c in cells)], tablefmt="github")
 
