@@ -112,6 +112,9 @@ class KernelConfig(_Strict):
     shm_size: Size | None = None
     pids_limit: int | None = None  # docker cells: most processes the container may have
     cmdline: str = ""  # qemu cells: extra kernel command line, e.g. transparent_hugepage=never
+    # qemu cells: the Debian architecture of the kernel and of its guest userland (arm64
+    # boots under qemu-system-aarch64, always TCG on an x86 host).
+    arch: Literal["amd64", "arm64"] = "amd64"
 
     @model_validator(mode="after")
     def _check_source(self) -> KernelConfig:
@@ -125,6 +128,8 @@ class KernelConfig(_Strict):
         if self.backend == "docker":
             if self.suite or self.package or self.path:
                 raise ValueError("a docker cell runs the host kernel: drop suite/package/path")
+            if self.arch != "amd64":
+                raise ValueError("arch: a docker cell runs on the host's own architecture")
             if self.memory is None:
                 # Without a limit a container's experiments could push the host itself into OOM.
                 raise ValueError("memory: a docker cell needs a memory limit, e.g. memory: 512M")

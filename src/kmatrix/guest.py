@@ -53,6 +53,10 @@ _PRUNE = (
     "usr/lib/python3.11/pydoc_data",
     "usr/lib/python3.11/distutils",
     "usr/lib/python3.11/config-3.11-x86_64-linux-gnu",
+    "usr/lib/python3.11/config-3.11-aarch64-linux-gnu",
+    # glibc's iconv charset modules (Python has its own codecs): 20 MiB on arm64. amd64's
+    # 8 MiB stay for now: pruning them would change its cached userland and probe image.
+    "usr/lib/aarch64-linux-gnu/gconv",
 )
 
 
@@ -75,19 +79,25 @@ class Userland:
 def build_userland(
     archive: Archive, suite: str, cache: Path, log: Callable[[str], None] = print
 ) -> Userland:
-    """Fetch, verify and unpack the guest packages of ``suite``; cached by their SHA256s."""
+    """Fetch, verify and unpack the guest packages of ``suite``; cached by their SHA256s.
+
+    The architecture is the archive's (``archive.arch``): the same package list, per arch.
+    """
     names = read_package_list()
     records = archive.lookup(
         suite, "userland " + " ".join(names), lambda index: [index.get(n) for n in names]
     )
-    key_src = f"{USERLAND_LAYOUT}\n" + "\n".join(sorted(r.sha256 for r in records))
+    # Other architectures name theirs in the key; amd64 keeps the key it always had, so
+    # existing caches (and the probe image tagged by it) stay valid.
+    arch = "" if archive.arch == "amd64" else f"{archive.arch}\n"
+    key_src = f"{USERLAND_LAYOUT}\n{arch}" + "\n".join(sorted(r.sha256 for r in records))
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     base = cache / "userland" / key
     tree, cpio = base / "root", base / "userland.cpio"
     packages = {r.name: r.version for r in records}
     if cpio.exists():
         return Userland(key, tree, cpio, packages)
-    log(f"building guest userland from {suite} ({len(records)} packages)")
+    log(f"building guest userland from {suite}/{archive.arch} ({len(records)} packages)")
     debs = archive.fetch_all(records)
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)

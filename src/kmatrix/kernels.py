@@ -37,6 +37,7 @@ class PreparedKernel:
     config: dict[str, str]
     provenance: dict[str, Any] = field(default_factory=dict)
     cmdline: str = ""
+    arch: str = "amd64"  # Debian architecture: picks the QEMU binary, board and userland
 
 
 def parse_kconfig(text: str) -> dict[str, str]:
@@ -139,6 +140,7 @@ def prepare_debian(
             "packages": {r.name: {"version": r.version, "sha256": r.sha256} for r in pkgs.records},
         },
         cmdline=kernel.cmdline,
+        arch=kernel.arch,
     )
 
 
@@ -172,4 +174,5 @@ def prepare_local(kernel: KernelConfig) -> PreparedKernel:
             "sha256": sha256_file(vmlinuz),
         },
         cmdline=kernel.cmdline,
+        arch=kernel.arch,
     )

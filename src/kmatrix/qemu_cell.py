@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kmatrix.backends.qemu import QemuRun, QemuSpec, build_argv, make_disk, run_qemu
+from kmatrix.backends.qemu import QemuRun, QemuSpec, arch_for, build_argv, make_disk, run_qemu
 from kmatrix.config import Matrix
 from kmatrix.console import ConsoleSummary, analyze_console
 from kmatrix.guest import Userland, cell_archive, write_initrd
@@ -60,13 +60,15 @@ def run_qemu_cell(
 ) -> JSON:
     """Boot one kernel with the probe and return its results.json cell (any status)."""
     cell = new_cell(kernel.name, "qemu")
-    cell.update(accel=accel, memory_bytes=memory_bytes)
+    arch = arch_for(kernel.arch)
+    cell.update(accel=accel, memory_bytes=memory_bytes, arch=arch.name)
     cell["kernel"] = _kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    modules = modules_to_load(kernel.modules_dir) if kernel.modules_dir else []
+    modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
+    args = cell_args(matrix, shm_size) | {"KMX_RESULT_DEV": arch.result_device}
     initrd = workdir / "initrd.cpio"
-    write_initrd(userland, cell_archive(cell_args(matrix, shm_size), modules), initrd)
+    write_initrd(userland, cell_archive(args, modules), initrd)
     disk = workdir / "disk.img"
     make_disk(disk, matrix.guest.disk_size)
     spec = QemuSpec(
@@ -78,6 +80,7 @@ def run_qemu_cell(
         accel=accel,
         disk=disk,
         append=kernel.cmdline,
+        arch=arch,
     )
     run = run_qemu(build_argv(spec), timeout=matrix.probe.cell_timeout)
     console_text = _read(spec.console_log)
@@ -120,9 +123,10 @@ def _run_oom(
 
 
 def _kernel_info(kernel: PreparedKernel) -> dict[str, Any]:
-    return {"name": kernel.name, "release": kernel.release, "config": kernel.config} | {
+    info = {"name": kernel.name, "release": kernel.release, "config": kernel.config} | {
         k: kernel.provenance.get(k) for k in ("package", "version", "sha256", "suite", "packages")
     }
+    return info | {"arch": kernel.arch}
 
 
 def _read(path: Path) -> str:

@@ -144,8 +144,10 @@ def _engine(cell: JSON, run: JSON) -> str:
         # The cgroup version decides which memory files the container's numbers come from.
         where = f", cgroup {cgroup}" if cgroup else ""
         return f"Docker {version}{where}" if version else "Docker (version not recorded)"
-    qemu = get_path(run, "host", "qemu")
-    return f"QEMU {str(qemu).removeprefix('QEMU emulator version ')}" if qemu else "—"
+    arch = cell.get("arch") or "amd64"
+    qemu = get_path(run, "host", "qemu" if arch == "amd64" else f"qemu_{arch}")
+    binary = "QEMU" if arch == "amd64" else f"QEMU ({arch})"
+    return f"{binary} {str(qemu).removeprefix('QEMU emulator version ')}" if qemu else "—"
 
 
 def _provenance_kernels(cells: Sequence[JSON]) -> str:
@@ -164,11 +166,20 @@ def _provenance_kernels(cells: Sequence[JSON]) -> str:
     return md_table(rows, ["cell", "package", "version", "release", "sha256"])
 
 
+def _arch(cell: JSON, run: JSON) -> str:
+    """A VM cell's Debian architecture; a container runs on the host's machine."""
+    if cell.get("backend") == "docker":
+        return str(get_path(run, "host", "machine") or "—")
+    return str(cell.get("arch") or "—")
+
+
 def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
     keys = sorted({key for c in cells for key in (get_path(c, "kernel", "config") or {})})
     rows: list[list[str]] = [
         [key, *(str(get_path(c, "kernel", "config", key) or "—") for c in cells)] for key in keys
     ]
+    if any(c.get("arch") for c in cells):  # results from before arm64 do not record it
+        rows.append(["arch", *(_arch(c, run) for c in cells)])
     rows += [
         ["accel", *(c.get("accel") or "—" for c in cells)],
         ["emulator / engine", *(_engine(c, run) for c in cells)],
@@ -204,6 +215,9 @@ def _provenance(results: JSON) -> str:
     if guest.get("packages"):
         pkgs = ", ".join(f"{n} {v}" for n, v in sorted(guest["packages"].items()))
         parts.append(f"Guest userland ({guest.get('suite')}): {pkgs}.")
+    for key in sorted(k for k in guest if k.startswith("packages_")):
+        pkgs = ", ".join(f"{n} {v}" for n, v in sorted(guest[key].items()))
+        parts.append(f"Guest userland ({guest.get('suite')}, {key[9:]}): {pkgs}.")
     host = run.get("host") or {}
     if host:
         parts.append(

@@ -64,14 +64,14 @@ def _host_info() -> JSON:
 
 
 def _resolve_all(
-    archive: Archive, kernels: list[KernelConfig], progress: Progress
+    archives: dict[str, Archive], kernels: list[KernelConfig], progress: Progress
 ) -> dict[str, KernelPackages]:
     """Resolve every Debian kernel up front: a typo fails before any large download."""
     resolved: dict[str, KernelPackages] = {}
     for k in kernels:
         if k.backend == "qemu" and k.path is None:
             try:
-                pkgs = resolve_debian(archive, k)
+                pkgs = resolve_debian(archives[k.arch], k)
             except UserError as exc:
                 raise UserError(f"matrix.yaml kernel {k.name!r}: {exc}") from None
             progress.log(f"{k.name}: {k.source} -> {pkgs.primary.name} {pkgs.primary.version}")
@@ -91,6 +91,9 @@ class _Run:
         self.cell_cache = CellCache(self.cache / "cells")
         self._lock = threading.Lock()
         self._accel: str | None = None
+        # Per Debian architecture (amd64 always; arm64 when a kernel asks for it).
+        self.archives: dict[str, Archive] = {}
+        self.userlands: dict[str, Userland] = {}
         self.results: JSON = {
             "schema_version": SCHEMA_VERSION,
             "run": {
@@ -153,21 +156,31 @@ def _cache_key(
             "cmdline": k.cmdline,
             "shm_size": k.shm_size,
             "accel": accel,
-            "qemu": run.results["run"]["host"].get("qemu"),
+            "qemu": _qemu_version_of(run.results["run"]["host"], k.arch),
+            "arch": k.arch,
         }
     )
+
+
+def _qemu_version_of(host: JSON, arch: str) -> str | None:
+    """The recorded version of the QEMU binary that boots ``arch`` guests."""
+    return host.get("qemu") if arch == "amd64" else host.get(f"qemu_{arch}")
 
 
 def _qemu_cell(
     run: _Run, archive: Archive, k: KernelConfig, pkgs: KernelPackages | None, userland: Userland
 ) -> JSON:
+    archive = run.archives.get(k.arch, archive)
+    userland = run.userlands.get(k.arch, userland)
     if k.path is not None:
         prepared = prepare_local(k)
     else:
         assert pkgs is not None
         run.progress.phase(k.name, f"fetch {pkgs.primary.name}")
         prepared = prepare_debian(archive, k, pkgs, run.cache)
-    accel = run.accel(prepared)
+    # KVM runs only guests of the host's own architecture: anything else is TCG.
+    native = qemu.arch_for(k.arch).uname_machine == platform.machine()
+    accel = run.accel(prepared) if native else "tcg"
     key = _cache_key(run, k, prepared, userland, accel)
     console_dest = run.out_dir / "console" / f"{k.name}.log"
     hit = None if run.opts.force else run.cell_cache.get(key)
@@ -270,17 +283,13 @@ def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
     qemu.allow_start()
     with progress, _interruptible():
         run = _Run(opts, matrix, kernels, progress)
-        archive = Archive(
-            resolve_mirror(matrix.mirror),
-            run.cache,
-            keyring=matrix.keyring,
-            check_valid_until=matrix.check_valid_until,
-            log=progress.log,
-        )
-        resolved = _resolve_all(archive, kernels, progress)
+        run.archives = _archives(matrix, kernels, run.cache, progress)
+        archive = run.archives["amd64"]
+        resolved = _resolve_all(run.archives, kernels, progress)
         run.results["run"]["host"]["qemu"] = qemu.qemu_version()
         userland = build_userland(archive, matrix.guest.suite, run.cache, progress.log)
         run.results["run"]["guest"] = {"suite": matrix.guest.suite, "packages": userland.packages}
+        _foreign_userlands(run, progress)
         _run_cells(run, archive, resolved, userland)
         run.results["run"]["finished"] = _now()
         run.save(final=True)
@@ -288,6 +297,37 @@ def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
         # matrix.yaml's expectations gate a release: ExpectationFailed (exit 1) names each one.
         progress.log(enforce(matrix.expectations, run.results))
     return run.results
+
+
+def _archives(
+    matrix: Matrix, kernels: list[KernelConfig], cache: Path, progress: Progress
+) -> dict[str, Archive]:
+    """One verified archive client per architecture the run needs (same mirror, same keys)."""
+    arches = ["amd64", *sorted({k.arch for k in kernels if k.backend == "qemu"} - {"amd64"})]
+    mirror = resolve_mirror(matrix.mirror)
+    return {
+        arch: Archive(
+            mirror,
+            cache,
+            keyring=matrix.keyring,
+            check_valid_until=matrix.check_valid_until,
+            arch=arch,
+            log=progress.log,
+        )
+        for arch in arches
+    }
+
+
+def _foreign_userlands(run: _Run, progress: Progress) -> None:
+    """The guest userland (same suite and package list) and QEMU of every non-amd64 arch."""
+    for arch, archive in run.archives.items():
+        if arch == "amd64":
+            continue
+        binary = qemu.arch_for(arch).binary
+        run.results["run"]["host"][f"qemu_{arch}"] = qemu.qemu_version(binary)
+        userland = build_userland(archive, run.matrix.guest.suite, run.cache, progress.log)
+        run.userlands[arch] = userland
+        run.results["run"]["guest"][f"packages_{arch}"] = userland.packages
 
 
 def summarize(results: JSON) -> tuple[int, str]:

@@ -64,9 +64,12 @@ def signed_mib(value: int | None) -> str:
 
 
 def cell_label(cell: JSON) -> str:
-    """Column header: the cell id, plus where it runs when that is not a VM."""
+    """Column header: the cell id, plus where it runs when that is not an amd64 VM."""
     if cell.get("backend") == "docker":
         return f"{cell['id']} (container)"
+    arch = cell.get("arch")
+    if arch and arch != "amd64" and arch not in str(cell["id"]):
+        return f"{cell['id']} ({arch})"
     return str(cell["id"])
 
 
