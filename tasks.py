@@ -16,8 +16,10 @@ from kmatrix.check import check_file
 from kmatrix.diff import diff_files
 from kmatrix.errors import KmatrixError
 from kmatrix.images import build_images
+from kmatrix.merge import merge_files
 from kmatrix.report import report_from_file
 from kmatrix.runner import RunOptions, run_matrix, summarize
+from kmatrix.scaleout import cell_report_dir, ci_matrix, run_cell
 
 
 @task(
@@ -126,3 +128,62 @@ def bench(
         print(run_bench(Path(matrix_file).resolve(), repeats=repeats, cold=cold))
     except KmatrixError as exc:
         raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+
+
+@task(
+    name="ci-matrix",
+    help={"matrix-file": "the matrix whose cells to list (default: matrix.yaml)"},
+)
+def ci_matrix_task(c: Context, matrix_file: str = "matrix.yaml") -> None:
+    """Print every cell of the matrix as one line of JSON for a GitHub Actions strategy.matrix."""
+    try:
+        print(ci_matrix(Path(matrix_file).resolve()))
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+
+
+@task(
+    help={
+        "kernel": "the one cell (kernel name in the matrix) to run",
+        "output": "where to write the one-cell results.json",
+        "matrix-file": "the matrix the cell is in (default: matrix.yaml)",
+        "force": "rerun the cell even when the result cache has it",
+        "accel": "override the matrix's accel: tcg, kvm or auto (KVM after a smoke boot)",
+    }
+)
+def cell(
+    c: Context,
+    kernel: str,
+    output: str,
+    matrix_file: str = "matrix.yaml",
+    force: bool = False,
+    accel: str = "",
+) -> None:
+    """Run one cell (report in reports/cell-KERNEL/) and write its partial results to OUTPUT."""
+    try:
+        results = run_cell(
+            Path(matrix_file).resolve(), kernel, Path(output), force=force, accel=accel
+        )
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+    code, summary = summarize(results)
+    print(f"{summary}; wrote {output} (report: {cell_report_dir(kernel)})")
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    help={
+        "files": "comma-separated partial results files, e.g. a.json,b.json",
+        "name": "write the merged results and report to reports/NAME/",
+        "matrix-file": "order cells as in this matrix (default: matrix.yaml; '' keeps input order)",
+    }
+)
+def merge(c: Context, files: str, name: str, matrix_file: str = "matrix.yaml") -> None:
+    """Merge partial results (one per cell) into reports/NAME/results.json and report.md."""
+    paths = [Path(f) for f in files.split(",") if f]
+    try:
+        path = merge_files(paths, name, Path(matrix_file) if matrix_file else None)
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+    print(f"wrote {path}")

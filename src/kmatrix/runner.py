@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 from kmatrix import __version__
 from kmatrix.backends import docker as docker_backend
@@ -48,6 +49,7 @@ class RunOptions:
     reports_dir: Path = ROOT / "reports"
     jobs: int = 0  # 0: one per CPU core
     force: bool = False  # rerun cells even when the result cache has them
+    accel: Literal["tcg", "kvm", "auto"] | None = None  # overrides matrix.yaml's accel
 
 
 def _now() -> str:
@@ -147,6 +149,8 @@ def _cache_key(
 ) -> str:
     return cell_key(
         {
+            # The name is the cell's id in the results: two cells of one kernel are two entries.
+            "name": k.name,
             "kernel": prepared.provenance.get("sha256"),
             "userland": userland.key,
             "probe": run.results["run"]["probe_sha256"],
@@ -278,6 +282,8 @@ def _run_cells(
 def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
     """Run the matrix and return the results document (also written to reports/NAME/)."""
     matrix = load_matrix(opts.matrix_path)
+    if opts.accel is not None:  # CI runners differ in KVM; the matrix file stays the same
+        matrix = matrix.model_copy(update={"accel": opts.accel})
     kernels = matrix.select(list(opts.kernels))
     progress = progress or Progress()
     qemu.allow_start()
