@@ -19,6 +19,8 @@ from kmatrix.images import build_images
 from kmatrix.merge import merge_files
 from kmatrix.report import report_from_file
 from kmatrix.runner import RunOptions, run_matrix, summarize
+from kmatrix.runner_image import build_runner_image
+from kmatrix.runtime import check_runtime, run_cell_in_docker
 from kmatrix.scaleout import cell_report_dir, ci_matrix, run_cell
 
 
@@ -57,11 +59,21 @@ def matrix(
         raise Exit(code=code)
 
 
-@task(help={"matrix-file": "the matrix whose guest userland the image is built from"})
-def images(c: Context, matrix_file: str = "matrix.yaml") -> None:
-    """Build the probe container image (FROM scratch) unless its content-hash tag exists."""
+@task(
+    help={
+        "matrix-file": "the matrix whose guest userland (and mirror) the images are built from",
+        "runner": "build the runner image (QEMU + kmatrix, for --runtime docker) instead",
+        "base": "runner base: auto (local or pulled debian:bookworm-slim, else debootstrap), "
+        "pull or debootstrap",
+    }
+)
+def images(
+    c: Context, matrix_file: str = "matrix.yaml", runner: bool = False, base: str = "auto"
+) -> None:
+    """Build the probe image (FROM scratch), or the runner image, unless its content tag exists."""
+    path = Path(matrix_file).resolve()
     try:
-        image = build_images(Path(matrix_file).resolve())
+        image = build_runner_image(path, base) if runner else build_images(path)
     except KmatrixError as exc:
         raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     print(f"{image.tag} ({'built' if image.built else 'up to date'})")
@@ -149,6 +161,7 @@ def ci_matrix_task(c: Context, matrix_file: str = "matrix.yaml") -> None:
         "matrix-file": "the matrix the cell is in (default: matrix.yaml)",
         "force": "rerun the cell even when the result cache has it",
         "accel": "override the matrix's accel: tcg, kvm or auto (KVM after a smoke boot)",
+        "runtime": "host (default), or docker: run the cell inside the runner image",
     }
 )
 def cell(
@@ -158,9 +171,15 @@ def cell(
     matrix_file: str = "matrix.yaml",
     force: bool = False,
     accel: str = "",
+    runtime: str = "host",
 ) -> None:
     """Run one cell (report in reports/cell-KERNEL/) and write its partial results to OUTPUT."""
     try:
+        if check_runtime(runtime) == "docker":
+            code = run_cell_in_docker(
+                Path(matrix_file).resolve(), kernel, Path(output), force=force, accel=accel
+            )
+            raise Exit(code=code)
         results = run_cell(
             Path(matrix_file).resolve(), kernel, Path(output), force=force, accel=accel
         )
