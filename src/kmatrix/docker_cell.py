@@ -23,6 +23,7 @@ from kmatrix.errors import InfraError, UserError
 from kmatrix.guest import PROBES_DIR, Userland
 from kmatrix.images import ensure_probe_image
 from kmatrix.kernels import parse_kconfig, recorded_config
+from kmatrix.oomresults import entries_from_probe
 from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
 
 MIB = 1024 * 1024
@@ -243,9 +244,11 @@ def _fill(cell: JSON, results: list[tuple[list[str], engine.ContainerRun, ProbeO
             if not is_oom and status == "ok":
                 status, reason = part_status, part_reason
         cell["scenarios"] += [scenario_result(s) for s in probe.scenarios]
-        cell["oom"] += probe.oom
+        # The host's kernel log is not ours to read: victims come from the probe's records.
+        entries = entries_from_probe(probe)
+        cell["oom"] += entries
         if is_oom and part_status != "ok":
-            seen = {rec.get("name") for rec in probe.oom}
+            seen = {rec.get("name") for rec in entries}
             cell["oom"] += [_failed_record(n, part_reason) for n in names if n not in seen]
         if probe.hello and not cell.get("probe"):
             cell["probe"] = probe.hello
