@@ -8,11 +8,16 @@ its baseline before the next repeat. The harness itself runs with oom_score_adj 
 Sizes are fractions of MemTotal (or of the cgroup limit), so they mean the same at any
 guest size. The kernel's own account (Killed process lines) is parsed on the host from
 the console; the record carries what only the guest can see.
+
+In a container (``Env.memcg == "container"``) the memcg experiments run in the
+container's own memory cgroup, and a harness that cannot lower its oom_score_adj raises
+every role's instead (:data:`CONTAINER_ROLE_ADJ`); see :func:`run_plan`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -26,7 +31,7 @@ from typing import Any
 import oom_model
 import oom_scope
 from accounting import parse_flat_keyed, read_meminfo, read_text
-from oom_roles import OOM_SCORE_ADJ_MIN, RoleSpec, role_main
+from oom_roles import OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_NEUTRAL, RoleSpec, role_main
 from protocol import Channel, ProtocolError
 
 Record = dict[str, Any]
@@ -44,6 +49,17 @@ HOG_CAP_FACTOR = 2  # the hog stops (and says so) after 2x MemTotal: no OOM happ
 SETTLE_S = 0.15  # after the hog died: time for group kills / reaping to finish
 SHMEM_TOLERANCE = 4 << 20
 RESTORE_TIMEOUT = 3.0
+#: The container's memory.stat shmem must come back this close to its baseline.
+CGROUP_SHMEM_TOLERANCE = 4 << 20
+#: oom_score_adj of every role when the harness cannot go to -1000 (no CAP_SYS_RESOURCE:
+#: raising one's own adjustment needs no privilege, lowering it below the value the
+#: process started with does). mm/oom_kill.c oom_badness() adds adj * totalpages / 1000
+#: to every role alike, so their order is the same as at adj 0, while each role scores
+#: at least totalpages / 2 above its RSS: the harness (adj 0, ~10 MiB RSS) is never
+#: preferred over them. For a memcg OOM constrained_alloc() sets totalpages to
+#: mem_cgroup_get_max() -- the cgroup's own limit (+ swap, none here), on v1 and v2
+#: alike -- so the offset is half the container's limit, not half the host's RAM.
+CONTAINER_ROLE_ADJ = 500
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,9 @@ class Env:
     cgroup_root: str
     timeout: float
     out_fd: int
+    memcg: str = "new"  # new: a fresh child cgroup per repeat | container: our own cgroup
+    role_adj: int = OOM_SCORE_ADJ_NEUTRAL  # killable roles' oom_score_adj
+    harness_protected: bool = True  # the harness runs at oom_score_adj -1000
 
 
 def parse_plan(spec: str, repeats: int) -> list[tuple[str, int]]:
@@ -122,7 +141,14 @@ class Role:
 
 
 def _sizes(exp: Experiment, env: Env) -> dict[str, int]:
-    """Bytes per role (and the cgroup limit), from MemAvailable right now."""
+    """Bytes per role (and the cgroup limit), from MemAvailable right now.
+
+    In the container's own cgroup they are fractions of its limit instead: MemTotal and
+    MemAvailable there are the host's.
+    """
+    limit = oom_scope.container_limit(env.cgroup_root) if _in_container(exp, env) else None
+    if limit is not None:
+        return container_sizes(limit)
     available = read_meminfo().get("meminfo_MemAvailable", env.mem_total // 2)
     base = available if exp.scope == "global" else int(available * MEMCG_LIMIT_FRACTION)
     sizes = {
@@ -136,7 +162,26 @@ def _sizes(exp: Experiment, env: Env) -> dict[str, int]:
     return sizes
 
 
+def container_sizes(limit: int) -> dict[str, int]:
+    """Role sizes as fractions of the container's memory limit; the hog stops at 2x it
+    (the limit, not the host's RAM, bounds what it may need)."""
+    return {
+        "limit": limit,
+        "holder": int(limit * HOLDER_FRACTION),
+        "bystander": int(limit * BYSTANDER_FRACTION),
+        "hog": HOG_CAP_FACTOR * limit,
+    }
+
+
+def _in_container(exp: Experiment, env: Env) -> bool:
+    return env.memcg == "container" and exp.scope != "global"
+
+
 def _make_scope(exp: Experiment, env: Env, limit: int | None) -> oom_scope.Scope:
+    if _in_container(exp, env):
+        return oom_scope.make_container(
+            env.cgroup_root, exp.scope, exp.group, env.harness_protected
+        )
     if exp.scope == "v2":
         assert limit is not None
         return oom_scope.make_v2(env.cgroup_root, exp.name, limit, exp.group)
@@ -150,8 +195,9 @@ def _role_specs(
     exp: Experiment, env: Env, scope: oom_scope.Scope, sizes: dict[str, int]
 ) -> list[RoleSpec]:
     """holder (+ fd-passed creator), bystander and hog, in fork order."""
-    adj = 0 if exp.killable else OOM_SCORE_ADJ_MIN
-    procs = scope.procs
+    adj = env.role_adj if exp.killable else OOM_SCORE_ADJ_MIN
+    # The container's own cgroup: forked roles are in it already (and it is read-only).
+    procs = scope.procs if scope.owned else None
     holder_path = {
         "tmpfile-shm": env.shm_dir,
         "shm-named": os.path.join(env.shm_dir, f"kmx-{exp.name}-{os.getpid()}"),
@@ -207,15 +253,16 @@ def _spawn_all(specs: list[RoleSpec], env: Env, deadline: float) -> list[Role]:
     return roles
 
 
-def _snapshot_all(roles: list[Role]) -> dict[str, dict[str, int]] | None:
+def _snapshot_all(roles: list[Role], harness: bool = False) -> dict[str, dict[str, int]] | None:
+    """/proc values of every role (and of the harness when it shares their cgroup, as it
+    does in a container: it is then an OOM candidate too); None if one is gone."""
     snaps = {}
-    for role in roles:
-        if role.name == "creator":
-            continue
-        snap = oom_model.snapshot(role.pid)
+    pids = [(r.name, r.pid) for r in roles if r.name != "creator"]
+    for name, pid in pids + ([("harness", os.getpid())] if harness else []):
+        snap = oom_model.snapshot(pid)
         if snap is None:
             return None
-        snaps[role.name] = snap
+        snaps[name] = snap
     return snaps
 
 
@@ -250,12 +297,12 @@ class Watch:
     outcome: str = "timeout"  # hog-died | hog-done (no OOM) | timeout
 
 
-def _on_message(message: Record, roles: list[Role], watch: Watch) -> bool:
+def _on_message(message: Record, roles: list[Role], watch: Watch, harness: bool) -> bool:
     """Handle one hog message; True when the hog gave up without an OOM."""
     if "progress" in message:
         watch.hog_bytes = int(message["progress"])
         if not watch.deaths:
-            watch.snapshot = _snapshot_all(roles) or watch.snapshot
+            watch.snapshot = _snapshot_all(roles, harness) or watch.snapshot
     return "hog_done" in message
 
 
@@ -269,8 +316,10 @@ def _read_lines(role: Role) -> list[Record] | None:
     return [json.loads(line) for line in lines if line]
 
 
-def watch(roles: list[Role], start: float, deadline: float) -> Watch:
-    """Follow the hog's progress (snapshotting /proc per chunk) and every role's death."""
+def watch(roles: list[Role], start: float, deadline: float, harness: bool = False) -> Watch:
+    """Follow the hog's progress (snapshotting /proc per chunk) and every role's death.
+
+    ``harness``: include the harness in the snapshots (it shares the roles' cgroup)."""
     result = Watch()
     live = {r.channel.fd: r for r in roles if r.name != "creator"}
     stop_at = deadline
@@ -288,7 +337,7 @@ def watch(roles: list[Role], start: float, deadline: float) -> Watch:
                 if role.name == "hog":
                     result.outcome = "hog-died"
                     stop_at = time.monotonic() + SETTLE_S
-            elif any(_on_message(m, roles, result) for m in messages):
+            elif any(_on_message(m, roles, result, harness) for m in messages):
                 result.outcome = "hog-done"
                 stop_at = time.monotonic()
     return result
@@ -367,6 +416,7 @@ def _armed(rec: Record, roles: list[Role], scope: oom_scope.Scope, emit: Emit, e
     rec["pids"] = {r.name: r.pid for r in roles}
     rec["shmem"]["armed"] = shmem()
     rec["cgroup"]["current_armed"] = scope.current()
+    rec["cgroup"]["shmem_armed"] = scope.stat("shmem")
     emit(
         {
             "type": "oom",
@@ -397,9 +447,22 @@ def _outcome(rec: Record, seen: Watch, roles: list[Role], scope: oom_scope.Scope
     rec["shmem"]["after_oom"] = shmem()
     rec["cgroup"]["current_after_oom"] = scope.current()
     rec["cgroup"]["events"] = scope.events()
+    if not scope.owned:  # the container's counters span every repeat: keep this one's
+        before = rec["cgroup"].get("events_before") or {}
+        rec["cgroup"]["events_total"] = rec["cgroup"]["events"]
+        rec["cgroup"]["events"] = events_delta(before, rec["cgroup"]["events"])
     if seen.outcome == "timeout":
         rec["status"] = "timeout"
         rec["error"] = "the hog was still alive at the per-experiment timeout"
+
+
+#: memory.oom_control (v1) fields that are states, not counters.
+EVENT_FLAGS = frozenset({"oom_kill_disable", "under_oom"})
+
+
+def events_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """memory.events / memory.oom_control counters of one repeat (flags as they are now)."""
+    return {k: v if k in EVENT_FLAGS else v - before.get(k, 0) for k, v in after.items()}
 
 
 def _finish(
@@ -426,6 +489,8 @@ def _finish(
     problem = oom_scope.release(scope)
     if problem:
         cg["cleanup_error"] = problem
+    if not scope.owned:
+        _check_container_restored(cg, scope)
     sh = rec["shmem"]
     sh["after_cleanup"] = wait_shmem(sh["baseline"])
     sh["restored"] = sh["after_cleanup"] <= sh["baseline"] + SHMEM_TOLERANCE
@@ -433,11 +498,32 @@ def _finish(
         sh["freed_by_oom"] = sh["armed"] - sh["after_oom"] >= rec["sizes"]["holder"] // 2
 
 
+def _check_container_restored(cg: Record, scope: oom_scope.Scope) -> None:
+    """The container's cgroup outlives the repeat: its shmem charge (memory.stat) must be
+    back near the baseline -- the holder's memfd released -- before the next one. Host
+    meminfo Shmem, checked too, also moves with everything else on the host."""
+    baseline = cg.get("shmem_baseline")
+    if baseline is None:
+        return
+    deadline = time.monotonic() + RESTORE_TIMEOUT
+    while True:
+        value = scope.stat("shmem")
+        if value is None or value <= baseline + CGROUP_SHMEM_TOLERANCE:
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    cg.update(shmem_after_cleanup=value, current_after_cleanup=scope.current())
+    cg["restored"] = value is not None and value <= baseline + CGROUP_SHMEM_TOLERANCE
+
+
 def _new_record(exp: Experiment, repeat: int, env: Env) -> Record:
     return {
         "type": "oom", "event": "result", "name": exp.name, "repeat": repeat,
         "status": "ok", "error": None, "scope": exp.scope, "group": exp.group,
         "mem_total": env.mem_total, "sizes": _sizes(exp, env),
+        "memcg": env.memcg if exp.scope != "global" else None,
+        "oom_score_adj": {"harness": _own_adj(), "roles": env.role_adj},
         "shmem": {"baseline": shmem()}, "cgroup": {}, "vmstat_oom_kill": None,
     }  # fmt: skip
 
@@ -453,6 +539,9 @@ def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
         rec.update(status="not available", error=str(exc))
         return rec
     rec["cgroup"].update(version=scope.version, path=scope.path, limit=scope.limit)
+    rec["cgroup"].update(scope.facts, shmem_baseline=scope.stat("shmem"))
+    if not scope.owned:
+        rec["cgroup"]["events_before"] = scope.events()
     roles: list[Role] = []
     ref = None
     try:
@@ -462,7 +551,7 @@ def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
         ref = _keep_reference(exp, roles[0])
         _armed(rec, roles, scope, emit, env)
         os.write(roles[-1].cmd_w, b"g")
-        seen = watch(roles, start, deadline)
+        seen = watch(roles, start, deadline, harness=not scope.owned)
         _predict(rec, seen.snapshot, scope, env)
         _outcome(rec, seen, roles, scope)
     except (ProtocolError, OSError, ValueError) as exc:
@@ -475,6 +564,13 @@ def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
         rec["vmstat_oom_kill"] = after - oom_before
     rec["duration_s"] = round(time.monotonic() - start, 3)
     return rec
+
+
+def _own_adj() -> int | None:
+    try:
+        return int(read_text("/proc/self/oom_score_adj"))
+    except (OSError, ValueError):
+        return None
 
 
 def protect_harness() -> str | None:
@@ -495,10 +591,14 @@ def run_plan(plan: list[tuple[str, int]], env: Env, emit: Emit) -> int:
     """Run the (experiment, repeat) units in order, emitting a record per repeat.
 
     A global OOM could kill an unprotected harness: those experiments are then "not
-    available". memcg OOMs only kill inside the cgroup, which the harness is not in.
+    available". memcg OOMs only kill inside the cgroup, which the harness is not in --
+    except in a container, where it is and the roles' adjustment is raised instead.
     Nothing raised by one repeat stops the others.
     """
     unprotected = protect_harness()
+    if unprotected and env.memcg == "container":
+        # The harness shares the roles' (the container's) cgroup: raise theirs instead.
+        env = dataclasses.replace(env, role_adj=CONTAINER_ROLE_ADJ, harness_protected=False)
     for name, repeat in plan:
         exp = EXPERIMENTS[name]
         if unprotected and exp.scope == "global":

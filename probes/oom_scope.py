@@ -6,6 +6,11 @@ hierarchy (kernel/cgroup/cgroup.c ``rebind_subsystems()`` returns -EBUSY otherwi
 the v1 experiment runs first in its boot and gives the controller back (umount) before
 the v2 experiments enable ``+memory``. Kernels built without CONFIG_MEMCG_V1 (an option
 since 6.10) refuse the v1 mount: the experiment is then "not available", with the error.
+
+In a container (``--oom-memcg container``) the probe cannot create cgroups (the cgroupfs
+is read-only without privileges): the experiment's memory cgroup is the container's own,
+its limit the container's ``--memory``, and the harness shares it with the roles
+(:func:`make_container`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+import system
 from accounting import parse_flat_keyed, read_text
 
 V1_MOUNT = "/run/kmx-memcg-v1"
 #: How long to wait for a v1 root to release the memory controller after umount
 #: (the root is destroyed asynchronously, after an RCU grace period).
 REBIND_TIMEOUT = 5.0
+#: v1 reports "no limit" as PAGE_COUNTER_MAX in bytes (~2**63); anything this big is none.
+NO_LIMIT = 1 << 60
+LIMIT_FILE = {"v2": "memory.max", "v1": "memory.limit_in_bytes"}
 
 
 class Unavailable(Exception):
@@ -38,6 +47,7 @@ class Scope:
     limit: int | None = None
     mounted: str | None = None  # v1 mount point to umount afterwards
     facts: dict[str, object] = field(default_factory=dict)
+    owned: bool = True  # False: the container's own cgroup, never removed by us
 
     @property
     def procs(self) -> str | None:
@@ -48,6 +58,15 @@ class Scope:
         """memory.current (v2) / memory.usage_in_bytes (v1) in bytes."""
         name = "memory.current" if self.version == "v2" else "memory.usage_in_bytes"
         return _read_int(self.path, name)
+
+    def stat(self, key: str) -> int | None:
+        """One counter of memory.stat (``shmem`` has that name in v1 and v2), in bytes."""
+        if not self.path:
+            return None
+        try:
+            return parse_flat_keyed(read_text(os.path.join(self.path, "memory.stat"))).get(key)
+        except OSError:
+            return None
 
     def events(self) -> dict[str, int]:
         """memory.events (v2) or memory.oom_control's counters (v1)."""
@@ -188,8 +207,107 @@ def _wait_released(timeout: float = REBIND_TIMEOUT) -> None:
 def release(scope: Scope) -> str | None:
     """Remove the cgroup. A v1 hierarchy we mounted stays for the next v1 repeat; the
     first v2 experiment gives it back (:func:`give_back_v1`), by when the removed
-    cgroups are long released and the umount destroys the v1 root at once."""
+    cgroups are long released and the umount destroys the v1 root at once. The
+    container's own cgroup is left as it was (memory.oom.group put back)."""
+    if not scope.owned:
+        restore = scope.facts.get("restore_oom_group")
+        if scope.path and isinstance(restore, str):
+            try:
+                _write(os.path.join(scope.path, "memory.oom.group"), restore)
+            except OSError as exc:
+                return f"restoring memory.oom.group: {exc}"
+        return None
     return remove(scope.path) if scope.path else None
+
+
+# ---- the container's own memory cgroup ----------------------------------------------
+
+
+def parse_limit(text: str) -> int | None:
+    """memory.max / memory.limit_in_bytes -> bytes; None for "max" or v1's huge no-limit."""
+    text = text.strip()
+    if text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if 0 < value < NO_LIMIT else None
+
+
+def own_memcg(root: str) -> tuple[str, str] | None:
+    """(version, directory) of the memory cgroup this process is in, or None.
+
+    In a container that is the container's cgroup: runc mounts it at /sys/fs/cgroup
+    (v2) or /sys/fs/cgroup/memory (v1), and system resolves /proc/self/cgroup against
+    the mount's root either way (with or without a cgroup namespace).
+    """
+    found = system._controller_mount(root)
+    if found is None:
+        return None
+    version, mount_dir = found
+    return version, system._own_cgroup_dir(version, mount_dir)
+
+
+def container_limit(root: str) -> int | None:
+    """The memory limit of our own cgroup (a container's --memory), or None."""
+    found = own_memcg(root)
+    if found is None:
+        return None
+    version, path = found
+    try:
+        return parse_limit(read_text(os.path.join(path, LIMIT_FILE[version])))
+    except OSError:
+        return None
+
+
+def make_container(root: str, version: str, group: bool, harness_protected: bool) -> Scope:
+    """The container's own memory cgroup as the experiment's scope.
+
+    The roles need not join it (forked children are in it already) and it is never
+    removed. ``version`` is the cgroup version the experiment is named for: a v1 host
+    cannot run oom-memcg-v2 in a container and vice versa.
+    """
+    found = own_memcg(root)
+    if found is None:
+        raise Unavailable(f"no memory cgroup under {root}")
+    have, path = found
+    if have != version:
+        raise Unavailable(
+            f"the container's memory cgroup is {have} (the host's cgroup version), not {version}"
+        )
+    limit = container_limit(root)
+    if limit is None:
+        raise Unavailable(f"the container's memory cgroup {path} has no memory limit")
+    scope = Scope(version, path, limit, owned=False, facts={"memcg": "container"})
+    if group:
+        scope.facts["restore_oom_group"] = _set_container_group(path, harness_protected)
+    return scope
+
+
+def _set_container_group(path: str, harness_protected: bool) -> str:
+    """memory.oom.group=1 on the container's cgroup; returns the value to put back.
+
+    The harness shares that cgroup: a group kill takes every task but those at
+    oom_score_adj -1000 (mm/oom_kill.c oom_kill_memcg_member), so without that
+    protection the harness would die with the roles.
+    """
+    name = os.path.join(path, "memory.oom.group")
+    if not os.access(name, os.W_OK):
+        raise Unavailable(
+            f"{name} is not writable (read-only cgroupfs in an unprivileged container)"
+        )
+    if not harness_protected:
+        raise Unavailable(
+            "memory.oom.group=1 on the container's own cgroup would kill the harness too "
+            "(it shares the cgroup and cannot set oom_score_adj -1000)"
+        )
+    old = read_text(name).strip()
+    try:
+        _write(name, "1")
+    except OSError as exc:
+        raise Unavailable(f"cannot set {name}: {exc}") from None
+    return old
 
 
 def give_back_v1() -> None:

@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--oom-timeout", type=float, default=30.0, help="seconds per OOM repeat (default 30)"
     )
     p.add_argument(
+        "--oom-memcg",
+        choices=("new", "container"),
+        default="new",
+        help="memcg experiments in a fresh child cgroup (new, default) or in the probe's own "
+        "cgroup, e.g. a container's, whose limit is then the experiment's (container)",
+    )
+    p.add_argument(
         "--list", action="store_true", help="list scenario and OOM experiment names and exit"
     )
     return p.parse_args(argv)
@@ -202,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         cgroup_root=args.cgroup_root,
         timeout=args.oom_timeout,
         out_fd=out.fd,
+        memcg=args.oom_memcg,
     )
     done: dict[str, Any] = {"type": "done", "scenarios": len(names)}
     if plan:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kmatrix.backends import docker as engine
-from kmatrix.config import KernelConfig, Matrix
+from kmatrix.config import KernelConfig, Matrix, OomConfig
 from kmatrix.errors import InfraError, UserError
 from kmatrix.guest import PROBES_DIR, Userland
 from kmatrix.images import ensure_probe_image
@@ -109,15 +109,26 @@ def refused_record(name: str) -> JSON:
     }
 
 
-def probe_command(names: list[str], size_bytes: int, timeout: float) -> list[str]:
-    """Arguments after the image's entrypoint (python3 /probe/probe.py)."""
-    return [
+def probe_command(
+    names: list[str], size_bytes: int, timeout: float, oom: OomConfig | None = None
+) -> list[str]:
+    """Arguments after the image's entrypoint (python3 /probe/probe.py).
+
+    With ``oom`` (the OOM container) the memcg experiments run in the container's own
+    memory cgroup: an unprivileged container cannot create one, and its limit (--memory)
+    is the one a team's containers meet in production.
+    """
+    argv = [
         "--size-mib", str(size_bytes // MIB),
         "--shm-dir", "/dev/shm",
         "--disk-dir", "/mnt/disk",
         "--scenarios", ",".join(names),
         "--timeout", str(int(timeout)),
     ]  # fmt: skip
+    if oom is not None:
+        argv += ["--oom-memcg", "container", "--oom-repeats", str(oom.repeats)]
+        argv += ["--oom-timeout", str(oom.timeout)]
+    return argv
 
 
 def classify(run: engine.ContainerRun, probe: ProbeOutput) -> tuple[str, str]:
@@ -281,7 +292,12 @@ def _run_probe(
     try:
         spec = engine.ContainerSpec(
             image=image,
-            command=probe_command(names, matrix.probe.size, timeout=120),
+            command=probe_command(
+                names,
+                matrix.probe.size,
+                timeout=120,
+                oom=matrix.oom if names[0].startswith("oom-") else None,
+            ),
             memory_bytes=memory,
             shm_size=shm_size,
             pids_limit=k.pids_limit or DEFAULT_PIDS_LIMIT,
@@ -308,4 +324,3 @@ def _write_log(dest: Path, runs: list[engine.ContainerRun]) -> None:
             for i, run in enumerate(runs, 1)
         )
     )
-

@@ -102,7 +102,7 @@ def _from_probe(result: JSON) -> JSON:
     keep = (
         *("pids", "sizes", "mem_total", "pre_oom", "model_points", "predicted_by_oom_score"),
         *("died", "exit", "probe_victims", "hog_bytes", "outcome", "duration_s"),
-        *("t_ready", "t_watched"),
+        *("t_ready", "t_watched", "memcg", "oom_score_adj"),
     )
     return {k: result.get(k) for k in keep} | {
         "predicted_victim": result.get("predicted_victim"),
@@ -221,13 +221,32 @@ def experiment_names(cells: Sequence[JSON]) -> list[str]:
     return [n for n in EXPERIMENTS if n in seen] + extra
 
 
+#: How victims are known without a console: the harness saw its children die of SIGKILL.
+PROBE_VICTIMS = "probe"
+
+
 def entries_from_probe(probe: ProbeOutput) -> list[JSON]:
     """Experiment entries from one probe run without a kernel console (e.g. a container,
-    where the host's kernel log is not ours to read): victims come from the probe."""
+    where the host's kernel log is not ours to read): victims come from the probe.
+
+    Every entry and repeat says so (``victims_source: probe``): the kill order is the
+    order in which the harness saw its roles die of SIGKILL, not the kernel's log, and a
+    repeat in which nobody died is the probe's observation too.
+    """
     units = [
         Unit(str(r["name"]), int(r["repeat"]))
         for r in probe.oom
         if r.get("event") == "result" and isinstance(r.get("name"), str)
     ]
     boot = BootOutput(1, units, probe, "", {})
-    return assemble(units, [boot]) if units else []
+    entries = assemble(units, [boot]) if units else []
+    for entry in entries:
+        entry["victims_source"] = PROBE_VICTIMS
+        for run in entry["runs"]:
+            run["victims_source"] = PROBE_VICTIMS
+        first = next((r for r in entry["runs"] if r.get("status") == "ok"), None)
+        if first is not None:  # where it ran and how the harness stayed out of the way
+            entry["memcg"] = first.get("memcg")
+            entry["cgroup_version"] = (first.get("cgroup") or {}).get("version")
+            entry["oom_score_adj"] = first.get("oom_score_adj")
+    return entries

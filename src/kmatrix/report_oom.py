@@ -169,6 +169,26 @@ def timing_table(cells: Sequence[JSON]) -> str:
     )
 
 
+def container_notes(cells: Sequence[JSON]) -> list[str]:
+    """One line per cell whose memcg experiments ran in a container's own cgroup."""
+    notes = []
+    for cell in cells:
+        ran = [e for e in cell.get("oom", []) if e.get("memcg") == "container"]
+        if not ran:
+            continue
+        adj = ran[0].get("oom_score_adj") or {}
+        names = ", ".join(f"`{e['name']}`" for e in ran)
+        notes.append(
+            f"- **{_label(cell)}**: {names} ran in the "
+            f"container's own {ran[0].get('cgroup_version') or ''} memory cgroup (limit = its "
+            f"`--memory`; sizes are fractions of it), harness included; every role at "
+            f"oom_score_adj {adj.get('roles')}, the harness at {adj.get('harness')}. Victims "
+            "are the roles the harness saw die of SIGKILL, in that order (the host's kernel "
+            "log is not read)."
+        )
+    return notes
+
+
 def oom_section(cells: Sequence[JSON]) -> str:
     """The markdown OOM section (empty string when no cell has OOM results)."""
     names = experiment_names(cells)
@@ -185,6 +205,7 @@ def oom_section(cells: Sequence[JSON]) -> str:
         f"Sizes are fractions of the OOM boots' MemAvailable; {DISAGREE_MARK} marks rows where "
         "kernels differ.",
         "",
+        *([*notes, ""] if (notes := container_notes(shown)) else []),
         summary_table(shown, names),
     ]
     for name in names:
