@@ -124,6 +124,51 @@ def test_disk_tmpfile_is_page_cache_of_the_container(cell: dict[str, Any]) -> No
     assert abs(m["cgroup_shmem_delta"]) < 2 * MIB
 
 
+def _oom(cell: dict[str, Any], name: str) -> dict[str, Any]:
+    return dict(next(o for o in cell["oom"] if o["name"] == name))
+
+
+def test_memcg_oom_kills_the_hog_not_the_memfd_holder_in_the_container(
+    cell: dict[str, Any],
+) -> None:
+    """The memcg experiment of the host's cgroup version really runs, in the container's own
+    memory cgroup, every repeat, and the memcg OOM killer never picks the holder first.
+
+    Why the kernel makes that certain: a memcg OOM (mm/memcontrol.c mem_cgroup_out_of_memory
+    -> mm/oom_kill.c out_of_memory) scans only the cgroup's tasks (mem_cgroup_scan_tasks)
+    and kills the one with the highest oom_badness(task, totalpages), where totalpages is
+    the cgroup's own limit (constrained_alloc: mem_cgroup_get_max) and badness = RSS
+    (anon + file + shmem *mapped* pages) + swap entries + page tables + adj*totalpages/1000.
+    The holder's memfd, filled by write() and never mapped, is charged to the cgroup (it
+    counts towards the limit) but is in none of the holder's mm counters; every role has
+    the same adj. So the holder scores only its interpreter's RSS (~15 MiB), while the hog,
+    whose private anonymous pages are what pushes the cgroup over its limit, holds what the
+    memfd (1/2 of the limit), the bystander (1/25) and the interpreters leave: >100 MiB of
+    384. The first victim is the hog; the holder (and the harness, at adj 0 below the
+    roles' raised adj) survives.
+    """
+    version = cell["probe"]["cgroup"]
+    entry = _oom(cell, f"oom-memcg-{version}")
+    assert entry["status"] == "ok", entry.get("reason")
+    assert entry["repeats"] == 3 and len(entry["victims"]) == 3
+    assert entry["victims_source"] == "probe" and entry["memcg"] == "container"
+    for run in entry["runs"]:
+        assert run["status"] == "ok" and run["outcome"] == "hog-died", run.get("error")
+        assert run["sizes"]["limit"] == MEMORY  # the container's --memory
+        assert run["victims"] and set(run["victims"]) <= {"holder", "bystander", "hog"}
+        assert run["victims"][0] != "holder"
+        assert run["victims"][0] == "hog" and run["exit"]["hog"] == "SIGKILL"
+        assert "holder" not in run["exit"]  # still alive when the OOM was over
+        assert run["cgroup"]["events"]["oom_kill"] >= 1  # this repeat's, per the cgroup
+        assert run["cgroup"]["shmem_armed"] >= run["sizes"]["holder"]  # memfd charged here
+        assert run["cgroup"]["restored"]  # memfd released before the next repeat
+        adj = run["oom_score_adj"]
+        assert adj["harness"] == -1000 or adj["roles"] > adj["harness"]
+        assert run["predicted_victim"] == "hog"
+    other = "v2" if version == "v1" else "v1"
+    assert _oom(cell, f"oom-memcg-{other}")["status"] == "not available"
+
+
 def test_probe_reads_the_containers_own_cgroup(client: Any, image: ProbeImage) -> None:
     """The directory the probe measures holds this container's limit: it is its cgroup."""
     code = (
