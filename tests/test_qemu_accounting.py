@@ -22,6 +22,7 @@ MATRIX = """
 check_valid_until: false
 guest: {suite: bookworm, memory: 384M, shm_size: 64M, disk_size: 128M}
 probe: {size: 32M, cell_timeout: 600}
+oom: {experiments: []}  # tests/test_qemu_oom.py boots the OOM experiments
 kernels:
   - {name: "6.1", suite: bookworm, package: linux-image-cloud-amd64}
 """

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ BASE = """
 check_valid_until: false
 guest: {suite: bookworm, memory: 256M, shm_size: 32M, disk_size: 64M}
 probe: {size: 8M, scenarios: [memfd-write], cell_timeout: %(timeout)d}
+oom: {experiments: []}
 kernels:
 """
 KERNEL = '  - {name: "%s", suite: bookworm, package: linux-image-cloud-amd64, cmdline: "%s"}\n'
@@ -82,7 +84,10 @@ def test_killed_qemu_is_an_error(tmp_path: Path) -> None:
     result: dict[str, Any] = {}
 
     def run() -> None:
-        result.update(_run(tmp_path, [("victim", "rdinit=/bin/busybox sleep 3600")], timeout=120))
+        try:
+            result.update(_run(tmp_path, [("victim", "rdinit=/bin/busybox sleep 3600")], 120))
+        except Exception as exc:  # surfaced by the assertion below, with its message
+            result["error"] = repr(exc)
 
     worker = threading.Thread(target=run)
     worker.start()
@@ -93,6 +98,7 @@ def test_killed_qemu_is_an_error(tmp_path: Path) -> None:
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     worker.join(timeout=60)
+    assert "error" not in result, result.get("error")
     (cell,) = result["cells"]
     assert cell["status"] == "error"
     assert "QEMU exit -9" in cell["reason"]
@@ -117,7 +123,11 @@ except KmatrixError as exc:
 
 
 def test_sigint_mid_run_kills_qemu_keeps_finished_cells_and_resumes(tmp_path: Path) -> None:
-    matrix = _matrix(tmp_path, [("first", ""), ("second", "quiet")], 300)
+    # A unique (ignored) kernel parameter: "second" must not be in the result cache from an
+    # earlier test session, so the resumed run has to boot it.
+    matrix = _matrix(
+        tmp_path, [("first", ""), ("second", f"quiet kmatrix.t={uuid.uuid4().hex}")], 300
+    )
     argv = [sys.executable, "-c", SIGINT_SCRIPT, str(ROOT / "src"), str(matrix), str(tmp_path)]
     proc = subprocess.Popen([*argv, "force"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
