@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from kmatrix.oomresults import EXPERIMENTS
 from kmatrix.results import JSON
 from kmatrix.view import (
     METRICS,
@@ -51,17 +52,7 @@ ACCOUNTING = (
     "memfd-hugetlb",
     "memfd-noexec-seal",
 )
-OOM = (
-    "oom-global-memfd-unmapped",
-    "oom-global-memfd-mapped",
-    "oom-global-tmpfile-shm",
-    "oom-global-shm-named",
-    "oom-global-fd-passed",
-    "oom-memcg-v2",
-    "oom-memcg-v2-group",
-    "oom-memcg-v1",
-    "oom-no-killable",
-)
+OOM = EXPERIMENTS
 ROLES = ("hog", "holder", "bystander", "none")
 OPS: dict[str, Callable[[int, int], bool]] = {
     "<=": operator.le,

@@ -99,15 +99,28 @@ def ensure_probe_image(
     with tempfile.NamedTemporaryFile(dir=work, prefix="probe-context.", suffix=".tar") as ctx:
         write_context(Path(ctx.name), userland_tar, probe, dockerfile)
         ctx.seek(0)
-        _build(client, ctx, tag, digest)
+        docker_build(client, ctx, tag, digest)
     return ProbeImage(tag, digest, built=True)
 
 
-def _build(client: Any, context: Any, tag: str, digest: str) -> None:
-    """Run the build through the low-level API so engine errors arrive as text."""
+def docker_build(
+    client: Any,
+    context: Any,
+    tag: str,
+    digest: str,
+    *,
+    timeout: int = BUILD_TIMEOUT,
+    buildargs: dict[str, str] | None = None,
+    network_mode: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Build a custom context through the low-level API so engine errors arrive as text.
+
+    Labelled so ``docker image prune --filter label=kmatrix`` finds every image we made;
+    ``log`` receives each Dockerfile step as it starts.
+    """
     api = client.api
-    old_timeout = api.timeout
-    api.timeout = BUILD_TIMEOUT
+    old_timeout, api.timeout = api.timeout, timeout
     try:
         stream = api.build(
             fileobj=context,
@@ -116,13 +129,18 @@ def _build(client: Any, context: Any, tag: str, digest: str) -> None:
             rm=True,
             forcerm=True,
             pull=False,
+            buildargs=buildargs,
+            network_mode=network_mode,
             labels={LABEL: "1", "kmatrix.content-hash": digest},
             decode=True,
         )
         for chunk in stream:
             if "error" in chunk:
                 detail = json.dumps(chunk.get("errorDetail") or chunk["error"])
-                raise InfraError(f"docker build of {tag} failed: {detail[:300]}")
+                raise InfraError(f"docker build of {tag} failed: {detail[-600:]}")
+            line = str(chunk.get("stream", "")).strip()
+            if log is not None and line.startswith("Step "):
+                log(f"  {line[:120]}")
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         raise InfraError(
             f"docker build of {tag} failed ({str(exc)[:200]}); check `docker info`"

@@ -12,14 +12,10 @@ import datetime as dt
 import hashlib
 import os
 import platform
-import signal
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Literal
 
 from kmatrix import __version__
@@ -32,6 +28,7 @@ from kmatrix.debian import Archive, KernelPackages, default_cache_dir, resolve_m
 from kmatrix.docker_cell import run_docker_cell
 from kmatrix.errors import InfraError, KmatrixError, UserError
 from kmatrix.guest import INIT_FILE, ROOT, Userland, build_userland, probe_sha256
+from kmatrix.interrupt import sigterm_as_interrupt
 from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local, resolve_debian
 from kmatrix.progress import Progress
 from kmatrix.qemu_cell import run_qemu_cell
@@ -240,22 +237,6 @@ def _run_one(
         return cell
 
 
-@contextmanager
-def _interruptible() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt in the main thread, like Ctrl-C."""
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
-    try:
-        yield
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def _run_cells(
     run: _Run, archive: Archive, resolved: dict[str, KernelPackages], userland: Userland
 ) -> None:
@@ -287,7 +268,7 @@ def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
     kernels = matrix.select(list(opts.kernels))
     progress = progress or Progress()
     qemu.allow_start()
-    with progress, _interruptible():
+    with progress, sigterm_as_interrupt():
         run = _Run(opts, matrix, kernels, progress)
         run.archives = _archives(matrix, kernels, run.cache, progress)
         archive = run.archives["amd64"]

@@ -37,6 +37,7 @@ from kmatrix.config import load_matrix
 from kmatrix.debian import default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError, UserError
 from kmatrix.guest import IMAGES_DIR, ROOT
+from kmatrix.images import docker_build
 
 DOCKERFILE = IMAGES_DIR / "runner" / "Dockerfile"
 IMAGE_REPO = "kmatrix-runner"
@@ -344,51 +345,19 @@ def ensure_runner_image(
         write_context(Path(ctx.name), dockerfile, wheels, project)
         ctx.seek(0)
         args = build_args(base_ref, mirror, dict(os.environ))
-        _build(client, ctx, tag, digest, args, log)
-    return RunnerImage(tag, digest, base_ref, built=True)
-
-
-def _build(
-    client: Any,
-    context: Any,
-    tag: str,
-    digest: str,
-    buildargs: dict[str, str],
-    log: Callable[[str], None],
-) -> None:
-    """Build through the SDK's low-level API, logging each Dockerfile step as it starts.
-
-    Host networking: apt inside the build reaches the mirror exactly as the host does (a
-    proxy or mirror on the host's loopback included).
-    """
-    api = client.api
-    old_timeout, api.timeout = api.timeout, BUILD_TIMEOUT
-    try:
-        stream = api.build(
-            fileobj=context,
-            custom_context=True,
-            tag=tag,
-            rm=True,
-            forcerm=True,
-            pull=False,
-            buildargs=buildargs,
+        # Host networking: apt inside the build reaches the mirror exactly as the host does
+        # (a proxy or mirror on the host's loopback included).
+        docker_build(
+            client,
+            ctx,
+            tag,
+            digest,
+            timeout=BUILD_TIMEOUT,
+            buildargs=args,
             network_mode="host",
-            labels={LABEL: "1", "kmatrix.content-hash": digest},
-            decode=True,
+            log=log,
         )
-        for chunk in stream:
-            if "error" in chunk:
-                detail = json.dumps(chunk.get("errorDetail") or chunk["error"])
-                raise InfraError(f"docker build of {tag} failed: {detail[-600:]}")
-            line = str(chunk.get("stream", "")).strip()
-            if line.startswith("Step "):
-                log(f"  {line[:120]}")
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        raise InfraError(
-            f"docker build of {tag} failed ({str(exc)[:200]}); check `docker info`"
-        ) from None
-    finally:
-        api.timeout = old_timeout
+    return RunnerImage(tag, digest, base_ref, built=True)
 
 
 def check_base(base: str) -> BaseChoice:

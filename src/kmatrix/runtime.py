@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import docker.errors
@@ -29,6 +26,7 @@ from kmatrix.backends.docker import API_TIMEOUT, LABEL, connect
 from kmatrix.config import KernelConfig, Matrix, load_matrix
 from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError, UserError
+from kmatrix.interrupt import sigterm_as_interrupt
 from kmatrix.kernels import prepare_debian, resolve_debian
 from kmatrix.oom_cell import plan_units
 from kmatrix.report import REPORTS
@@ -170,22 +168,6 @@ def check_runnable(kernel: KernelConfig) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a CI job cancelled) ends the wait like Ctrl-C, so the container goes too."""
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
-    try:
-        yield
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def _stream(container: Any, log: Callable[[str], None]) -> None:
     """Forward the container's output line by line until it exits."""
     pending = b""
@@ -210,7 +192,7 @@ def run_runner(
     """
     container = None
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             container = client.containers.create(**config)
             container.start()
             streamer = threading.Thread(target=_stream, args=(container, log), daemon=True)
