@@ -8,6 +8,7 @@ disagreement, while "no" against "yes" does.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -131,6 +132,9 @@ def _first_victim(name: str) -> Callable[[JSON], Answer]:
         model = exp.get("predicted_victim")
         # The model's guess is context, not part of the comparison: kernels agree when
         # they kill the same process, whatever a model predicted.
+        # predicted_victim is one role per repeat, shown like the kernel's distribution.
+        if isinstance(model, list):
+            model = fmt_distribution(Counter(g for g in model if g)) or None
         suffix = f" (model: {model})" if model else ""
         return Answer(text + suffix, text)
 
