@@ -16,7 +16,6 @@ its limit the container's ``--memory``, and the harness shares it with the roles
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import subprocess
 import time
@@ -115,14 +114,14 @@ def make_v2(root: str, name: str, limit: int, group: bool) -> Scope:
         raise Unavailable(f"no cgroup2 hierarchy at {root}")
     _enable_v2_memory(root)
     path = os.path.join(root, f"kmx-{name}")
-    remove(path)
+    system.remove_cgroup(path)
     try:
         os.mkdir(path)
         _write(os.path.join(path, "memory.max"), str(limit))
         if group:
             _write(os.path.join(path, "memory.oom.group"), "1")
     except OSError as exc:
-        remove(path)
+        system.remove_cgroup(path)
         raise Unavailable(f"cannot set up the v2 memory cgroup {path}: {exc}") from None
     return Scope("v2", path, limit)
 
@@ -154,7 +153,7 @@ def make_v1(name: str, limit: int) -> Scope:
     """A v1 memory cgroup with memory.limit_in_bytes; mounts the hierarchy if needed."""
     mount, mounted = _mount_v1()
     path = os.path.join(mount, f"kmx-{name}")
-    remove(path)
+    system.remove_cgroup(path)
     try:
         os.mkdir(path)
         _write(os.path.join(path, "memory.limit_in_bytes"), str(limit))
@@ -162,21 +161,6 @@ def make_v1(name: str, limit: int) -> Scope:
         release(Scope("v1", path, limit, mounted))
         raise Unavailable(f"cannot set up the v1 memory cgroup {path}: {exc}") from None
     return Scope("v1", path, limit, mounted)
-
-
-def remove(path: str, timeout: float = 3.0) -> str | None:
-    """rmdir a cgroup, retrying while its last tasks exit; an error text or None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(path)
-            return None
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
-                return f"rmdir {path}: {exc}"
-        time.sleep(0.02)
 
 
 def memory_cgroups() -> int | None:
@@ -217,7 +201,7 @@ def release(scope: Scope) -> str | None:
             except OSError as exc:
                 return f"restoring memory.oom.group: {exc}"
         return None
-    return remove(scope.path) if scope.path else None
+    return system.remove_cgroup(scope.path) if scope.path else None
 
 
 # ---- the container's own memory cgroup ----------------------------------------------
