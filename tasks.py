@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from invoke.context import Context
@@ -22,6 +24,15 @@ from kmatrix.runner import RunOptions, run_matrix, summarize
 from kmatrix.runner_image import build_runner_image
 from kmatrix.runtime import check_runtime, run_cell_in_docker
 from kmatrix.scaleout import cell_report_dir, ci_matrix, run_cell
+
+
+@contextmanager
+def kmatrix_errors() -> Iterator[None]:
+    """Turn a kmatrix error into invoke's Exit: its message, exit code 1 or 2."""
+    try:
+        yield
+    except KmatrixError as exc:
+        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
 
 
 @task(
@@ -49,10 +60,8 @@ def matrix(
         jobs=jobs,
         force=force,
     )
-    try:
+    with kmatrix_errors():
         results = run_matrix(opts)
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     code, summary = summarize(results)
     print(summary)
     if code:
@@ -72,10 +81,8 @@ def images(
 ) -> None:
     """Build the probe image (FROM scratch), or the runner image, unless its content tag exists."""
     path = Path(matrix_file).resolve()
-    try:
+    with kmatrix_errors():
         image = build_runner_image(path, base) if runner else build_images(path)
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     print(f"{image.tag} ({'built' if image.built else 'up to date'})")
 
 
@@ -87,10 +94,8 @@ def images(
 )
 def report(c: Context, results: str, name: str = "") -> None:
     """Re-render report.md and its charts from a results file, without running anything."""
-    try:
+    with kmatrix_errors():
         path = report_from_file(Path(results), name)
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     print(f"wrote {path}")
 
 
@@ -103,10 +108,8 @@ def report(c: Context, results: str, name: str = "") -> None:
 )
 def check(c: Context, results: str, junit: str = "", matrix_file: str = "matrix.yaml") -> None:
     """Evaluate matrix.yaml's expectations: exit 0 all hold, 1 one failed, 2 cannot run."""
-    try:
+    with kmatrix_errors():
         summary = check_file(Path(results), Path(matrix_file), Path(junit) if junit else None)
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     print(summary)
 
 
@@ -119,10 +122,8 @@ def check(c: Context, results: str, junit: str = "", matrix_file: str = "matrix.
 )
 def diff(c: Context, base: str, new: str, threshold: str = "") -> None:
     """Print, as markdown for a pull request, what changed between two results files."""
-    try:
+    with kmatrix_errors():
         print(diff_files(Path(base), Path(new), threshold), end="")
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
 
 
 @task(
@@ -136,10 +137,8 @@ def bench(
     c: Context, matrix_file: str = "matrix.yaml", repeats: int = 3, cold: bool = True
 ) -> None:
     """Measure download, build, boot and whole-matrix times and peak memory; print a table."""
-    try:
+    with kmatrix_errors():
         print(run_bench(Path(matrix_file).resolve(), repeats=repeats, cold=cold))
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
 
 
 @task(
@@ -148,10 +147,8 @@ def bench(
 )
 def ci_matrix_task(c: Context, matrix_file: str = "matrix.yaml") -> None:
     """Print every cell of the matrix as one line of JSON for a GitHub Actions strategy.matrix."""
-    try:
+    with kmatrix_errors():
         print(ci_matrix(Path(matrix_file).resolve()))
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
 
 
 @task(
@@ -174,7 +171,7 @@ def cell(
     runtime: str = "host",
 ) -> None:
     """Run one cell (report in reports/cell-KERNEL/) and write its partial results to OUTPUT."""
-    try:
+    with kmatrix_errors():
         if check_runtime(runtime) == "docker":
             code = run_cell_in_docker(
                 Path(matrix_file).resolve(), kernel, Path(output), force=force, accel=accel
@@ -183,8 +180,6 @@ def cell(
         results = run_cell(
             Path(matrix_file).resolve(), kernel, Path(output), force=force, accel=accel
         )
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     code, summary = summarize(results)
     print(f"{summary}; wrote {output} (report: {cell_report_dir(kernel)})")
     if code:
@@ -201,8 +196,6 @@ def cell(
 def merge(c: Context, files: str, name: str, matrix_file: str = "matrix.yaml") -> None:
     """Merge partial results (one per cell) into reports/NAME/results.json and report.md."""
     paths = [Path(f) for f in files.split(",") if f]
-    try:
+    with kmatrix_errors():
         path = merge_files(paths, name, Path(matrix_file) if matrix_file else None)
-    except KmatrixError as exc:
-        raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     print(f"wrote {path}")

@@ -215,25 +215,18 @@ def _run_one(
     userland: Userland,
 ) -> JSON:
     """One cell; an infrastructure failure becomes the cell's status, not the run's end."""
-    if k.backend == "docker":
-        try:
+    try:
+        if k.backend == "docker":
             run.progress.phase(k.name, "container on the host kernel")
             console_dest = run.out_dir / "console" / f"{k.name}.log"
             return run_docker_cell(
                 k, run.matrix, userland, run.cache, console_dest, run.progress.log
             )
-        except UserError:
-            raise
-        except KmatrixError as exc:
-            cell = new_cell(k.name, "docker")
-            cell.update(status="error", reason=str(exc))
-            return cell
-    try:
         return _qemu_cell(run, archive, k, resolved.get(k.name), userland)
     except UserError:
         raise
     except KmatrixError as exc:
-        cell = new_cell(k.name, "qemu")
+        cell = new_cell(k.name, k.backend)
         cell.update(status="error", reason=str(exc))
         return cell
 
