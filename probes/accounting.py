@@ -14,10 +14,12 @@ from dataclasses import dataclass
 KIB = 1024
 
 #: /proc/PID/status fields (kB) -> metric name.
-STATUS_FIELDS: tuple[str, ...] = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+STATUS_FIELDS: tuple[str, ...] = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmSwap")
 
 #: /proc/meminfo fields (kB); the metric name is ``meminfo_<field>``.
-MEMINFO_FIELDS: tuple[str, ...] = ("Shmem", "Cached", "MemAvailable", "Committed_AS")
+MEMINFO_FIELDS: tuple[str, ...] = (
+    "Shmem", "Cached", "MemAvailable", "Committed_AS", "SwapCached",
+)  # fmt: skip
 
 #: memory.stat key -> metric name, per cgroup version.
 CGROUP_STAT_KEYS: dict[str, dict[str, str]] = {
@@ -85,13 +87,20 @@ def status_metrics(text: str) -> dict[str, int]:
 def meminfo_metrics(text: str) -> dict[str, int]:
     """Pick the ``meminfo_*`` metrics out of /proc/meminfo text."""
     fields = parse_kb_fields(text)
-    return {f"meminfo_{name}": fields[name] for name in MEMINFO_FIELDS if name in fields}
+    found = {f"meminfo_{name}": fields[name] for name in MEMINFO_FIELDS if name in fields}
+    if "SwapTotal" in fields and "SwapFree" in fields:
+        found["meminfo_SwapUsed"] = fields["SwapTotal"] - fields["SwapFree"]
+    return found
 
 
 def smaps_rollup_metrics(text: str) -> dict[str, int]:
-    """Pick Pss out of /proc/PID/smaps_rollup text."""
+    """Pick Pss and Swap out of /proc/PID/smaps_rollup text (Swap there includes a shmem
+    mapping's swapped pages, which VmSwap -- MM_SWAPENTS -- does not)."""
     fields = parse_kb_fields(text)
-    return {"Pss": fields["Pss"]} if "Pss" in fields else {}
+    found = {"Pss": fields["Pss"]} if "Pss" in fields else {}
+    if "Swap" in fields:
+        found["smaps_Swap"] = fields["Swap"]
+    return found
 
 
 def cgroup_stat_metrics(text: str, version: str) -> dict[str, int]:

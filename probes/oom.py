@@ -24,12 +24,14 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import knobs
 import oom_model
 import oom_scope
+import swap
 from accounting import parse_flat_keyed, read_meminfo, read_text
 from oom_roles import OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_NEUTRAL, RoleSpec, role_main
 from protocol import Channel, ProtocolError
@@ -47,6 +49,14 @@ BYSTANDER_FRACTION = 0.04  # of MemAvailable (global) or of the limit (memcg)
 MEMCG_LIMIT_FRACTION = 0.50
 HOG_CAP_FACTOR = 2  # the hog stops (and says so) after 2x MemTotal: no OOM happened
 SETTLE_S = 0.15  # after the hog died: time for group kills / reaping to finish
+#: A writer that has not reported progress for this long while alive is stalled: under
+#: TCG a 4 MiB step takes ~50 ms and a serial kill ~0.3 s. Seen on 6.12: a protected
+#: writer in a full memory cgroup with nothing killable re-enters the memcg OOM killer
+#: from every page fault (thousands of "no killable processes" reports) and never returns.
+STALL_S = 3.0
+#: How long to wait for a role that died (pipe EOF) to become a zombie: its files,
+#: a memfd among them, are released before that (do_exit: exit_files, exit_task_work).
+REAP_S = 2.0
 SHMEM_TOLERANCE = 4 << 20
 RESTORE_TIMEOUT = 3.0
 #: The container's memory.stat shmem must come back this close to its baseline.
@@ -64,13 +74,26 @@ CONTAINER_ROLE_ADJ = 500
 
 @dataclass(frozen=True)
 class Experiment:
-    """One OOM experiment: how the holder keeps its memory, and where the OOM happens."""
+    """One OOM experiment: how the holder keeps its memory, and where the OOM happens.
+
+    ``holder`` "memfd-grow" has no holder and no hog: a ``writer`` grows an unmapped memfd
+    until the kernel acts, among three bystanders holding anon memory; "cross" is
+    oom-memcg-cross-charge (oom_cross.py).
+    """
 
     name: str
-    holder: str  # memfd-write | memfd-mapped | tmpfile-shm | shm-named | fd-passed
+    holder: str  # memfd-write | memfd-mapped | tmpfile-shm | shm-named | fd-passed | memfd-grow
     scope: str = "global"  # global | v2 | v1
     group: bool = False  # memory.oom.group=1
     killable: bool = True  # False: every role runs at oom_score_adj -1000
+    writer_protected: bool = False  # memfd-grow: the writer runs at oom_score_adj -1000
+    kill_allocating: bool = False  # vm.oom_kill_allocating_task=1 during the repeat
+    swapped: bool = False  # swap on for the repeat; the holder pushes its memfd out to it
+
+    @property
+    def growth(self) -> bool:
+        """The memfd itself is the pressure (a writer, no hog)."""
+        return self.holder == "memfd-grow"
 
 
 #: In run order. oom-memcg-v1 comes first (the v1 controller can only be taken before v2
@@ -84,11 +107,26 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment("oom-global-tmpfile-shm", "tmpfile-shm"),
         Experiment("oom-global-shm-named", "shm-named"),
         Experiment("oom-global-fd-passed", "fd-passed"),
+        Experiment("oom-global-memfd-swapped", "memfd-swapped", swapped=True),
+        Experiment("oom-global-memfd-growth", "memfd-grow"),
+        Experiment("oom-global-memfd-growth-kill-allocating", "memfd-grow", kill_allocating=True),
         Experiment("oom-memcg-v2", "memfd-write", "v2"),
         Experiment("oom-memcg-v2-group", "memfd-write", "v2", group=True),
+        Experiment("oom-memcg-v2-memfd-growth", "memfd-grow", "v2"),
+        Experiment(
+            "oom-memcg-v2-memfd-growth-protected", "memfd-grow", "v2", writer_protected=True
+        ),
+        Experiment("oom-memcg-cross-charge", "cross", "v2"),
+        # Both end in a panic ("no killable processes" once the bystanders are gone):
+        # last, so that each costs one boot per repeat and nothing else.
+        Experiment("oom-global-memfd-growth-protected", "memfd-grow", writer_protected=True),
         Experiment("oom-no-killable", "memfd-write", killable=False),
     )
 }
+
+#: Bystanders of the memfd-growth experiments: anon memory, as fractions of MemAvailable
+#: (global) or of the limit (memcg), each far above the writer's own RSS (~10 MiB).
+GROWTH_BYSTANDERS = {"bystander-1": 0.10, "bystander-2": 0.15, "bystander-3": 0.20}
 
 
 @dataclass(frozen=True)
@@ -104,6 +142,7 @@ class Env:
     memcg: str = "new"  # new: a fresh child cgroup per repeat | container: our own cgroup
     role_adj: int = OOM_SCORE_ADJ_NEUTRAL  # killable roles' oom_score_adj
     harness_protected: bool = True  # the harness runs at oom_score_adj -1000
+    swap_dev: str | None = None  # the guest's swap disk, on only during swap experiments
 
 
 def parse_plan(spec: str, repeats: int) -> list[tuple[str, int]]:
@@ -151,12 +190,16 @@ def _sizes(exp: Experiment, env: Env) -> dict[str, int]:
         return container_sizes(limit)
     available = read_meminfo().get("meminfo_MemAvailable", env.mem_total // 2)
     base = available if exp.scope == "global" else int(available * MEMCG_LIMIT_FRACTION)
-    sizes = {
-        "mem_available": available,
-        "holder": int(base * HOLDER_FRACTION),
-        "bystander": int(base * BYSTANDER_FRACTION),
-        "hog": HOG_CAP_FACTOR * env.mem_total,
-    }
+    sizes = {"mem_available": available}
+    if exp.growth:
+        sizes |= {role: int(base * f) for role, f in GROWTH_BYSTANDERS.items()}
+        sizes["writer"] = HOG_CAP_FACTOR * (env.mem_total if exp.scope == "global" else base)
+    else:
+        sizes |= {
+            "holder": int(base * HOLDER_FRACTION),
+            "bystander": int(base * BYSTANDER_FRACTION),
+            "hog": HOG_CAP_FACTOR * env.mem_total,
+        }
     if exp.scope != "global":
         sizes["limit"] = base
     return sizes
@@ -203,6 +246,10 @@ def _role_specs(
         "shm-named": os.path.join(env.shm_dir, f"kmx-{exp.name}-{os.getpid()}"),
     }.get(exp.holder)
     specs = []
+    if exp.growth:
+        specs = [RoleSpec(r, "anon", sizes[r], adj, procs) for r in GROWTH_BYSTANDERS]
+        writer_adj = OOM_SCORE_ADJ_MIN if exp.writer_protected else adj
+        return [*specs, RoleSpec("writer", "memfd-grow", sizes["writer"], writer_adj, procs)]
     if exp.holder == "fd-passed":
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         specs.append(RoleSpec("holder", "fd-receive", 0, adj, procs, sock=b))
@@ -287,23 +334,50 @@ def shmem() -> int:
     return read_meminfo().get("meminfo_Shmem", 0)
 
 
+def swap_used() -> int:
+    """SwapTotal - SwapFree in bytes: a swapped-out memfd page leaves Shmem for here."""
+    return read_meminfo().get("meminfo_SwapUsed", 0)
+
+
 @dataclass
 class Watch:
-    """What the harness saw while the hog ran."""
+    """What the harness saw while the driver (the hog, or the memfd writer) ran."""
 
-    deaths: list[Record] = field(default_factory=list)  # {"role", "t"} in the order seen
+    #: {"role", "t", "shmem", "mem_available"} in the order seen: meminfo read right after
+    #: the harness saw the death (what that kill gave back, or did not).
+    deaths: list[Record] = field(default_factory=list)
     snapshot: dict[str, dict[str, int]] | None = None  # last complete one before a death
-    hog_bytes: int = 0
-    outcome: str = "timeout"  # hog-died | hog-done (no OOM) | timeout
+    hog_bytes: int = 0  # bytes the driver allocated or wrote (last progress line)
+    #: hog-died | hog-done (no OOM) | writer-died | writer-done | write-error | timeout
+    outcome: str = "timeout"
+    write_error: str | None = None  # the writer's errno name, when a write() failed
+    stall: Record | None = None  # the driver went quiet while alive: what it was doing
 
 
 def _on_message(message: Record, roles: list[Role], watch: Watch, harness: bool) -> bool:
-    """Handle one hog message; True when the hog gave up without an OOM."""
+    """Handle one driver message; True when the driver stopped without being killed."""
     if "progress" in message:
         watch.hog_bytes = int(message["progress"])
         if not watch.deaths:
             watch.snapshot = _snapshot_all(roles, harness) or watch.snapshot
-    return "hog_done" in message
+    if "write_error" in message:
+        watch.write_error = str(message["write_error"])
+        watch.outcome = "write-error"
+        return True
+    if "done" in message:
+        watch.outcome = f"{roles[-1].name}-done"
+        return True
+    return False
+
+
+def _death(role: Role, start: float) -> Record:
+    info = read_meminfo()
+    return {
+        "role": role.name,
+        "t": round(time.monotonic() - start, 3),
+        "shmem": info.get("meminfo_Shmem"),
+        "mem_available": info.get("meminfo_MemAvailable"),
+    }
 
 
 def _read_lines(role: Role) -> list[Record] | None:
@@ -316,39 +390,81 @@ def _read_lines(role: Role) -> list[Record] | None:
     return [json.loads(line) for line in lines if line]
 
 
-def watch(roles: list[Role], start: float, deadline: float, harness: bool = False) -> Watch:
-    """Follow the hog's progress (snapshotting /proc per chunk) and every role's death.
+def watch(
+    roles: list[Role], start: float, deadline: float, harness: bool = False,
+    stall_s: float | None = None,
+) -> Watch:  # fmt: skip
+    """Follow the driver's progress (snapshotting /proc per chunk) and every role's death.
 
-    ``harness``: include the harness in the snapshots (it shares the roles' cgroup)."""
+    The driver is the last role (the hog, or the memfd writer); the repeat ends shortly
+    after it dies or stops. ``harness``: include the harness in the snapshots (it shares
+    the roles' cgroup)."""
     result = Watch()
     live = {r.channel.fd: r for r in roles if r.name != "creator"}
-    stop_at = deadline
+    driver = roles[-1]
+    stop_at, heard = deadline, time.monotonic()
     while live:
         now = time.monotonic()
         if now >= stop_at:
             break
-        for fd in select.select(list(live), [], [], stop_at - now)[0]:
+        if stall_s and driver.alive and now - heard > stall_s:
+            result.outcome, result.stall = (
+                f"{driver.name}-stalled",
+                stall_evidence(driver, now - heard),
+            )
+            break
+        wait = min(stop_at, heard + stall_s) - now if stall_s else stop_at - now
+        for fd in select.select(list(live), [], [], max(wait, 0.01))[0]:
             role = live[fd]
             messages = _read_lines(role)
+            if role is driver:
+                heard = time.monotonic()
             if messages is None:
                 role.alive = False
                 del live[fd]
-                result.deaths.append({"role": role.name, "t": round(time.monotonic() - start, 3)})
-                if role.name == "hog":
-                    result.outcome = "hog-died"
+                result.deaths.append(_death(role, start))
+                if role is driver and result.outcome == "timeout":
+                    result.outcome = f"{driver.name}-died"
                     stop_at = time.monotonic() + SETTLE_S
             elif any(_on_message(m, roles, result, harness) for m in messages):
-                result.outcome = "hog-done"
                 stop_at = time.monotonic()
     return result
 
 
-def _exit_signals(roles: list[Role]) -> dict[str, str]:
-    """How each exited role ended (SIGKILL = the OOM killer), reaping it."""
+def stall_evidence(role: Role, quiet_s: float) -> Record:
+    """What a stalled driver is doing: its state, system call and wait channel."""
+    found: Record = {"no_progress_s": round(quiet_s, 2)}
+    for name in ("stat", "syscall", "wchan"):
+        try:
+            text = read_text(f"/proc/{role.pid}/{name}")
+        except OSError:
+            continue
+        if name == "stat":  # "pid (comm) S ...": the state letter follows the comm
+            found["state"] = text.rpartition(")")[2].split()[0]
+        else:
+            found[name] = text.split()[0] if text.split() else ""
+    return found
+
+
+def _waitpid(pid: int, patience: float) -> tuple[int, int]:
+    """waitpid WNOHANG, retried for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        found = os.waitpid(pid, os.WNOHANG)
+        if found[0] or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.01)
+
+
+def _exit_signals(roles: list[Role], dead: Sequence[str] = ()) -> dict[str, str]:
+    """How each exited role ended (SIGKILL = the OOM killer), reaping it.
+
+    Roles in ``dead`` closed their pipe: they are waited for (REAP_S), so that what they
+    held is released before the harness reads Shmem again."""
     ends = {}
     for role in roles:
         try:
-            pid, status = os.waitpid(role.pid, os.WNOHANG)
+            pid, status = _waitpid(role.pid, REAP_S if role.name in dead else 0)
         except ChildProcessError:
             continue
         if pid == 0:
@@ -363,8 +479,9 @@ def _exit_signals(roles: list[Role]) -> dict[str, str]:
 
 def _kill_all(roles: list[Role]) -> None:
     """SIGKILL the repeat's process group and every role, and reap them."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(roles[0].pid, signal.SIGKILL)
+    if roles:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(roles[0].pid, signal.SIGKILL)
     for role in roles:
         with contextlib.suppress(ProcessLookupError):
             os.kill(role.pid, signal.SIGKILL)
@@ -386,16 +503,6 @@ def wait_shmem(baseline: int, timeout: float = RESTORE_TIMEOUT) -> int:
 
 
 # ---- the repeat as a whole -------------------------------------------------------------
-
-
-def _keep_reference(exp: Experiment, holder: Role) -> int | None:
-    """memcg experiments: the harness opens the holder's memfd too (/proc/PID/fd/N), so
-    the file outlives every process in the cgroup and we can see whether its charge
-    stays with the cgroup."""
-    fd = holder.ready.get("fd")
-    if exp.scope == "global" or not isinstance(fd, int):
-        return None
-    return os.open(f"/proc/{holder.pid}/fd/{fd}", os.O_RDONLY)
 
 
 def _predict(
@@ -424,6 +531,7 @@ def _armed(rec: Record, roles: list[Role], scope: oom_scope.Scope, emit: Emit, e
             "name": rec["name"],
             "repeat": rec["repeat"],
             "pids": rec["pids"],
+            "holder_role": rec.get("holder_role"),
             "mem_total": env.mem_total,
             "uptime": uptime(),
         }
@@ -440,12 +548,18 @@ def _armed(rec: Record, roles: list[Role], scope: oom_scope.Scope, emit: Emit, e
 
 def _outcome(rec: Record, seen: Watch, roles: list[Role], scope: oom_scope.Scope) -> None:
     rec.update(outcome=seen.outcome, hog_bytes=seen.hog_bytes, died=seen.deaths)
-    rec["exit"] = _exit_signals(roles)
+    if seen.write_error:
+        rec["write_error"] = seen.write_error
+    if seen.stall:
+        rec["stall"] = seen.stall
+    rec["exit"] = _exit_signals(roles, [d["role"] for d in seen.deaths])
     rec["probe_victims"] = [
         d["role"] for d in seen.deaths if rec["exit"].get(d["role"]) == "SIGKILL"
     ]
     rec["shmem"]["after_oom"] = shmem()
+    rec["shmem"]["swap_after_oom"] = swap_used()
     rec["cgroup"]["current_after_oom"] = scope.current()
+    rec["cgroup"]["shmem_after_oom"] = scope.stat("shmem")
     rec["cgroup"]["events"] = scope.events()
     if not scope.owned:  # the container's counters span every repeat: keep this one's
         before = rec["cgroup"].get("events_before") or {}
@@ -453,7 +567,7 @@ def _outcome(rec: Record, seen: Watch, roles: list[Role], scope: oom_scope.Scope
         rec["cgroup"]["events"] = events_delta(before, rec["cgroup"]["events"])
     if seen.outcome == "timeout":
         rec["status"] = "timeout"
-        rec["error"] = "the hog was still alive at the per-experiment timeout"
+        rec["error"] = f"the {roles[-1].name} was still running at the per-experiment timeout"
 
 
 #: memory.oom_control (v1) fields that are states, not counters.
@@ -465,24 +579,40 @@ def events_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int
     return {k: v if k in EVENT_FLAGS else v - before.get(k, 0) for k, v in after.items()}
 
 
+def held_bytes(rec: Record) -> int:
+    """What the repeat put in files: the holder's size, or what the writer wrote."""
+    return int(rec.get("hog_bytes") or 0) if rec.get("writer") else rec["sizes"].get("holder", 0)
+
+
+def judge(rec: Record) -> None:
+    """The booleans of a repeat, each able to come out either way.
+
+    ``shmem.freed_by_oom``: after the OOM, Shmem is no longer up by half of what the files
+    held (their last reference died with a victim). ``cgroup.charge_stayed``: the memory
+    cgroup still carries at least half of it in memory.stat shmem after the OOM (the file
+    outlived the victims, or nobody holding it was killed). No harness reference keeps
+    a file alive: only the roles hold them.
+    """
+    sh, cg, held = rec["shmem"], rec["cgroup"], held_bytes(rec)
+    if held and sh.get("after_oom") is not None:
+        # A page in swap is no longer Shmem: count both, or a swapped file looks freed.
+        swapped = (sh.get("swap_after_oom") or 0) - (sh.get("swap_baseline") or 0)
+        sh["freed_by_oom"] = sh["after_oom"] - sh["baseline"] + max(swapped, 0) < held // 2
+    if held and cg.get("shmem_after_oom") is not None:
+        cg["charge_stayed"] = cg["shmem_after_oom"] - (cg.get("shmem_baseline") or 0) >= held // 2
+
+
 def _finish(
-    rec: Record,
-    roles: list[Role],
-    scope: oom_scope.Scope,
-    ref: int | None,
-    exp: Experiment,
-    env: Env,
+    rec: Record, roles: list[Role], scope: oom_scope.Scope, exp: Experiment, env: Env
 ) -> None:
-    """Kill what is left, measure the charge that outlived the processes, clean up."""
+    """Kill what is left, judge the repeat, restore knobs, clean up."""
     _kill_all(roles)
+    judge(rec)
     cg = rec["cgroup"]
     if scope.path:
         cg["current_after_exit"] = scope.current()
-        holder = rec.get("sizes", {}).get("holder", 0)
-        if ref is not None and cg["current_after_exit"] is not None:
-            cg["charge_stayed"] = cg["current_after_exit"] >= holder // 2
-    if ref is not None:
-        os.close(ref)
+    if exp.kill_allocating:
+        knobs.set_sysctl("vm/oom_kill_allocating_task", rec["knobs"]["oom_kill_allocating_task"])
     if exp.holder == "shm-named":
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(env.shm_dir, f"kmx-{exp.name}-{os.getpid()}"))
@@ -494,8 +624,6 @@ def _finish(
     sh = rec["shmem"]
     sh["after_cleanup"] = wait_shmem(sh["baseline"])
     sh["restored"] = sh["after_cleanup"] <= sh["baseline"] + SHMEM_TOLERANCE
-    if sh.get("after_oom") is not None and sh.get("armed") is not None:
-        sh["freed_by_oom"] = sh["armed"] - sh["after_oom"] >= rec["sizes"]["holder"] // 2
 
 
 def _check_container_restored(cg: Record, scope: oom_scope.Scope) -> None:
@@ -517,19 +645,40 @@ def _check_container_restored(cg: Record, scope: oom_scope.Scope) -> None:
     cg["restored"] = value is not None and value <= baseline + CGROUP_SHMEM_TOLERANCE
 
 
+#: The role whose memory the experiment is about, where it is not called "holder".
+_HOLDER_ROLE = {"memfd-grow": "writer", "cross": "receiver"}
+
+
 def _new_record(exp: Experiment, repeat: int, env: Env) -> Record:
     return {
         "type": "oom", "event": "result", "name": exp.name, "repeat": repeat,
         "status": "ok", "error": None, "scope": exp.scope, "group": exp.group,
-        "mem_total": env.mem_total, "sizes": _sizes(exp, env),
+        "writer": exp.growth, "writer_protected": exp.writer_protected,
+        "holder_role": _HOLDER_ROLE.get(exp.holder, "holder"),
+        "mem_total": env.mem_total, "sizes": _sizes(exp, env), "knobs": knobs.oom_knobs(),
         "memcg": env.memcg if exp.scope != "global" else None,
         "oom_score_adj": {"harness": _own_adj(), "roles": env.role_adj},
-        "shmem": {"baseline": shmem()}, "cgroup": {}, "vmstat_oom_kill": None,
+        "shmem": {"baseline": shmem(), "swap_baseline": swap_used()}, "cgroup": {},
+        "vmstat_oom_kill": None,
     }  # fmt: skip
 
 
 def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
-    """One repeat of one experiment, end to end; never raises."""
+    """One repeat of one experiment, end to end; never raises. Swap experiments swap the
+    guest's swap disk on first and off again at the end."""
+    problem = swap.swapon(env.swap_dev) if exp.swapped else None
+    if problem:
+        rec = _new_record(exp, repeat, env)
+        rec.update(status="not available", error=problem)
+        return rec
+    try:
+        return _run_repeat(exp, repeat, env, emit)
+    finally:
+        if exp.swapped:
+            swap.swapoff(env.swap_dev)
+
+
+def _run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
     start = time.monotonic()
     rec = _new_record(exp, repeat, env)
     oom_before = vmstat_oom_kill()
@@ -543,22 +692,23 @@ def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
     if not scope.owned:
         rec["cgroup"]["events_before"] = scope.events()
     roles: list[Role] = []
-    ref = None
     try:
         deadline = start + env.timeout
         roles = _spawn_all(_role_specs(exp, env, scope, rec["sizes"]), env, deadline)
         rec["t_ready"] = round(time.monotonic() - start, 3)
-        ref = _keep_reference(exp, roles[0])
+        if exp.kill_allocating:
+            knobs.set_sysctl("vm/oom_kill_allocating_task", 1)
         _armed(rec, roles, scope, emit, env)
         os.write(roles[-1].cmd_w, b"g")
-        seen = watch(roles, start, deadline, harness=not scope.owned)
+        stall_s = STALL_S if exp.growth else None
+        seen = watch(roles, start, deadline, harness=not scope.owned, stall_s=stall_s)
         _predict(rec, seen.snapshot, scope, env)
         _outcome(rec, seen, roles, scope)
     except (ProtocolError, OSError, ValueError) as exc:
         rec.update(status="error", error=f"{type(exc).__name__}: {exc}")
     finally:
         rec["t_watched"] = round(time.monotonic() - start, 3)
-        _finish(rec, roles, scope, ref, exp, env)
+        _finish(rec, roles, scope, exp, env)
     after = vmstat_oom_kill()
     if oom_before is not None and after is not None:
         rec["vmstat_oom_kill"] = after - oom_before
@@ -587,6 +737,15 @@ def protect_harness() -> str | None:
     return None
 
 
+def _runner(exp: Experiment) -> Callable[[Experiment, int, Env, Emit], Record]:
+    """run_repeat, or oom_cross's for the cross-charge experiment (it imports this module)."""
+    if exp.holder == "cross":
+        import oom_cross
+
+        return oom_cross.run_repeat
+    return run_repeat
+
+
 def run_plan(plan: list[tuple[str, int]], env: Env, emit: Emit) -> int:
     """Run the (experiment, repeat) units in order, emitting a record per repeat.
 
@@ -606,7 +765,7 @@ def run_plan(plan: list[tuple[str, int]], env: Env, emit: Emit) -> int:
             rec.update(status="not available", error=unprotected)
         else:
             try:
-                rec = run_repeat(exp, repeat, env, emit)
+                rec = _runner(exp)(exp, repeat, env, emit)
             except Exception as exc:
                 rec = {"type": "oom", "event": "result", "name": name, "repeat": repeat}
                 rec.update(status="error", error=f"probe error: {exc!r}")

@@ -9,6 +9,7 @@ harness closes the command pipe (or the OOM killer ends it). Only the hog acts o
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import socket
@@ -24,6 +25,8 @@ WRITE_CHUNK = 2 * MIB
 #: per-page Python loop, and the harness gets a progress line (and a /proc snapshot) per
 #: chunk, so the snapshot "just before the OOM" is at most one chunk old.
 HOG_CHUNK = 4 * MIB
+#: The writer's memfd grows by this much per step (one progress line and snapshot each).
+GROW_STEP = 4 * MIB
 
 #: Killable roles get the neutral adjustment; the harness runs at -1000 and children
 #: inherit it (lowering it back needs CAP_SYS_RESOURCE, which the guest's root has).
@@ -37,12 +40,14 @@ class RoleSpec:
 
     role: str
     # memfd-write | memfd-mapped | tmpfile-shm | shm-named | fd-receive | fd-create | anon | hog
+    # | memfd-grow (the writer: grows an unmapped memfd on "go") | fd-receive-grow
     action: str
     size: int  # bytes to hold (hog: the most it will try to allocate)
     oom_score_adj: int = OOM_SCORE_ADJ_NEUTRAL
     cgroup_procs: str | None = None  # cgroup.procs file to join
     path: str | None = None  # shm dir (tmpfile-shm) or file path (shm-named)
     sock: socket.socket | None = None  # fd-passed: the socketpair end of this role
+    extra: int = 0  # fd-receive-grow: bytes to append to the received memfd before mapping it
     close_fds: list[int] = field(default_factory=list)
     pgid: int = 0  # process group of the repeat (0: this role starts it)
 
@@ -63,7 +68,7 @@ def fill(fd: int, total: int) -> int:
 
 def _hold_file(spec: RoleSpec, keep: list[object]) -> dict[str, object]:
     """Create the holder's file, fill it with write(), and (memfd-mapped) map it."""
-    if spec.action in ("memfd-write", "memfd-mapped", "fd-create"):
+    if spec.action in ("memfd-write", "memfd-mapped", "fd-create", "memfd-swapped"):
         fd = os.memfd_create(f"kmx-{spec.role}")
     elif spec.action == "tmpfile-shm":
         assert spec.path
@@ -77,6 +82,10 @@ def _hold_file(spec: RoleSpec, keep: list[object]) -> dict[str, object]:
         # count in RssShmem (MM_SHMEMPAGES) and therefore in oom_badness().
         m = mmap.mmap(fd, spec.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         keep.append(m)
+    if spec.action == "memfd-swapped":
+        import swap  # pages out to the guest's swap disk, which the harness swapped on
+
+        return {"bytes_written": written, "fd": fd, "pushed_by": swap.push_out(fd, spec.size)}
     if spec.action == "fd-create":
         assert spec.sock is not None
         socket.send_fds(spec.sock, [b"m"], [fd])
@@ -85,13 +94,25 @@ def _hold_file(spec: RoleSpec, keep: list[object]) -> dict[str, object]:
     return {"bytes_written": written, "fd": fd}
 
 
-def _receive_fd(spec: RoleSpec) -> dict[str, object]:
-    """fd-passed holder: receive the memfd over SCM_RIGHTS and keep it (never mapped)."""
+def _receive_fd(spec: RoleSpec, keep: list[object]) -> dict[str, object]:
+    """fd-passed holder: receive the memfd over SCM_RIGHTS and keep it (never mapped).
+
+    fd-receive-grow (oom-memcg-cross-charge) then appends ``spec.extra`` bytes -- charged
+    to this role's cgroup, the pages it allocates -- and maps and touches the whole file.
+    """
     assert spec.sock is not None
     _, fds, _, _ = socket.recv_fds(spec.sock, 16, 1)
     if not fds:
         raise RuntimeError("no fd arrived over SCM_RIGHTS")
-    return {"fd": fds[0], "received_size": os.fstat(fds[0]).st_size}
+    fd = fds[0]
+    info: dict[str, object] = {"fd": fd, "received_size": os.fstat(fd).st_size}
+    if spec.action == "fd-receive-grow":
+        os.lseek(fd, 0, os.SEEK_END)
+        info["bytes_appended"] = fill(fd, spec.extra)
+        size = os.fstat(fd).st_size
+        keep.append(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE))
+        info["mapped_size"] = size
+    return info
 
 
 def _anon(size: int, keep: list[object]) -> None:
@@ -107,7 +128,27 @@ def _hog(spec: RoleSpec, res_w: int, keep: list[object]) -> None:
         _anon(HOG_CHUNK, keep)
         total += HOG_CHUNK
         send(res_w, {"progress": total})
-    send(res_w, {"hog_done": total})
+    send(res_w, {"done": total})
+
+
+def _grow(res_w: int, size: int) -> None:
+    """The writer: fill an unmapped memfd with write() in GROW_STEP steps, reporting each.
+
+    Nobody else holds the memfd (not the harness either): when the writer dies, the
+    file's pages are freed. A failing write() (ENOMEM / ENOSPC when a memory cgroup has
+    nothing left to kill) is reported as the end of the repeat, with the errno.
+    """
+    fd = os.memfd_create("kmx-writer")
+    total = 0
+    while total < size:
+        try:
+            total += fill(fd, min(GROW_STEP, size - total))
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            send(res_w, {"write_error": name, "progress": os.fstat(fd).st_size})
+            return
+        send(res_w, {"progress": total})
+    send(res_w, {"done": total})
 
 
 def _setup(spec: RoleSpec) -> None:
@@ -130,15 +171,17 @@ def role_main(spec: RoleSpec, cmd_r: int, res_w: int) -> NoReturn:
         info: dict[str, object] = {"ready": True, "pid": os.getpid()}
         if spec.action == "anon":
             _anon(spec.size, keep)
-        elif spec.action == "fd-receive":
-            info.update(_receive_fd(spec))
-        elif spec.action != "hog":
+        elif spec.action in ("fd-receive", "fd-receive-grow"):
+            info.update(_receive_fd(spec, keep))
+        elif spec.action not in ("hog", "memfd-grow"):
             info.update(_hold_file(spec, keep))
         send(res_w, info)
         if spec.action == "fd-create":
             os._exit(0)  # the creator leaves: only the receiver keeps the memfd
         if spec.action == "hog" and os.read(cmd_r, 1) == b"g":
             _hog(spec, res_w, keep)
+        elif spec.action == "memfd-grow" and os.read(cmd_r, 1) == b"g":
+            _grow(res_w, spec.size)
         os.read(cmd_r, 1)  # hold everything until the harness closes the pipe
         status = 0
     except BaseException as exc:

@@ -87,18 +87,19 @@ def _read_int(directory: str | None, name: str) -> int | None:
         return None
 
 
-def _write(path: str, text: str) -> None:
+def write_file(path: str, text: str) -> None:
+    """Write a cgroup or proc file (one write)."""
     with open(path, "w", encoding="ascii") as f:
         f.write(text)
 
 
-def _enable_v2_memory(root: str) -> None:
+def enable_v2_memory(root: str) -> None:
     """``+memory`` in the root's subtree_control, retrying while a v1 root lets go of it."""
     give_back_v1()
     deadline = time.monotonic() + REBIND_TIMEOUT
     while True:
         try:
-            _write(os.path.join(root, "cgroup.subtree_control"), "+memory")
+            write_file(os.path.join(root, "cgroup.subtree_control"), "+memory")
             return
         except OSError as exc:
             if time.monotonic() > deadline:
@@ -112,14 +113,14 @@ def make_v2(root: str, name: str, limit: int, group: bool) -> Scope:
     """A fresh v2 cgroup ``<root>/kmx-<name>`` with memory.max (and memory.oom.group)."""
     if not os.path.exists(os.path.join(root, "cgroup.controllers")):
         raise Unavailable(f"no cgroup2 hierarchy at {root}")
-    _enable_v2_memory(root)
+    enable_v2_memory(root)
     path = os.path.join(root, f"kmx-{name}")
     system.remove_cgroup(path)
     try:
         os.mkdir(path)
-        _write(os.path.join(path, "memory.max"), str(limit))
+        write_file(os.path.join(path, "memory.max"), str(limit))
         if group:
-            _write(os.path.join(path, "memory.oom.group"), "1")
+            write_file(os.path.join(path, "memory.oom.group"), "1")
     except OSError as exc:
         system.remove_cgroup(path)
         raise Unavailable(f"cannot set up the v2 memory cgroup {path}: {exc}") from None
@@ -156,7 +157,7 @@ def make_v1(name: str, limit: int) -> Scope:
     system.remove_cgroup(path)
     try:
         os.mkdir(path)
-        _write(os.path.join(path, "memory.limit_in_bytes"), str(limit))
+        write_file(os.path.join(path, "memory.limit_in_bytes"), str(limit))
     except OSError as exc:
         release(Scope("v1", path, limit, mounted))
         raise Unavailable(f"cannot set up the v1 memory cgroup {path}: {exc}") from None
@@ -197,7 +198,7 @@ def release(scope: Scope) -> str | None:
         restore = scope.facts.get("restore_oom_group")
         if scope.path and isinstance(restore, str):
             try:
-                _write(os.path.join(scope.path, "memory.oom.group"), restore)
+                write_file(os.path.join(scope.path, "memory.oom.group"), restore)
             except OSError as exc:
                 return f"restoring memory.oom.group: {exc}"
         return None
@@ -288,7 +289,7 @@ def _set_container_group(path: str, harness_protected: bool) -> str:
         )
     old = read_text(name).strip()
     try:
-        _write(name, "1")
+        write_file(name, "1")
     except OSError as exc:
         raise Unavailable(f"cannot set {name}: {exc}") from None
     return old

@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accounting
+import knobs
 import oom
 import system
 from protocol import run_scenario, write_all
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--disk-dir", default="/mnt/disk")
     p.add_argument("--scenarios", default="all", help="comma-separated names, or all")
     p.add_argument("--cgroup-root", default="/sys/fs/cgroup")
+    p.add_argument(
+        "--swap-dev", default="", help="a swap device the swap scenarios may swap on (default none)"
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="per-scenario timeout (s)")
     p.add_argument(
         "--oom",
@@ -148,6 +152,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         disk_dir=args.disk_dir,
         shm_size=system.shm_size(args.shm_dir),
         disk_problem=system.disk_problem(args.disk_dir),
+        swap_dev=args.swap_dev or None,
     )
 
 
@@ -167,6 +172,7 @@ def hello_record(settings: Settings, cgroups: system.Cgroups) -> dict[str, Any]:
         "shm_size": settings.shm_size,
         "disk_fs": system.fs_type(settings.disk_dir),
         "python": platform.python_version(),
+        "knobs": knobs.read_knobs(),  # every setting that can change an answer, as it is
     }
 
 
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.oom_timeout,
         out_fd=out.fd,
         memcg=args.oom_memcg,
+        swap_dev=args.swap_dev or None,
     )
     done: dict[str, Any] = {"type": "done", "scenarios": len(names)}
     if plan:

@@ -27,6 +27,16 @@ MFD_NOEXEC_SEAL = 0x0008
 F_SEAL_EXEC = 0x0020
 #: Refuse to write more than this fraction of MemAvailable (a host /dev/shm may be huge).
 MAX_AVAILABLE_FRACTION = 0.75
+#: memfd-beyond-half-ram writes this fraction of MemTotal (the thread claims 50 % caps it).
+BEYOND_HALF_FRACTION = 0.65
+#: ... and needs this much more than that available, for the probe and the kernel.
+BEYOND_HALF_MARGIN = 32 * MIB
+#: ... and never more than this: beyond it the machine is a host, not a test guest.
+BEYOND_HALF_MAX = 4096 * MIB
+HUGE_PAGES_RESERVED = 2
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+OVERCOMMIT = "/proc/sys/vm/overcommit_memory"
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 T = TypeVar("T")
 
@@ -41,6 +51,7 @@ class Settings:
     disk_dir: str
     shm_size: int | None
     disk_problem: str | None
+    swap_dev: str | None = None  # the guest's swap disk, swapped on only by swap scenarios
 
 
 @dataclass
@@ -265,22 +276,55 @@ def act_memfd_2proc(ctx: Ctx) -> None:
         raise RuntimeError("grandchild exited before mapping the memfd")
 
 
+def _reserve_huge_pages(ctx: Ctx, wanted: int) -> int | None:
+    """Make sure ``wanted`` huge pages are reserved (vm.nr_hugepages); the count before.
+
+    Without a reservation an MFD_HUGETLB mapping fails with ENOMEM on every default
+    kernel: that measures the sysctl, not the feature. The previous value is put back
+    right after the page is faulted in; a page in use then becomes a surplus page, freed
+    when the child dies (mm/hugetlb.c set_max_huge_pages)."""
+    before = _read_int(NR_HUGEPAGES)
+    ctx.detail["nr_hugepages_before"] = before
+    if before is not None and before < wanted:
+        try:
+            with open(NR_HUGEPAGES, "w", encoding="ascii") as f:
+                f.write(str(wanted))
+            ctx.detail["reserve"] = "ok"
+        except OSError as exc:  # a container's read-only /proc/sys
+            ctx.detail["reserve"] = errno_name(exc)
+    ctx.detail["nr_hugepages"] = _read_int(NR_HUGEPAGES)
+    return before
+
+
 def act_memfd_hugetlb(ctx: Ctx) -> None:
-    """Feature probe: MFD_HUGETLB memfd, 2 MiB ftruncate, mmap, touch one byte."""
-    ctx.detail["nr_hugepages"] = _read_int("/proc/sys/vm/nr_hugepages")
-    flags = os.MFD_CLOEXEC | os.MFD_HUGETLB
-    ctx.fd = step(ctx, "memfd_create", lambda: os.memfd_create("kmatrix-hugetlb", flags))
-    step(ctx, "ftruncate", lambda: os.ftruncate(ctx.fd, HUGE_PAGE))
-    m = step(ctx, "mmap", lambda: mmap.mmap(ctx.fd, HUGE_PAGE, flags=mmap.MAP_SHARED))
-    ctx.keep.append(m)
-    m[0] = 1
-    ctx.detail["touch"] = "ok"
+    """Feature probe: huge pages reserved, then MFD_HUGETLB memfd, 2 MiB ftruncate, mmap, touch."""
+    before = _reserve_huge_pages(ctx, HUGE_PAGES_RESERVED)
+    try:
+        flags = os.MFD_CLOEXEC | os.MFD_HUGETLB
+        ctx.fd = step(ctx, "memfd_create", lambda: os.memfd_create("kmatrix-hugetlb", flags))
+        step(ctx, "ftruncate", lambda: os.ftruncate(ctx.fd, HUGE_PAGE))
+        m = step(ctx, "mmap", lambda: mmap.mmap(ctx.fd, HUGE_PAGE, flags=mmap.MAP_SHARED))
+        ctx.keep.append(m)
+        m[0] = 1
+        ctx.detail["touch"] = "ok"
+    finally:
+        if ctx.detail.get("reserve") == "ok" and before is not None:
+            with open(NR_HUGEPAGES, "w", encoding="ascii") as f:
+                f.write(str(before))
 
 
 def act_memfd_noexec_seal(ctx: Ctx) -> None:
     """Feature probe: MFD_NOEXEC_SEAL; if supported, does fchmod(0o755) fail?"""
+    _noexec_seal(ctx, os.MFD_CLOEXEC | MFD_NOEXEC_SEAL)
+
+
+def act_memfd_hugetlb_noexec_seal(ctx: Ctx) -> None:
+    """Feature probe: MFD_HUGETLB|MFD_NOEXEC_SEAL: seals, mode, is chmod +x refused?"""
+    _noexec_seal(ctx, os.MFD_CLOEXEC | os.MFD_HUGETLB | MFD_NOEXEC_SEAL)
+
+
+def _noexec_seal(ctx: Ctx, flags: int) -> None:
     ctx.detail["vm_memfd_noexec"] = _read_int("/proc/sys/vm/memfd_noexec")
-    flags = os.MFD_CLOEXEC | MFD_NOEXEC_SEAL
     ctx.fd = step(ctx, "memfd_create", lambda: os.memfd_create("kmatrix-noexec", flags))
     ctx.detail["mode"] = oct(os.fstat(ctx.fd).st_mode & 0o7777)
     seals = fcntl.fcntl(ctx.fd, fcntl.F_GET_SEALS)
@@ -291,6 +335,103 @@ def act_memfd_noexec_seal(ctx: Ctx) -> None:
         ctx.detail["fchmod_755"] = "ok"
     except OSError as exc:
         ctx.detail["fchmod_755"] = errno_name(exc)
+
+
+def beyond_half_size(settings: Settings) -> int:
+    """~65 % of MemTotal: past the 50 % a tmpfs mount gets by default."""
+    total = accounting.parse_kb_fields(accounting.read_text("/proc/meminfo")).get("MemTotal", 0)
+    return int(total * BEYOND_HALF_FRACTION) // CHUNK_SIZE * CHUNK_SIZE
+
+
+def need_room_beyond_half(settings: Settings) -> Skip | None:
+    """Refuse where 65 % of MemTotal does not fit: a small guest, or a container whose
+    memory limit (not the host's MemTotal) bounds it."""
+    size = beyond_half_size(settings)
+    if size > BEYOND_HALF_MAX:
+        # A host, not a small guest: writing most of its RAM (and, strict, setting its
+        # vm.overcommit_memory) would starve everything else running there.
+        return Skip(
+            f"refused: 65% of MemTotal is {size} bytes, more than the {BEYOND_HALF_MAX} "
+            "this scenario writes; it is meant for guests and containers",
+            {"needed_bytes": size},
+        )
+    available = accounting.read_meminfo().get("meminfo_MemAvailable", 0)
+    import oom_scope  # the cgroup helpers live with the OOM experiments
+
+    limit = oom_scope.container_limit(CGROUP_ROOT)
+    room = min(available, limit) if limit else available
+    if size + BEYOND_HALF_MARGIN > room:
+        return Skip(
+            f"refused: would write {size} bytes (65% of MemTotal); only {room} bytes of "
+            "memory are available here",
+            {"needed_bytes": size, "room": room, "cgroup_limit": limit},
+        )
+    return None
+
+
+def need_sysctl_writable(settings: Settings) -> Skip | None:
+    """The strict variant sets vm.overcommit_memory: refuse where /proc/sys is read-only."""
+    skip = need_room_beyond_half(settings)
+    if skip is None and not os.access(OVERCOMMIT, os.W_OK):
+        return Skip(f"refused: {OVERCOMMIT} is not writable here (a container?)")
+    return skip
+
+
+def act_beyond_half(ctx: Ctx) -> None:
+    """write() ~65 % of MemTotal into an unmapped memfd; its mount's statfs as evidence."""
+    st = os.fstatvfs(ctx.fd)
+    # The kernel-internal shm_mnt is mounted without size= (mm/shmem.c shmem_fill_super
+    # gives SB_KERNMOUNT no max_blocks): f_blocks 0 means "no limit", not "0 bytes".
+    ctx.detail.update(f_blocks=st.f_blocks, f_bsize=st.f_bsize)
+    total = accounting.parse_kb_fields(accounting.read_text("/proc/meminfo")).get("MemTotal", 0)
+    ctx.detail["mem_total"] = total
+    try:
+        write_fill(ctx, ctx.size)
+    finally:
+        ctx.detail["written_of_mem_total"] = round(ctx.detail["bytes_written"] / total, 3)
+
+
+def act_beyond_half_strict(ctx: Ctx) -> None:
+    """As act_beyond_half under vm.overcommit_memory=2 (restored before AFTER is read)."""
+    before = _read_int(OVERCOMMIT)
+    with open(OVERCOMMIT, "w", encoding="ascii") as f:
+        f.write("2")
+    try:
+        ctx.detail["commit_before"] = _commit()
+        act_beyond_half(ctx)
+    finally:
+        ctx.detail["commit_after"] = _commit()
+        with open(OVERCOMMIT, "w", encoding="ascii") as f:
+            f.write(str(before if before is not None else 0))
+        ctx.detail["overcommit_memory_during"] = 2
+
+
+def _commit() -> dict[str, int | None]:
+    fields = accounting.parse_kb_fields(accounting.read_text("/proc/meminfo"))
+    return {k: fields.get(k) for k in ("CommitLimit", "Committed_AS")}
+
+
+def need_swap(settings: Settings) -> Skip | None:
+    """Swap scenarios need the guest's swap disk; they swap it on before BEFORE."""
+    import swap
+
+    problem = swap.swapon(settings.swap_dev)
+    return Skip(problem) if problem else None
+
+
+def act_write_swapped(ctx: Ctx) -> None:
+    """Fill the memfd with write() (never mapped), then push its pages out to swap."""
+    import swap
+
+    write_fill(ctx, ctx.size)
+    ctx.detail["pushed_by"] = swap.push_out(ctx.fd, ctx.size)
+
+
+def act_map_swapped(ctx: Ctx) -> None:
+    """Map and touch the memfd, then push its pages out to swap; the mapping stays."""
+    import swap
+
+    ctx.detail["pushed_by"] = swap.push_out(ctx.fd, ctx.size, map_fd(ctx))
 
 
 def _read_int(path: str) -> int | None:
@@ -321,7 +462,19 @@ _LIST = [
     ),
     Scenario("memfd-hugetlb", act_memfd_hugetlb, size=lambda s: HUGE_PAGE),
     Scenario("memfd-noexec-seal", act_memfd_noexec_seal, size=lambda s: 0),
-]
+    Scenario("memfd-hugetlb-noexec-seal", act_memfd_hugetlb_noexec_seal, size=lambda s: 0),
+    Scenario(
+        "memfd-beyond-half-ram", act_beyond_half, prep_memfd, beyond_half_size,
+        need_room_beyond_half,
+    ),
+    Scenario(
+        "memfd-beyond-half-ram-strict", act_beyond_half_strict, prep_memfd, beyond_half_size,
+        need_sysctl_writable,
+    ),
+    # Last: they swap the guest's swap disk on, and it stays on for the rest of the boot.
+    Scenario("memfd-write-swapped", act_write_swapped, prep_memfd, check=need_swap),
+    Scenario("memfd-mmap-swapped", act_map_swapped, prep_memfd, check=need_swap),
+]  # fmt: skip
 
 #: Canonical scenario name -> Scenario, in the canonical order.
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in _LIST}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,15 +28,24 @@ def _after(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
-def test_amd64_argv_is_unchanged() -> None:
+def test_amd64_argv() -> None:
+    """Disks carry a serial the guest's init finds them by (the swap disk too)."""
     assert build_argv(SPEC) == [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "512M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", "/k/vmlinuz", "-initrd", "/w/initrd",
         "-append", "console=ttyS0,115200 panic=-1 mitigations=off quiet",
         "-serial", "file:/w/console.log", "-serial", "file:/w/results.log",
-        "-drive", "file=/w/disk.img,format=raw,if=virtio,cache=unsafe",
+        "-drive", "file=/w/disk.img,format=raw,if=none,id=kmxdisk,cache=unsafe",
+        "-device", "virtio-blk-pci,drive=kmxdisk,serial=kmxdisk",
     ]  # fmt: skip
+
+
+def test_swap_disk_has_its_own_serial() -> None:
+    argv = build_argv(replace(SPEC, swap=Path("/w/swap.img"), cpus=2))
+    assert _after(argv, "-smp") == ["2"]
+    assert _after(argv, "-device")[-1] == "virtio-blk-pci,drive=kmxswap,serial=kmxswap"
+    assert "file=/w/swap.img,format=raw,if=none,id=kmxswap,cache=unsafe" in _after(argv, "-drive")
 
 
 def test_arm64_argv_boots_the_virt_board_with_a_virtio_serial_result_port() -> None:
@@ -49,6 +59,7 @@ def test_arm64_argv_boots_the_virt_board_with_a_virtio_serial_result_port() -> N
     assert _after(argv, "-device") == [
         "virtio-serial-pci",
         "virtserialport,chardev=kmxresult,name=kmatrix",
+        "virtio-blk-pci,drive=kmxdisk,serial=kmxdisk",
     ]
     assert ARM64.result_device == "port:kmatrix"
     assert "virtio_console" in ARM64.guest_modules

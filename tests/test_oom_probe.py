@@ -84,9 +84,15 @@ def test_sizes_keep_the_roles_in_order() -> None:
     env = oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 30.0, 1)
     for exp in oom.EXPERIMENTS.values():
         sizes = oom._sizes(exp, env)
+        assert ("limit" in sizes) == (exp.scope != "global")
+        if exp.growth:  # three bystanders of different sizes; the writer has only a cap
+            sizes_by = [sizes[r] for r in oom.GROWTH_BYSTANDERS]
+            assert sizes_by == sorted(sizes_by) and len(set(sizes_by)) == 3
+            assert sizes_by[0] > 16 * MIB  # clearly larger than the writer's own RSS
+            assert sizes["writer"] >= 2 * sizes.get("limit", env.mem_total)
+            continue
         assert sizes["holder"] > 5 * sizes["bystander"] > 0
         assert sizes["hog"] >= env.mem_total  # the hog only stops at an OOM
-        assert ("limit" in sizes) == (exp.scope != "global")
 
 
 def _env() -> oom.Env:

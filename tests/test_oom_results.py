@@ -24,7 +24,14 @@ def _boot(index: int, units: list[Unit], end: dict[str, object]) -> BootOutput:
     return BootOutput(index, units, probe, console, end)
 
 
-UNITS = [Unit(n, r) for n in EXPERIMENTS for r in range(3)]
+#: The experiments those boots ran (the probe's list before the memfd-growth ones).
+RECORDED = [
+    "oom-global-memfd-unmapped", "oom-global-memfd-mapped", "oom-global-tmpfile-shm",
+    "oom-global-shm-named", "oom-global-fd-passed", "oom-memcg-v2", "oom-memcg-v2-group",
+    "oom-memcg-v1", "oom-no-killable",
+]  # fmt: skip
+assert set(RECORDED) <= set(EXPERIMENTS)
+UNITS = [Unit(n, r) for n in RECORDED for r in range(3)]
 PANIC_END = {"panic": "System is deadlocked on memory", "timed_out": False, "console_tail": ["x"]}
 BOOT1 = _boot(1, UNITS, PANIC_END)
 LEFT = [Unit("oom-no-killable", 1), Unit("oom-no-killable", 2)]

@@ -70,6 +70,19 @@ class GuestConfig(_Strict):
     memory: Size = 512 * MIB
     shm_size: Size = 128 * MIB
     disk_size: Size = 256 * MIB
+    # vCPUs (-smp): per-CPU counters, batching and the OOM killer's timing differ on one.
+    cpus: int = 2
+    # A virtio disk the guest formats as swap (0: none). It is swapped on only by the
+    # scenarios and OOM experiments about swap, so every other answer stays swap-free.
+    swap: Size = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> GuestConfig:
+        if not 1 <= self.cpus <= 8:
+            raise ValueError("cpus: must be between 1 and 8")
+        if self.swap and not 16 * MIB <= self.swap <= 4096 * MIB:
+            raise ValueError("swap: must be 0 (none) or between 16M and 4G")
+        return self
 
 
 class ProbeConfig(_Strict):

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kmatrix import findings_memfd as fm
 from kmatrix.results import JSON
 from kmatrix.view import (
     cell_label,
@@ -38,6 +39,11 @@ class Answer:
 
 
 NO_DATA = Answer("—")
+
+
+def _reply(fn: Callable[[JSON], fm.Reply]) -> Callable[[JSON], Answer]:
+    """A findings_memfd answer (text, key) as an Answer."""
+    return lambda cell: Answer(*fn(cell))
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,33 @@ QUESTIONS: tuple[Question, ...] = (
     Question("first OOM victim, holder's memfd mapped", _first_victim("oom-global-memfd-mapped")),
     Question("panic when nothing is killable?", _panic_when_unkillable),
     Question("MFD_NOEXEC_SEAL supported?", _feature("memfd-noexec-seal")),
-    Question("MFD_HUGETLB memfd usable?", _feature("memfd-hugetlb")),
+    Question("MFD_HUGETLB memfd usable (huge pages reserved)?", _reply(fm.hugetlb)),
+    Question("MFD_HUGETLB + MFD_NOEXEC_SEAL: chmod +x refused?", _reply(fm.hugetlb_exec_seal)),
+    Question("memfd capped at half of RAM?", _reply(fm.beyond_half)),
+    Question("memfd capped under vm.overcommit_memory=2?", _reply(fm.beyond_half_strict)),
+    Question(
+        "growing unmapped memfd fills RAM: kills in order, ending",
+        _reply(fm.serial_kills("oom-global-memfd-growth")),
+    ),
+    Question(
+        "growing memfd, writer at oom_score_adj -1000: kills, ending",
+        _reply(fm.serial_kills("oom-global-memfd-growth-protected")),
+    ),
+    Question(
+        "growing memfd, vm.oom_kill_allocating_task=1: kills, ending",
+        _reply(fm.serial_kills("oom-global-memfd-growth-kill-allocating")),
+    ),
+    Question(
+        "growing memfd in a memory cgroup: kills, ending",
+        _reply(fm.serial_kills("oom-memcg-v2-memfd-growth")),
+    ),
+    Question(
+        "growing memfd in a memory cgroup, writer protected: kills, ending",
+        _reply(fm.serial_kills("oom-memcg-v2-memfd-growth-protected")),
+    ),
+    Question(
+        "memfd charge stays with the creator's cgroup after it exits?", _reply(fm.cross_charge)
+    ),
 )
 
 
@@ -208,6 +240,8 @@ class Row:
 def answer_all(cells: Sequence[JSON]) -> list[Row]:
     """Every question answered for every cell; disagreements first, otherwise fixed order."""
     rows = [Row(q.text, [q.answer(c) for c in cells]) for q in QUESTIONS]
+    # A question no cell measured (results older than it) says nothing: leave it out.
+    rows = [r for r in rows if any(a != NO_DATA for a in r.answers)]
     # sorted() is stable, so the questions keep their order within each group.
     return sorted(rows, key=lambda r: not r.disagree)
 

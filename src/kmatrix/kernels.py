@@ -52,9 +52,15 @@ def parse_kconfig(text: str) -> dict[str, str]:
     return values
 
 
+#: A recorded option the kernel's .config does not mention: it did not exist in that
+#: version (CONFIG_MEMCG_V1 before 6.10, where v1 was simply part of CONFIG_MEMCG), which
+#: is not the same as ``n`` (it existed and was turned off).
+ABSENT = "absent"
+
+
 def recorded_config(values: dict[str, str]) -> dict[str, str]:
-    """The subset of config values recorded in results; absent options count as ``n``."""
-    return {key: values.get(key, "n") for key in RECORDED_CONFIG}
+    """The subset of config values recorded in results; options not in the file: ABSENT."""
+    return {key: values.get(key, ABSENT) for key in RECORDED_CONFIG}
 
 
 def sha256_file(path: Path) -> str:

@@ -13,7 +13,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmatrix.backends.qemu import QemuRun, QemuSpec, arch_for, build_argv, run_qemu
+from kmatrix.backends.qemu import (
+    QemuRun,
+    QemuSpec,
+    arch_for,
+    build_argv,
+    make_swap_image,
+    run_qemu,
+)
 from kmatrix.config import Matrix
 from kmatrix.console import analyze_console
 from kmatrix.errors import UserError
@@ -99,9 +106,11 @@ def _boot(
         "KMX_SHM_SIZE": str(int(cfg.memory * SHM_FRACTION)),
         "KMX_SIZE_MIB": "0",
         "KMX_SCENARIOS": "",
+        "KMX_SWAP": "1" if matrix.guest.swap else "0",
     }
     initrd = workdir / f"oom-{index}.initrd"
-    write_initrd(userland, cell_archive(args, _channel_modules(kernel)), initrd)
+    swap = swap_image(matrix, workdir)
+    write_initrd(userland, cell_archive(args, _boot_modules(kernel, swap is not None)), initrd)
     spec = QemuSpec(
         vmlinuz=kernel.vmlinuz,
         initrd=initrd,
@@ -109,19 +118,37 @@ def _boot(
         result_log=workdir / f"oom-{index}.results.log",
         memory_bytes=cfg.memory,
         accel=accel,
+        swap=swap,
+        cpus=matrix.guest.cpus,
         append=f"{OOM_APPEND} {getattr(kernel, 'cmdline', '')}".strip(),
         arch=arch,
     )
     run = run_qemu(build_argv(spec), timeout=_boot_timeout(matrix, units))
     initrd.unlink(missing_ok=True)
+    if swap is not None:
+        swap.unlink(missing_ok=True)
     console = _read(spec.console_log)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
     return BootOutput(index, units, probe, console, _boot_end(run, console))
 
 
-def _channel_modules(kernel: PreparedKernel) -> list[Module]:
-    """The result channel's modules, where the kernel builds them as modules (arm64 6.1)."""
-    wanted = arch_for(kernel.arch).channel_modules
+def swap_image(matrix: Matrix, workdir: Path) -> Path | None:
+    """A fresh swap disk for one boot (guest.swap), or None without one."""
+    if not matrix.guest.swap:
+        return None
+    path = workdir / "swap.img"
+    make_swap_image(path, matrix.guest.swap)
+    return path
+
+
+#: What the swap disk needs where the kernel builds it as modules (Debian cloud kernels).
+SWAP_MODULES = ("virtio_pci", "virtio_blk")
+
+
+def _boot_modules(kernel: PreparedKernel, swap: bool) -> list[Module]:
+    """The result channel's modules, where the kernel builds them as modules (arm64 6.1),
+    and the swap disk's when there is one."""
+    wanted = arch_for(kernel.arch).channel_modules + (SWAP_MODULES if swap else ())
     return modules_to_load(kernel.modules_dir, wanted) if wanted and kernel.modules_dir else []
 
 

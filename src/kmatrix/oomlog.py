@@ -36,7 +36,8 @@ _INVOKED = re.compile(
 )
 _CPU = re.compile(r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>\S+)")
 _KILLED = re.compile(
-    r"(?P<msg>Out of memory|Memory cgroup out of memory): Killed process (?P<pid>\d+) "
+    r"(?P<msg>Out of memory(?: \(oom_kill_allocating_task\))?|Memory cgroup out of memory): "
+    r"Killed process (?P<pid>\d+) "
     r"\((?P<comm>.*?)\) total-vm:(?P<total_vm>\d+)kB, anon-rss:(?P<anon_rss>\d+)kB, "
     r"file-rss:(?P<file_rss>\d+)kB, shmem-rss:(?P<shmem_rss>\d+)kB, UID:(?P<uid>\d+) "
     r"pgtables:(?P<pgtables>\d+)kB oom_score_adj:(?P<adj>-?\d+)"

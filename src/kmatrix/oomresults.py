@@ -21,8 +21,15 @@ EXPERIMENTS = (
     "oom-global-tmpfile-shm",
     "oom-global-shm-named",
     "oom-global-fd-passed",
+    "oom-global-memfd-swapped",
+    "oom-global-memfd-growth",
+    "oom-global-memfd-growth-protected",
+    "oom-global-memfd-growth-kill-allocating",
     "oom-memcg-v2",
     "oom-memcg-v2-group",
+    "oom-memcg-v2-memfd-growth",
+    "oom-memcg-v2-memfd-growth-protected",
+    "oom-memcg-cross-charge",
     "oom-memcg-v1",
     "oom-no-killable",
 )
@@ -102,7 +109,8 @@ def _from_probe(result: JSON) -> JSON:
     keep = (
         *("pids", "sizes", "mem_total", "pre_oom", "model_points", "predicted_by_oom_score"),
         *("died", "exit", "probe_victims", "hog_bytes", "outcome", "duration_s"),
-        *("t_ready", "t_watched", "memcg", "oom_score_adj"),
+        *("t_ready", "t_watched", "memcg", "oom_score_adj", "knobs", "writer_protected"),
+        *("write_error", "stall", "cross", "holder_role"),
     )
     return {k: result.get(k) for k in keep} | {
         "predicted_victim": result.get("predicted_victim"),
@@ -133,7 +141,7 @@ def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> JSON:
         if not victims and result.get("probe_victims"):
             victims, entry["victims_source"] = list(result["probe_victims"]), "probe"
     else:  # started, never finished: the boot ended under it
-        entry.update(_crashed(boot, log, roles))
+        entry.update(_crashed(boot, log, roles), holder_role=(start or {}).get("holder_role"))
     entry.update(victims=victims, first_victim=victims[0] if victims else None)
     entry.setdefault("victims_source", "kernel")
     return entry
@@ -170,6 +178,22 @@ def _end_text(end: JSON) -> str:
     return f"QEMU exit {end.get('returncode')}"
 
 
+def ending(run: JSON) -> str:
+    """How one repeat ended: panic, writer-died, write-error ENOMEM, writer-stalled, ..."""
+    if run.get("panic"):
+        return "panic"
+    outcome = str(run.get("outcome") or run.get("status") or "unknown")
+    return f"{outcome} {run['write_error']}" if run.get("write_error") else outcome
+
+
+def _survived(run: JSON) -> bool | None:
+    """Did the role holding the memory outlive the OOM? (the writer, in growth experiments)"""
+    holder = str(run.get("holder_role") or "holder")
+    if run.get("panic") and holder == "writer":
+        return None  # the machine died under it: neither
+    return holder not in run.get("victims", [])
+
+
 def summarize(name: str, runs: list[JSON]) -> JSON:
     """The results.json entry of one experiment from its repeats."""
     ran = [r for r in runs if r.get("status") in ("ok", "panic")]
@@ -191,8 +215,10 @@ def summarize(name: str, runs: list[JSON]) -> JSON:
         "predicted_victim": [r.get("predicted_victim") for r in ran],
         "panic": any(r.get("panic") for r in ran),
         "panic_expected": name in EXPECTED_PANIC,
-        "holder_survived": [("holder" not in r.get("victims", [])) for r in ran],
+        "holder_survived": [_survived(r) for r in ran],
         "shmem_freed": [r.get("shmem_freed") for r in ran],
+        "charge_stayed": [(r.get("cgroup") or {}).get("charge_stayed") for r in ran],
+        "ended": [ending(r) for r in ran],
         "memory_events_oom_kill": [r.get("memory_events_oom_kill") for r in ran],
         "constraint": constraints.most_common(1)[0][0] if constraints else None,
         "kills": [k | {"repeat": r["repeat"]} for r in ran for k in r.get("kills", [])],

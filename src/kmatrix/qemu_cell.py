@@ -6,13 +6,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kmatrix.backends.qemu import QemuRun, QemuSpec, arch_for, build_argv, make_disk, run_qemu
+from kmatrix.backends.qemu import (
+    QemuRun,
+    QemuSpec,
+    arch_for,
+    build_argv,
+    make_disk,
+    run_qemu,
+)
 from kmatrix.config import Matrix
 from kmatrix.console import ConsoleSummary, analyze_console
 from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
-from kmatrix.oom_cell import run_oom_boots
+from kmatrix.oom_cell import run_oom_boots, swap_image
 from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
 
 
@@ -45,6 +52,7 @@ def cell_args(matrix: Matrix, shm_size: int) -> dict[str, str]:
         "KMX_SIZE_MIB": str(matrix.probe.size // (1024 * 1024)),
         "KMX_SHM_SIZE": str(shm_size),
         "KMX_SCENARIOS": scenarios if isinstance(scenarios, str) else ",".join(scenarios),
+        "KMX_SWAP": "1" if matrix.guest.swap else "0",
     }
 
 
@@ -71,6 +79,7 @@ def run_qemu_cell(
     write_initrd(userland, cell_archive(args, modules), initrd)
     disk = workdir / "disk.img"
     make_disk(disk, matrix.guest.disk_size)
+    swap = swap_image(matrix, workdir)
     spec = QemuSpec(
         vmlinuz=kernel.vmlinuz,
         initrd=initrd,
@@ -79,6 +88,8 @@ def run_qemu_cell(
         memory_bytes=memory_bytes,
         accel=accel,
         disk=disk,
+        swap=swap,
+        cpus=matrix.guest.cpus,
         append=kernel.cmdline,
         arch=arch,
     )
@@ -98,6 +109,8 @@ def run_qemu_cell(
         cell["console_tail"] = console.tail
     disk.unlink(missing_ok=True)
     initrd.unlink(missing_ok=True)
+    if swap is not None:
+        swap.unlink(missing_ok=True)
     if console.reached_init:  # a kernel that cannot boot our init cannot run OOM boots either
         _run_oom(cell, kernel, userland, matrix, workdir / "oom", accel, console_dest)
     return cell

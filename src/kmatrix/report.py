@@ -20,6 +20,7 @@ from kmatrix.report_oom import oom_section
 from kmatrix.results import JSON, atomic_write_text, load_results
 from kmatrix.view import (
     METRICS,
+    MIB,
     cell_label,
     fmt_metric,
     get_path,
@@ -71,6 +72,10 @@ def cells_table(cells: Sequence[JSON]) -> str:
     return md_table(rows, headers)
 
 
+#: Metrics shown in a scenario table only where some cell moved them by 1 MiB or more.
+QUIET_METRICS = frozenset({"VmSwap", "smaps_Swap", "meminfo_SwapCached", "meminfo_SwapUsed"})
+
+
 def scenario_table(cells: Sequence[JSON], name: str) -> str:
     """Metric deltas of one scenario: one row per metric, one column per cell."""
     rows: list[list[Any]] = []
@@ -79,6 +84,8 @@ def scenario_table(cells: Sequence[JSON], name: str) -> str:
         for cell in cells:
             sc = scenario(cell, name)
             values.append(None if sc is None else (sc.get("metrics") or {}).get(f"{m}_delta"))
+        if m in QUIET_METRICS and all(v is None or abs(v) < MIB for v in values):
+            continue  # swap stays 0 outside the swap scenarios: a row of zeros says nothing
         if any(v is not None for v in values):
             rows.append([m, *(fmt_metric(m, v) for v in values)])
     for key in ("errno", "error"):
@@ -188,7 +195,38 @@ def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
         ["/dev/shm size MiB", *(mib(get_path(c, "probe", "shm_size")) for c in cells)],
         ["cgroup", *(str(get_path(c, "probe", "cgroup") or "—") for c in cells)],
     ]
+    rows += _knob_rows(cells)
     return md_table(rows, ["", *(cell_label(c) for c in cells)])
+
+
+#: The probe's hello ``knobs`` (probes/knobs.py) as Provenance rows: settings that change
+#: answers, as each guest or container reported them.
+KNOB_ROWS = (
+    ("vCPUs", "vcpus"),
+    ("swap MiB", "swap_total"),
+    ("vm.overcommit_memory", "overcommit_memory"),
+    ("vm.overcommit_ratio", "overcommit_ratio"),
+    ("vm.memfd_noexec", "memfd_noexec"),
+    ("vm.nr_hugepages", "nr_hugepages"),
+    ("vm.oom_kill_allocating_task", "oom_kill_allocating_task"),
+    ("vm.panic_on_oom", "panic_on_oom"),
+    ("vm.swappiness", "swappiness"),
+    ("THP enabled", "thp_enabled"),
+    ("THP shmem_enabled", "shmem_enabled"),
+)
+
+
+def _knob(cell: JSON, key: str) -> str:
+    value = get_path(cell, "probe", "knobs", key)
+    if value is None:
+        return "—" if get_path(cell, "probe", "knobs") is None else "absent"
+    return mib(value) if key == "swap_total" else str(value)
+
+
+def _knob_rows(cells: Sequence[JSON]) -> list[list[str]]:
+    if not any(get_path(c, "probe", "knobs") for c in cells):
+        return []  # results from before the probe recorded them
+    return [[label, *(_knob(c, key) for c in cells)] for label, key in KNOB_ROWS]
 
 
 def _provenance(results: JSON) -> str:

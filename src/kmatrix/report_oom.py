@@ -27,8 +27,38 @@ SETUPS = {
     "oom-memcg-v2": "holder, bystander and hog in a v2 memory cgroup with memory.max",
     "oom-memcg-v2-group": "as oom-memcg-v2 with memory.oom.group=1",
     "oom-memcg-v1": "as oom-memcg-v2 in a v1 memory cgroup (memory.limit_in_bytes)",
+    "oom-global-memfd-swapped": "as oom-global-memfd-unmapped with swap on: the holder "
+    "pushes its memfd out to swap first",
+    "oom-global-memfd-growth": "a writer grows an unmapped memfd towards 2x RAM among three "
+    "bystanders holding 10, 15 and 20 % of MemAvailable in anon memory; no hog",
+    "oom-global-memfd-growth-protected": "as oom-global-memfd-growth, the writer at "
+    "oom_score_adj -1000",
+    "oom-global-memfd-growth-kill-allocating": "as oom-global-memfd-growth with "
+    "vm.oom_kill_allocating_task=1",
+    "oom-memcg-v2-memfd-growth": "as oom-global-memfd-growth inside a v2 memory cgroup "
+    "(bystanders are fractions of memory.max)",
+    "oom-memcg-v2-memfd-growth-protected": "as oom-memcg-v2-memfd-growth, the writer at "
+    "oom_score_adj -1000",
+    "oom-memcg-cross-charge": "a memfd written in cgroup A (half its limit) is passed to a "
+    "receiver in cgroup B, which appends, maps and touches it; the creator exits; a hog in A "
+    "then runs A out of memory",
     "oom-no-killable": "every process is oom_score_adj -1000: nothing can be killed",
 }
+
+#: Printed under the OOM tables: what a number there does and does not mean.
+NOTES = (
+    "*memory.events oom_kill* counts a memory.oom.group victim twice: mm/oom_kill.c "
+    "oom_kill_process() kills the chosen task, then oom_kill_memcg_member() kills every "
+    "member of the group again, the chosen one included, and each __oom_kill_process() "
+    "counts MEMCG_OOM_KILL. A group of 3 therefore shows 4.",
+    "*Shmem freed by the OOM*: after the victims are reaped, meminfo Shmem is no longer up "
+    "by half of what the experiment's files held. *charge stayed*: the memory cgroup's "
+    "memory.stat shmem still holds at least half of it after the OOM. The harness keeps no "
+    "reference to any file: both can come out either way.",
+    "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
+    "`writer-stalled` (alive, no progress for 3 s: see the repeat's `stall` record), "
+    "`panic` (the boot ended: the next boot ran the remaining repeats).",
+)
 
 
 def _label(cell: JSON) -> str:
@@ -90,12 +120,6 @@ def _memcg_kills(entry: JSON) -> str:
     return ", ".join(str(v) for v in values) if values else "—"
 
 
-def _charge_stayed(entry: JSON) -> str:
-    flags = [r.get("cgroup", {}).get("charge_stayed") for r in entry.get("runs", [])]
-    known = [f for f in flags if f is not None]
-    return f"{sum(1 for f in known if f)}/{len(known)}" if known else "—"
-
-
 def _panic(entry: JSON) -> str:
     text = "yes" if entry.get("panic") else "no"
     if entry.get("panic_expected"):
@@ -107,12 +131,13 @@ ROWS: tuple[tuple[str, Callable[[JSON], str]], ...] = (
     ("victims (kill order)", _victims),
     ("model predicts", _model),
     ("model = kernel's first victim", _agree),
-    ("holder survived", lambda e: _count(e, "holder_survived")),
+    ("ended", lambda e: distribution([str(x) for x in e.get("ended", [])])),
+    ("holder (writer) survived", lambda e: _count(e, "holder_survived")),
     ("Shmem freed by the OOM", lambda e: _count(e, "shmem_freed")),
     ("panic", _panic),
     ("constraint", lambda e: str(e.get("constraint") or "—").removeprefix("CONSTRAINT_")),
     ("memory.events oom_kill", _memcg_kills),
-    ("charge stayed after all died", _charge_stayed),
+    ("charge stayed after the OOM", lambda e: _count(e, "charge_stayed")),
 )
 
 
@@ -213,6 +238,7 @@ def oom_section(cells: Sequence[JSON]) -> str:
         table = experiment_table(shown, name)
         if table:
             parts += ["", f"### `{name}`" + (f": {setup}" if setup else ""), "", table]
+    parts += ["", *(f"- {note}" for note in NOTES)]
     timing = timing_table(shown)
     if timing:
         parts += ["", "### OOM boots", "", timing]

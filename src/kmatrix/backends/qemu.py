@@ -23,6 +23,9 @@ QEMU_BINARY = "qemu-system-x86_64"
 # panic=-1 reboots at once on a panic and -no-reboot turns that into QEMU exiting, so a
 # panicked guest costs seconds, not the cell timeout. mitigations=off only speeds up TCG.
 BASE_APPEND = "panic=-1 mitigations=off"
+#: The virtio-blk serials of the ext4 and the swap disk, which the guest's init looks for.
+DISK_SERIAL = "kmxdisk"
+SWAP_SERIAL = "kmxswap"
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class QemuSpec:
     memory_bytes: int
     accel: str = "tcg"
     disk: Path | None = None
+    swap: Path | None = None  # a raw image the guest's init formats as swap (serial kmxswap)
     cpus: int = 1
     append: str = ""
     arch: Arch = AMD64
@@ -150,8 +154,14 @@ def build_argv(spec: QemuSpec) -> list[str]:
         "-serial", f"file:{spec.console_log}",
         *_result_argv(arch, spec.result_log),
     ]  # fmt: skip
-    if spec.disk is not None:
-        argv += ["-drive", f"file={spec.disk},format=raw,if=virtio,cache=unsafe"]
+    # The guest's init finds each disk by its serial (/sys/block/vdX/serial), never by its
+    # name: which one becomes vda is up to the order QEMU creates and Linux probes them.
+    for image, serial in ((spec.disk, DISK_SERIAL), (spec.swap, SWAP_SERIAL)):
+        if image is not None:
+            argv += [
+                "-drive", f"file={image},format=raw,if=none,id={serial},cache=unsafe",
+                "-device", f"virtio-blk-pci,drive={serial},serial={serial}",
+            ]  # fmt: skip
     return argv
 
 
@@ -269,6 +279,14 @@ def kvm_smoke_test(vmlinuz: Path, workdir: Path, timeout: float = 20.0) -> bool:
     run_qemu(build_argv(spec), timeout)
     text = console.read_text(errors="replace") if console.exists() else ""
     return "Linux version" in text
+
+
+def make_swap_image(path: Path, size_bytes: int) -> None:
+    """A sparse raw image for guest swap; the guest's init runs mkswap on it (its own page
+    size), so nothing here depends on the guest architecture."""
+    path.unlink(missing_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size_bytes)
 
 
 def make_disk(path: Path, size_bytes: int) -> None:

@@ -1,0 +1,87 @@
+"""The system settings that can change an answer, read (and, for one repeat, set) as they are.
+
+Every value is what the running kernel says, never what the harness assumes: a setting
+the kernel does not have (vm.memfd_noexec before 6.3, no THP) is ``None``. The probe's
+``hello`` record carries all of them, and every OOM repeat those it may change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from accounting import parse_kb_fields, read_text
+
+SYSCTL = "/proc/sys"
+THP = "/sys/kernel/mm/transparent_hugepage"
+#: sysctls under /proc/sys that decide what is charged, what may be allocated and whom
+#: the OOM killer picks.
+SYSCTLS = {
+    "overcommit_memory": "vm/overcommit_memory",
+    "overcommit_ratio": "vm/overcommit_ratio",
+    "memfd_noexec": "vm/memfd_noexec",
+    "nr_hugepages": "vm/nr_hugepages",
+    "oom_kill_allocating_task": "vm/oom_kill_allocating_task",
+    "panic_on_oom": "vm/panic_on_oom",
+    "swappiness": "vm/swappiness",
+}
+#: Knobs an OOM repeat records with itself (the ones an experiment may set).
+OOM_KNOBS = ("oom_kill_allocating_task", "panic_on_oom", "overcommit_memory", "swap_total")
+
+
+def _int(path: str) -> int | None:
+    try:
+        return int(read_text(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def selected(text: str) -> str | None:
+    """``always within_size advise [never] deny force`` -> ``never`` (the bracketed one)."""
+    m = re.search(r"\[([^\]]+)\]", text)
+    return m.group(1) if m else None
+
+
+def _thp(name: str) -> str | None:
+    try:
+        return selected(read_text(os.path.join(THP, name)))
+    except OSError:
+        return None
+
+
+def vcpus() -> int | None:
+    """CPUs this process may run on (what the guest got from QEMU's -smp)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count()
+
+
+def read_knobs() -> dict[str, object]:
+    """Every knob, as the kernel reports it now."""
+    try:
+        meminfo = parse_kb_fields(read_text("/proc/meminfo"))
+    except OSError:
+        meminfo = {}
+    found: dict[str, object] = {
+        "vcpus": vcpus(),
+        "swap_total": meminfo.get("SwapTotal"),
+        "thp_enabled": _thp("enabled"),
+        "shmem_enabled": _thp("shmem_enabled"),
+    }
+    found |= {key: _int(os.path.join(SYSCTL, path)) for key, path in SYSCTLS.items()}
+    return found
+
+
+def oom_knobs() -> dict[str, object]:
+    """The knobs recorded with every OOM repeat."""
+    knobs = read_knobs()
+    return {key: knobs.get(key) for key in OOM_KNOBS}
+
+
+def set_sysctl(path: str, value: object) -> None:
+    """Write a sysctl (``vm/oom_kill_allocating_task``); None (not readable before) is a no-op."""
+    if value is None:
+        return
+    with open(os.path.join(SYSCTL, path), "w", encoding="ascii") as f:
+        f.write(str(value))
