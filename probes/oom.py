@@ -581,7 +581,9 @@ def events_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int
 
 def held_bytes(rec: Record) -> int:
     """What the repeat put in files: the holder's size, or what the writer wrote."""
-    return int(rec.get("hog_bytes") or 0) if rec.get("writer") else rec["sizes"].get("holder", 0)
+    if rec.get("holder_role") == "writer":
+        return int(rec.get("hog_bytes") or 0)
+    return int(rec["sizes"].get("holder", 0))
 
 
 def judge(rec: Record) -> None:
@@ -653,7 +655,7 @@ def _new_record(exp: Experiment, repeat: int, env: Env) -> Record:
     return {
         "type": "oom", "event": "result", "name": exp.name, "repeat": repeat,
         "status": "ok", "error": None, "scope": exp.scope, "group": exp.group,
-        "writer": exp.growth, "writer_protected": exp.writer_protected,
+        "writer_protected": exp.writer_protected,
         "holder_role": _HOLDER_ROLE.get(exp.holder, "holder"),
         "mem_total": env.mem_total, "sizes": _sizes(exp, env), "knobs": knobs.oom_knobs(),
         "memcg": env.memcg if exp.scope != "global" else None,

@@ -24,6 +24,25 @@ def test_host_and_probe_agree_on_the_experiments() -> None:
     assert set(oom.EXPERIMENTS) == set(EXPERIMENTS)
 
 
+def test_the_catalog_names_every_scenario_experiment_and_role() -> None:
+    """probes/catalog.py is the one list: the probe's registries use exactly its names."""
+    import scenarios
+
+    from kmatrix import catalog
+
+    assert tuple(scenarios.SCENARIOS) == catalog.SCENARIOS  # same order: the run order
+    assert set(oom.EXPERIMENTS) == set(catalog.EXPERIMENTS)
+    env = oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 30.0, 1)
+    roles = {
+        r.role
+        for e in oom.EXPERIMENTS.values()
+        if e.holder != "cross"
+        for r in oom._role_specs(e, env, oom.oom_scope.Scope(), oom._sizes(e, env))
+    }
+    roles |= {"creator", "receiver", "hog"}  # oom_cross's, forked by their own module
+    assert roles | {"none"} == set(catalog.ROLES)
+
+
 def test_run_order_takes_v1_first_and_ends_with_the_panic() -> None:
     order = list(oom.EXPERIMENTS)
     assert order[0] == "oom-memcg-v1"  # before v2 enables +memory (oom_scope)

@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # never open a window; reports are rendered on headless m
 
 from matplotlib.figure import Figure
 
+from kmatrix import catalog
 from kmatrix.results import JSON, atomic_write_bytes
 from kmatrix.view import (
     MIB,
@@ -45,7 +46,7 @@ CHART_METRICS = (
     "cgroup_shmem",
     "fs_used",
 )
-ROLES = ("hog", "holder", "bystander", "none")
+ROLES = catalog.ROLES
 ROLE_COLORS = {"hog": "#d62728", "holder": "#1f77b4", "bystander": "#2ca02c", "none": "#7f7f7f"}
 PREFIX = "chart-"
 _METADATA = {"Date": None, "Creator": None}

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from kmatrix.oomresults import EXPERIMENTS
+from kmatrix import catalog
 from kmatrix.results import JSON
 from kmatrix.view import (
     METRICS,
@@ -35,25 +35,9 @@ from kmatrix.view import (
     scenario,
 )
 
-ACCOUNTING = (
-    "anon-private",
-    "anon-shared",
-    "memfd-write",
-    "memfd-mmap",
-    "memfd-munmap",
-    "memfd-2proc",
-    "tmpfile-shm-write",
-    "tmpfile-shm-mmap",
-    "tmpfile-disk-write",
-    "tmpfile-disk-mmap",
-    "shm-named-write",
-    "memfd-over-shm-limit",
-    "tmpfile-over-shm-limit",
-    "memfd-hugetlb",
-    "memfd-noexec-seal",
-)
-OOM = EXPERIMENTS
-ROLES = ("hog", "holder", "bystander", "none")
+ACCOUNTING = catalog.SCENARIOS
+OOM = catalog.EXPERIMENTS
+ROLES = catalog.ROLES
 OPS: dict[str, Callable[[int, int], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,

@@ -11,30 +11,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from kmatrix import catalog
 from kmatrix.oomlog import OomEvent, OomLog, parse_oom_log
 from kmatrix.results import JSON, ProbeOutput
 
-#: Canonical experiment names, in report order (DESIGN.md). The probe decides run order.
-EXPERIMENTS = (
-    "oom-global-memfd-unmapped",
-    "oom-global-memfd-mapped",
-    "oom-global-tmpfile-shm",
-    "oom-global-shm-named",
-    "oom-global-fd-passed",
-    "oom-global-memfd-swapped",
-    "oom-global-memfd-growth",
-    "oom-global-memfd-growth-protected",
-    "oom-global-memfd-growth-kill-allocating",
-    "oom-memcg-v2",
-    "oom-memcg-v2-group",
-    "oom-memcg-v2-memfd-growth",
-    "oom-memcg-v2-memfd-growth-protected",
-    "oom-memcg-cross-charge",
-    "oom-memcg-v1",
-    "oom-no-killable",
-)
-#: Experiments whose expected outcome is a kernel panic.
-EXPECTED_PANIC = frozenset({"oom-no-killable"})
+#: Canonical experiment names, in report order, and those expected to panic (one catalog).
+EXPERIMENTS = catalog.EXPERIMENTS
+EXPECTED_PANIC = catalog.EXPECTED_PANIC
 
 
 @dataclass(frozen=True)

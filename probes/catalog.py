@@ -1,0 +1,68 @@
+"""The names kmatrix shares between the probe, matrix.yaml and the expectations, in order.
+
+Stdlib-free data only: the host loads this file (kmatrix.catalog) to validate configuration
+and expectations without importing the probe; tests check that the probe's registries
+(scenarios.SCENARIOS, oom.EXPERIMENTS, the roles it forks) use exactly these names.
+"""
+
+#: Accounting scenarios, in the probe's canonical (run and report) order.
+SCENARIOS = (
+    "anon-private",
+    "anon-shared",
+    "memfd-write",
+    "memfd-mmap",
+    "memfd-munmap",
+    "memfd-2proc",
+    "tmpfile-shm-write",
+    "tmpfile-shm-mmap",
+    "tmpfile-disk-write",
+    "tmpfile-disk-mmap",
+    "shm-named-write",
+    "memfd-over-shm-limit",
+    "tmpfile-over-shm-limit",
+    "memfd-hugetlb",
+    "memfd-noexec-seal",
+    "memfd-hugetlb-noexec-seal",
+    "memfd-beyond-half-ram",
+    "memfd-beyond-half-ram-strict",
+    "memfd-write-swapped",
+    "memfd-mmap-swapped",
+)
+
+#: OOM experiments in report order (the probe runs them in its own order: oom.EXPERIMENTS).
+EXPERIMENTS = (
+    "oom-global-memfd-unmapped",
+    "oom-global-memfd-mapped",
+    "oom-global-tmpfile-shm",
+    "oom-global-shm-named",
+    "oom-global-fd-passed",
+    "oom-global-memfd-swapped",
+    "oom-global-memfd-growth",
+    "oom-global-memfd-growth-protected",
+    "oom-global-memfd-growth-kill-allocating",
+    "oom-memcg-v2",
+    "oom-memcg-v2-group",
+    "oom-memcg-v2-memfd-growth",
+    "oom-memcg-v2-memfd-growth-protected",
+    "oom-memcg-cross-charge",
+    "oom-memcg-v1",
+    "oom-no-killable",
+)
+
+#: Experiments whose expected outcome is a kernel panic.
+EXPECTED_PANIC = ("oom-no-killable",)
+
+#: The processes of the OOM experiments (oom_roles.py), and "none" for a repeat that
+#: killed nobody.
+ROLES = (
+    "hog",
+    "holder",
+    "bystander",
+    "writer",
+    "bystander-1",
+    "bystander-2",
+    "bystander-3",
+    "creator",
+    "receiver",
+    "none",
+)
