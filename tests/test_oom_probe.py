@@ -27,7 +27,6 @@ def test_host_and_probe_agree_on_the_experiments() -> None:
 def test_the_catalog_names_every_scenario_experiment_and_role() -> None:
     """probes/catalog.py is the one list: the probe's registries use exactly its names."""
     import scenarios
-
     from kmatrix import catalog
 
     assert tuple(scenarios.SCENARIOS) == catalog.SCENARIOS  # same order: the run order
