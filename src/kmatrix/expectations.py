@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from kmatrix import catalog
 from kmatrix.oomresults import EXPERIMENTS
 from kmatrix.results import JSON
 from kmatrix.view import (
@@ -35,25 +36,10 @@ from kmatrix.view import (
     scenario,
 )
 
-ACCOUNTING = (
-    "anon-private",
-    "anon-shared",
-    "memfd-write",
-    "memfd-mmap",
-    "memfd-munmap",
-    "memfd-2proc",
-    "tmpfile-shm-write",
-    "tmpfile-shm-mmap",
-    "tmpfile-disk-write",
-    "tmpfile-disk-mmap",
-    "shm-named-write",
-    "memfd-over-shm-limit",
-    "tmpfile-over-shm-limit",
-    "memfd-hugetlb",
-    "memfd-noexec-seal",
-)
+#: The probe's accounting scenarios (kmatrix.catalog reads them from probes/scenarios.py).
+ACCOUNTING = catalog.scenarios()
 OOM = EXPERIMENTS
-ROLES = ("hog", "holder", "bystander", "none")
+ROLES = catalog.ROLES
 OPS: dict[str, Callable[[int, int], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,

@@ -19,7 +19,7 @@ from kmatrix.errors import UserError
 
 SCHEMA_VERSION = 1
 RECORD_PREFIX = "KMX1 "
-CELL_STATUSES = ("ok", "failed", "timeout", "panic", "error", "skipped")
+CELL_STATUSES = ("ok", "incomplete", "failed", "timeout", "panic", "error", "skipped")
 
 JSON = dict[str, Any]
 
@@ -158,4 +158,21 @@ def new_cell(cell_id: str, backend: str) -> JSON:
         "kernel": {},
         "scenarios": [],
         "oom": [],
+    }
+
+
+def mark_incomplete(cell: JSON) -> JSON:
+    """An ``ok`` cell with an OOM experiment in ``error`` becomes ``incomplete``.
+
+    Its accounting numbers stand, but a part of what the matrix asked for is missing: such
+    a cell must not pass as ``ok`` nor enter the result cache (it is rerun next time).
+    """
+    broken = [e for e in cell.get("oom") or [] if e.get("status") == "error"]
+    if cell.get("status") != "ok" or not broken:
+        return cell
+    names = ", ".join(str(e.get("name")) for e in broken)
+    first = str(broken[0].get("reason") or "no reason recorded")
+    return cell | {
+        "status": "incomplete",
+        "reason": f"OOM experiment(s) in error: {names} ({first[:200]})",
     }
