@@ -43,8 +43,18 @@ def _child(argv: list[str], guard_pid: int, lifeline: int) -> None:
 
 
 def _status(wait_status: int) -> int:
+    """CMD's exit code; when a signal killed CMD, the guard dies of the same signal.
+
+    So kmatrix sees what it would have seen without the guard (e.g. ``-9`` for a QEMU
+    someone killed).
+    """
     code = os.waitstatus_to_exitcode(wait_status)
-    return 128 - code if code < 0 else code
+    if code < 0:
+        if -code != signal.SIGKILL:  # SIGKILL's disposition cannot (and need not) be set
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code  # the signal was blocked or ignored: report it as a shell would
+    return code
 
 
 def main(args: list[str]) -> int:

@@ -114,6 +114,6 @@ def disk_errors(where: Path) -> Iterator[None]:
             errno.EPERM: "check its permissions",
         }.get(exc.errno or 0, "fix the path")
         raise InfraError(
-            f"cannot write {target} ({exc.strerror or exc}); {hint}, then run the same command "
+            f"{target}: {exc.strerror or exc}; {hint}, then run the same command "
             "again: finished cells are kept in the result cache"
         ) from None

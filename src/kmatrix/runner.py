@@ -238,15 +238,15 @@ def _run_one(
 ) -> JSON:
     """One cell. What the guest does is its status; kmatrix failing is a :class:`_CellError`."""
     try:
-        if k.backend == "docker":
-            run.progress.phase(k.name, "container on the host kernel")
-            console_dest = run.out_dir / "console" / f"{k.name}.log"
-            with disk_errors(run.out_dir):
+        with disk_errors(run.out_dir):
+            if k.backend == "docker":
+                run.progress.phase(k.name, "container on the host kernel")
+                console_dest = run.out_dir / "console" / f"{k.name}.log"
                 cell = run_docker_cell(
                     k, run.matrix, userland, run.cache, console_dest, run.progress.log
                 )
-        else:
-            cell = _qemu_cell(run, archive, k, resolved.get(k.name), userland)
+            else:
+                cell = _qemu_cell(run, archive, k, resolved.get(k.name), userland)
         return mark_incomplete(cell)
     except KmatrixError as exc:
         cell = new_cell(k.name, k.backend)
