@@ -117,3 +117,21 @@ def disk_errors(where: Path) -> Iterator[None]:
             f"{target}: {exc.strerror or exc}; {hint}, then run the same command "
             "again: finished cells are kept in the result cache"
         ) from None
+
+
+def usable_cache(path: Path) -> Path:
+    """``path`` as a writable cache directory (created), else InfraError naming the fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".kmatrix-write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise InfraError(
+            f"cache location {path} is not a directory; set KMATRIX_CACHE to a directory"
+        ) from None
+    except OSError as exc:
+        raise InfraError(
+            f"cache location {path}: {exc.strerror}; set KMATRIX_CACHE to a writable directory"
+        ) from None
+    return path

@@ -33,7 +33,13 @@ from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local, resol
 from kmatrix.progress import Progress
 from kmatrix.qemu_cell import run_qemu_cell
 from kmatrix.report import write_report
-from kmatrix.reportdir import check_report_name, disk_errors, previous_cells, run_lock
+from kmatrix.reportdir import (
+    check_report_name,
+    disk_errors,
+    previous_cells,
+    run_lock,
+    usable_cache,
+)
 from kmatrix.results import JSON, SCHEMA_VERSION, mark_incomplete, new_cell, write_results
 
 #: Most cells run at once: each is a QEMU guest of up to guest.memory.
@@ -90,7 +96,7 @@ class _Run:
     ) -> None:
         self.opts, self.matrix, self.kernels, self.progress = opts, matrix, kernels, progress
         self.out_dir = opts.reports_dir / opts.name
-        self.cache = default_cache_dir()
+        self.cache = usable_cache(default_cache_dir())
         self.cell_cache = CellCache(self.cache / "cells")
         self.work_root = self.cache / "work" / opts.name
         self.carried: list[JSON] = []
@@ -337,7 +343,7 @@ def _run_locked(run: _Run, progress: Progress) -> None:
     run.save(final=True)
     progress.log(f"wrote {run.out_dir / 'report.md'} and results.json")
     # matrix.yaml's expectations gate a release: ExpectationFailed (exit 1) names each one.
-    progress.log(enforce(matrix.expectations, run.results))
+    progress.log(enforce(matrix.expectations, run.results, ran=[k.name for k in kernels]))
 
 
 
