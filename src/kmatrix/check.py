@@ -86,6 +86,8 @@ def enforce(
 
 def check_file(results_path: Path, matrix_path: Path, junit: Path | None = None) -> str:
     """`invoke check`: the matrix file's expectations against a results file."""
+    if junit is not None and junit.is_dir():
+        raise UserError(f"--junit {junit}: is a directory; give a file name, e.g. junit.xml")
     results = load_results(results_path)
     matrix = load_matrix(matrix_path)
     if not results.get("cells"):

@@ -374,7 +374,8 @@ def parse_matrix(text: str, source: str = "matrix.yaml") -> Matrix:
     except DuplicateKeyError as exc:
         raise UserError(f"{source}: {exc}; keep one of them") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{source}: not valid YAML: {exc}") from None
+        # PyYAML's message spans lines (with a caret); one line is enough with the position.
+        raise UserError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping with a kernels: list at the top level")
     try:
