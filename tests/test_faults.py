@@ -79,7 +79,8 @@ def check(id: str, results: str | bytes, fragment: str, code: int = 2, text: str
     return Case(id, args, code, fragment, (("r.json", results), ("m.yaml", text)))
 
 
-CASES = [  # fmt: skip
+# fmt: off
+CASES = [
     # --- sizes, timeouts, counts, limits ------------------------------------------------
     matrix("probe-size-zero", _m("size: 8M", "size: 0"), "positive size"),
     matrix("probe-size-negative", _m("size: 8M", "size: -8"), "positive size"),
@@ -187,6 +188,7 @@ CASES = [  # fmt: skip
     check("named-cell-skipped", _results(status="skipped", reason="no engine"),
           "not evaluated", 1, _exp("memfd-write VmRSS_delta < 1 MiB on 6.1")),
 ]
+# fmt: on
 
 
 def _fill(text: str, tmp: Path) -> str:
