@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import os
 import platform
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -211,19 +212,24 @@ def _qemu_cell(
             console_dest.write_bytes(console.read_bytes())
         return cell | {"cached": True}
     run.progress.phase(k.name, f"boot {prepared.release or prepared.vmlinuz.name} ({accel})")
+    # The console is written to the work directory first and copied into the report only
+    # once the cell is in the result cache: a full or unwritable reports disk loses nothing.
+    console_work = run.work_root / f"{k.name}.console.log"
     cell = run_qemu_cell(
         prepared,
         userland,
         run.matrix,
         workdir=run.work_root / k.name,
-        console_dest=console_dest,
+        console_dest=console_work,
         accel=accel,
         memory_bytes=k.memory or run.matrix.guest.memory,
         shm_size=k.shm_size or run.matrix.guest.shm_size,
     )
     # Only a complete cell is cached: one with an OOM experiment in error is rerun next time.
     cell = mark_incomplete(cell)
-    run.cell_cache.put(key, cell, console_dest)
+    run.cell_cache.put(key, cell, console_work)
+    console_dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(console_work, console_dest)
     return cell | {"cached": False}
 
 
@@ -292,7 +298,8 @@ def _run_cells(
             f"cell(s) saved in {run.out_dir}; run the same command again to resume from the cache"
         ) from None
     finally:
-        pool.shutdown(wait=True)
+        # Whatever ended the loop (a cell's error, a full disk), queued cells do not start.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _raise_cell_error(run: _Run, failed: _CellError, cancelled: int) -> None:
