@@ -59,8 +59,10 @@ def _lock_one(directory: Path, what: str) -> int:
             f"another kmatrix run (pid {holder}) is using the {what} {directory}; wait for it "
             "to finish, or give this run another --name"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    # The pid is for the other run's message only; a full disk must not stop the run here.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 

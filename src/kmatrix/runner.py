@@ -101,6 +101,7 @@ class _Run:
         self.cell_cache = CellCache(self.cache / "cells")
         self.work_root = self.cache / "work" / opts.name
         self.carried: list[JSON] = []
+        self.failed = threading.Event()  # set by the first cell kmatrix itself failed in
         self._lock = threading.Lock()
         self._accel: str | None = None
         # Per Debian architecture (amd64 always; arm64 when a kernel asks for it).
@@ -247,8 +248,13 @@ def _run_one(
     k: KernelConfig,
     resolved: dict[str, KernelPackages],
     userland: Userland,
-) -> JSON:
-    """One cell. What the guest does is its status; kmatrix failing is a :class:`_CellError`."""
+) -> JSON | None:
+    """One cell. What the guest does is its status; kmatrix failing is a :class:`_CellError`.
+
+    None: the cell did not start because another cell had already failed.
+    """
+    if run.failed.is_set():
+        return None
     try:
         with disk_errors(run.out_dir):
             if k.backend == "docker":
@@ -261,6 +267,7 @@ def _run_one(
                 cell = _qemu_cell(run, archive, k, resolved.get(k.name), userland)
         return mark_incomplete(cell)
     except KmatrixError as exc:
+        run.failed.set()  # a worker picking up the next cell must not start it
         cell = new_cell(k.name, k.backend)
         cell.update(status="error", reason=str(exc))
         raise _CellError(cell, exc) from None
@@ -279,12 +286,17 @@ def _run_cells(
             if future.cancelled():
                 continue
             try:
-                run.add(future.result())
+                cell = future.result()
+                if cell is None:
+                    cancelled += 1
+                    continue
+                run.add(cell)
             except _CellError as exc:
                 run.add(exc.cell)
                 if failed is None:
                     # The first failure cancels the queued cells; running ones finish and count.
-                    failed, cancelled = exc, sum(f.cancel() for f in futures)
+                    failed = exc
+                    cancelled += sum(f.cancel() for f in futures)
         if failed is not None:
             _raise_cell_error(run, failed, cancelled)
     except KeyboardInterrupt:
