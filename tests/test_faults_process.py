@@ -123,7 +123,8 @@ def _tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 def _fill(directory: Path) -> None:
-    with (directory / "filler").open("wb") as f, contextlib.suppress(OSError):
+    # The last write, or the flush when closing, fails with ENOSPC: the disk is full.
+    with contextlib.suppress(OSError), (directory / "filler").open("wb") as f:
         while True:
             f.write(b"\0" * 65536)
             f.flush()
