@@ -124,7 +124,9 @@ class ProbeConfig(_Strict):
         _within(self.cell_timeout, 30, 86400, "cell_timeout", " s")
         if self.scenarios == []:
             raise ValueError("scenarios: the list is empty; name scenarios or use all")
-        _names(self.scenarios, catalog.scenarios(), "scenarios", "scenario(s)")
+        # The probe also runs OOM experiments named here (docker cells use that).
+        known = catalog.scenarios() + catalog.experiments()
+        _names(self.scenarios, known, "scenarios", "scenario(s)")
         return self
 
 

@@ -93,7 +93,10 @@ def run_qemu_cell(
     console = analyze_console(console_text)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
     console_dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec.console_log, console_dest)
+    if spec.console_log.exists():
+        shutil.copyfile(spec.console_log, console_dest)
+    else:  # QEMU was killed before it opened its console: an empty log, not a crash
+        console_dest.write_bytes(b"")
     status, reason = classify(run, console, probe)
     cell.update(status=status, reason=reason, duration_s=run.duration_s)
     if console.release:
@@ -114,7 +117,8 @@ def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
 
     It is an InfraError carrying QEMU's own words, so the run stops with one clear line.
     """
-    if run.timed_out or run.returncode in (None, 0) or console_text.strip():
+    # A negative code is a signal from outside (someone killed QEMU): the cell's error.
+    if run.timed_out or run.returncode is None or run.returncode <= 0 or console_text.strip():
         return
     lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
     said = "; ".join(lines[-3:]) or "no error output"
