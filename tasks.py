@@ -28,11 +28,16 @@ from kmatrix.scaleout import cell_report_dir, ci_matrix, run_cell
 
 @contextmanager
 def kmatrix_errors() -> Iterator[None]:
-    """Turn a kmatrix error into invoke's Exit: its message, exit code 1 or 2."""
+    """Turn a kmatrix error into invoke's Exit: its message, exit code 1 or 2.
+
+    A file-system error the library did not name (it should) still ends in one line, exit 2.
+    """
     try:
         yield
     except KmatrixError as exc:
         raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
+    except OSError as exc:
+        raise Exit(f"kmatrix: {exc.filename or 'a file'}: {exc.strerror or exc}", code=2) from None
 
 
 @task(

@@ -2,21 +2,23 @@
 
 The key covers the cell name, the kernel (package SHA256 or local vmlinuz hash), the guest
 userland, the probe and init, the probe/OOM parameters, guest memory and /dev/shm size, the
-accelerator and the QEMU version. Only ``ok`` cells are cached: a timeout may be the host's fault.
+accelerator and the QEMU version. Only complete ``ok`` cells are cached: a timeout may be the
+host's fault, and a cell with an OOM experiment in error is incomplete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from kmatrix.results import JSON, atomic_write_text
+from kmatrix.artifacts import sha256_of
+from kmatrix.results import JSON, atomic_write_bytes, atomic_write_text, mark_incomplete
 
 # Bump when the cell format or what a cell measures changes without its inputs changing.
-CELL_FORMAT = 1
+# 2: entries carry digests of the cell and its console log.
+CELL_FORMAT = 2
 
 
 def cell_key(parts: dict[str, Any]) -> str:
@@ -25,8 +27,17 @@ def cell_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _digest(cell: JSON) -> str:
+    return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()
+
+
 class CellCache:
-    """Cached cells (results.json cell dicts) and their console logs, by key."""
+    """Cached cells (results.json cell dicts) and their console logs, by key.
+
+    Each entry is ``{"sha256": ..., "console_sha256": ..., "cell": {...}}``: the digests are
+    taken when the cell is stored and checked at every read, so an edited or truncated
+    entry (or console log) is dropped and the cell is measured again, never served.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -34,20 +45,36 @@ class CellCache:
     def get(self, key: str) -> tuple[JSON, Path | None] | None:
         """The cached cell and its console log, or None (a damaged entry counts as absent)."""
         path = self.root / f"{key}.json"
-        try:
-            cell = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(cell, dict) or cell.get("status") != "ok":
-            return None
         console = self.root / f"{key}.console.log"
-        return cell, console if console.exists() else None
+        try:
+            entry = json.loads(path.read_text())
+            cell, want_console = entry["cell"], entry.get("console_sha256")
+            intact = isinstance(cell, dict) and entry["sha256"] == _digest(cell)
+            if intact and want_console is not None:
+                intact = sha256_of(console) == want_console
+        except (OSError, ValueError, KeyError, TypeError):
+            intact = False
+        if not intact:
+            self._drop(key)
+            return None
+        # Entries from before the incomplete status: an OOM error means it is not complete.
+        if mark_incomplete(cell).get("status") != "ok":
+            self._drop(key)
+            return None
+        return cell, console if want_console is not None else None
+
+    def _drop(self, key: str) -> None:
+        for suffix in (".json", ".console.log"):
+            (self.root / f"{key}{suffix}").unlink(missing_ok=True)
 
     def put(self, key: str, cell: JSON, console: Path | None) -> None:
-        """Store an ``ok`` cell (others are ignored)."""
-        if cell.get("status") != "ok":
+        """Store a complete ``ok`` cell (others are ignored: they are rerun next time)."""
+        if mark_incomplete(cell).get("status") != "ok":
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        entry: JSON = {"sha256": _digest(cell), "cell": cell, "console_sha256": None}
         if console is not None and console.exists():
-            shutil.copyfile(console, self.root / f"{key}.console.log")
-        atomic_write_text(self.root / f"{key}.json", json.dumps(cell, sort_keys=True))
+            dest = self.root / f"{key}.console.log"
+            atomic_write_bytes(dest, console.read_bytes())
+            entry["console_sha256"] = sha256_of(dest)
+        atomic_write_text(self.root / f"{key}.json", json.dumps(entry, sort_keys=True))

@@ -50,13 +50,19 @@ def _case_name(o: Outcome) -> str:
     return f"{o.expectation.text} [{o.cell}]"
 
 
-def enforce(texts: Sequence[str], results: JSON, junit: Path | None = None) -> str:
+def enforce(
+    texts: Sequence[str],
+    results: JSON,
+    junit: Path | None = None,
+    ran: Sequence[str] | None = None,
+) -> str:
     """Evaluate expectation lines on results; write JUnit; raise ExpectationFailed on failures.
 
-    Returns the one-line summary when everything holds.
+    ``ran`` names the cells of a partial run (``--kernels``): a named cell outside it is
+    not expected in the results. Returns the one-line summary when everything holds.
     """
     expectations = [parse_expectation(t) for t in texts]
-    outcomes = evaluate(expectations, results)
+    outcomes = evaluate(expectations, results, ran)
     if junit is not None:
         atomic_write_bytes(junit, junit_xml(outcomes))
     failed = [o for o in outcomes if o.result == "fail"]
@@ -80,6 +86,8 @@ def enforce(texts: Sequence[str], results: JSON, junit: Path | None = None) -> s
 
 def check_file(results_path: Path, matrix_path: Path, junit: Path | None = None) -> str:
     """`invoke check`: the matrix file's expectations against a results file."""
+    if junit is not None and junit.is_dir():
+        raise UserError(f"--junit {junit}: is a directory; give a file name, e.g. junit.xml")
     results = load_results(results_path)
     matrix = load_matrix(matrix_path)
     if not results.get("cells"):

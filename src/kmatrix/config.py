@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from kmatrix import catalog
+from kmatrix.catalog import unknown_names
 from kmatrix.errors import UserError
 from kmatrix.expectations import ExpectationSyntaxError, parse_expectation
 
@@ -39,13 +41,41 @@ def parse_size(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size such as 512M, not a boolean")
     if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"expected a positive size such as 512M, got {value}")
         return value
     if isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        return int(m.group(1)) * _UNITS[m.group(2).lower()]
+        size = int(m.group(1)) * _UNITS[m.group(2).lower()]
+        if size <= 0:
+            raise ValueError(f"expected a positive size such as 512M, got {value!r}")
+        return size
     raise ValueError(f"expected a size such as 512M or 64MiB, got {value!r}")
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
+GIB = 1024**3
+#: The largest guest or container memory, disk or limit kmatrix accepts.
+MAX_SIZE = 64 * GIB
+
+
+def _within(value: int, lo: int, hi: int, field: str, unit: str = "") -> None:
+    """Raise ValueError naming ``field`` unless lo <= value <= hi."""
+    if not lo <= value <= hi:
+
+        def show(v: int) -> str:
+            return f"{v // MIB}M" if unit == "size" else f"{v}{unit}"
+
+        raise ValueError(f"{field}: {show(value)} is out of range; use {show(lo)} to {show(hi)}")
+
+
+def _names(value: list[str] | str, known: tuple[str, ...], field: str, what: str) -> None:
+    """Refuse unknown, duplicate or no names in a scenario/experiment list."""
+    if isinstance(value, str):
+        return
+    if problem := unknown_names(value, known, what):
+        raise ValueError(f"{field}: {problem}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{field}: a name is listed twice; list each once")
 
 
 def _check_expectation(text: str) -> str:
@@ -78,10 +108,12 @@ class GuestConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> GuestConfig:
-        if not 1 <= self.cpus <= 8:
-            raise ValueError("cpus: must be between 1 and 8")
-        if self.swap and not 16 * MIB <= self.swap <= 4096 * MIB:
-            raise ValueError("swap: must be 0 (none) or between 16M and 4G")
+        _within(self.memory, MIN_GUEST_MEMORY, MAX_SIZE, "memory", "size")
+        _within(self.shm_size, MIB, MAX_SIZE, "shm_size", "size")
+        _within(self.disk_size, 64 * MIB, MAX_SIZE, "disk_size", "size")
+        _within(self.cpus, 1, 8, "cpus")
+        if self.swap:  # 0 turns swap off
+            _within(self.swap, 16 * MIB, 4096 * MIB, "swap", "size")
         return self
 
 
@@ -91,6 +123,19 @@ class ProbeConfig(_Strict):
     size: Size = 64 * MIB
     scenarios: list[str] | Literal["all"] = "all"
     cell_timeout: int = 900
+
+    @model_validator(mode="after")
+    def _check(self) -> ProbeConfig:
+        _within(self.size, MIB, 16 * GIB, "size", "size")
+        if self.size % MIB:
+            raise ValueError("size: the probe allocates whole MiB; use a multiple of 1M")
+        _within(self.cell_timeout, 30, 86400, "cell_timeout", " s")
+        if self.scenarios == []:
+            raise ValueError("scenarios: the list is empty; name scenarios or use all")
+        # The probe also runs OOM experiments named here (docker cells use that).
+        known = catalog.scenarios() + catalog.experiments()
+        _names(self.scenarios, known, "scenarios", "scenario(s)")
+        return self
 
 
 class OomConfig(_Strict):
@@ -107,6 +152,10 @@ class OomConfig(_Strict):
             raise ValueError("repeats: must be between 1 and 20")
         if self.memory < 160 * MIB:
             raise ValueError("memory: the OOM boots need at least 160M (the userland is in RAM)")
+        _within(self.memory, 160 * MIB, MAX_SIZE, "memory", "size")
+        _within(self.timeout, 5, 3600, "timeout", " s")
+        # An empty list is allowed: it turns the OOM boots off.
+        _names(self.experiments, catalog.experiments(), "experiments", "OOM experiment(s)")
         return self
 
 
@@ -138,6 +187,14 @@ class KernelConfig(_Strict):
             )
         if self.pids_limit is not None and (self.backend != "docker" or self.pids_limit < 16):
             raise ValueError("pids_limit: only for backend: docker, and at least 16")
+        if self.pids_limit is not None:
+            _within(self.pids_limit, 16, 65536, "pids_limit")
+        if self.memory is not None:
+            _within(self.memory, 64 * MIB, MAX_SIZE, "memory", "size")
+        if self.shm_size is not None:
+            _within(self.shm_size, MIB, MAX_SIZE, "shm_size", "size")
+        if any(c in self.cmdline for c in "\n\r\0"):
+            raise ValueError("cmdline: one line of kernel parameters, without line breaks")
         if self.backend == "docker":
             if self.suite or self.package or self.path:
                 raise ValueError("a docker cell runs the host kernel: drop suite/package/path")
@@ -195,7 +252,20 @@ class Matrix(_Strict):
         for i, k in enumerate(self.kernels):
             if k.backend == "qemu":
                 self._check_guest_fits(f"kernels[{i}] ({k.name})", k)
+            elif k.shm_size is not None and k.memory is not None and k.shm_size > k.memory:
+                raise ValueError(f"kernels[{i}] ({k.name}): shm_size must not exceed memory")
+        self._check_expectation_cells(seen)
         return self
+
+    def _check_expectation_cells(self, names: set[str]) -> None:
+        """An expectation naming a cell the matrix does not have could never be evaluated."""
+        for i, text in enumerate(self.expectations):
+            missing = [c for c in parse_expectation(text).cells if c not in names]
+            if missing:
+                raise ValueError(
+                    f"expectations[{i}]: {text!r} names cell(s) {', '.join(missing)} that are "
+                    f"not in kernels ({', '.join(sorted(names))}); fix the name or the range"
+                )
 
     def _check_guest_fits(self, where: str, k: KernelConfig) -> None:
         """Refuse sizes the guest cannot hold: the probe would measure the OOM, not the question."""
@@ -227,7 +297,7 @@ class Matrix(_Strict):
                 "(the disk-backed O_TMPFILE scenarios write probe.size to it)"
             )
 
-    def select(self, names: list[str] | None) -> list[KernelConfig]:
+    def select(self, names: list[str] | None, source: str = "matrix.yaml") -> list[KernelConfig]:
         """The kernels to run: all of them, or those named (unknown names are an error)."""
         if not names:
             return list(self.kernels)
@@ -235,9 +305,31 @@ class Matrix(_Strict):
         missing = [n for n in names if n not in known]
         if missing:
             raise UserError(
-                f"unknown kernel(s) {', '.join(missing)}; matrix.yaml has: {', '.join(known)}"
+                f"--kernels: unknown kernel(s) {', '.join(missing)}; {source} has: "
+                f"{', '.join(known)}"
             )
+        if len(set(names)) != len(names):
+            raise UserError(f"--kernels {','.join(names)}: a kernel is named twice")
         return [known[n] for n in names]
+
+
+def check_local_paths(kernels: list[KernelConfig], source: str) -> None:
+    """Local builds' files exist and have the right type (before anything is downloaded)."""
+    for k in kernels:
+        for field, path, want in (
+            ("path", k.path, "file"),
+            ("modules", k.modules, "dir"),
+            ("config", k.config, "file"),
+        ):
+            if path is None:
+                continue
+            p = path.expanduser()
+            ok = p.is_file() if want == "file" else p.is_dir()
+            if not ok:
+                kind = "a file" if want == "file" else "a directory"
+                raise UserError(
+                    f"{source}: kernels[{k.name}].{field}: {p} is not {kind}; fix the path"
+                )
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -262,15 +354,38 @@ def _describe(err: Any) -> str:
     if err["type"] == "missing":
         return f"{where}: required field is missing"
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if loc and re.match(r"^[a-z_]+: ", msg):  # a model's own check names its field
+        return f"{where}.{msg}"
     return msg if not loc else f"{where}: {msg}"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in the YAML file repeats a key (YAML would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise DuplicateKeyError(f"line {line}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_matrix(text: str, source: str = "matrix.yaml") -> Matrix:
     """Parse and validate matrix.yaml text; raise UserError naming file and field on error."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except DuplicateKeyError as exc:
+        raise UserError(f"{source}: {exc}; keep one of them") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{source}: not valid YAML: {exc}") from None
+        # PyYAML's message spans lines (with a caret); one line is enough with the position.
+        raise UserError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping with a kernels: list at the top level")
     try:
@@ -283,7 +398,11 @@ def parse_matrix(text: str, source: str = "matrix.yaml") -> Matrix:
 def load_matrix(path: Path) -> Matrix:
     """Read and validate a matrix file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the matrix file as UTF-8"
+        ) from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read the matrix file ({exc.strerror})") from None
     return parse_matrix(text, str(path))

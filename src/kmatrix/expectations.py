@@ -303,15 +303,38 @@ def _evaluate_oom(exp: Expectation, cell: JSON, cid: str) -> Outcome:
         ok = (panic == exp.value) == (exp.op == "==")
         return Outcome(exp, cid, "pass" if ok else "fail", str(panic).lower())
     firsts = first_victims(run)
-    observed = ", ".join(firsts) if firsts else "no repeats"
+    if not firsts:
+        # Nothing ran: neither "== X" nor "!= X" may pass on no evidence.
+        return Outcome(exp, cid, "fail", "—", "no repeat recorded a first victim: not evaluated")
     if exp.op == "==":
-        ok = bool(firsts) and all(v == exp.value for v in firsts)
+        ok = all(v == exp.value for v in firsts)
     else:
         ok = all(v != exp.value for v in firsts)
-    return Outcome(exp, cid, "pass" if ok else "fail", f"first victims {observed}")
+    return Outcome(exp, cid, "pass" if ok else "fail", f"first victims {', '.join(firsts)}")
 
 
-def evaluate(expectations: Sequence[Expectation], results: JSON) -> list[Outcome]:
-    """Every expectation on every cell of a results document, in declaration order."""
+def evaluate(
+    expectations: Sequence[Expectation], results: JSON, ran: Sequence[str] | None = None
+) -> list[Outcome]:
+    """Every expectation on every cell of a results document, in declaration order.
+
+    An expectation can never pass vacuously: a cell it names that is missing from the
+    results (and was meant to run: ``ran`` lists the cells of a partial run; None means
+    all) fails as "not evaluated", and so does one naming cells none of which produced a
+    pass or a fail.
+    """
     cells = results.get("cells") or []
-    return [evaluate_cell(exp, cell) for exp in expectations for cell in cells]
+    present = {str(c.get("id")) for c in cells}
+    out: list[Outcome] = []
+    for exp in expectations:
+        mine = [evaluate_cell(exp, cell) for cell in cells]
+        for name in exp.cells:
+            if name not in present and (ran is None or name in ran):
+                why = "cell not in the results: not evaluated"
+                mine.append(Outcome(exp, name, "fail", "—", why))
+        named = [o for o in mine if o.cell in exp.cells]
+        if exp.cells and named and all(o.result == "skip" for o in named):
+            why = "; ".join(sorted({o.why for o in named}))
+            mine.append(Outcome(exp, ",".join(exp.cells), "fail", "—", f"not evaluated: {why}"))
+        out += mine
+    return out

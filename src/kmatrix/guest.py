@@ -20,6 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmatrix.artifacts import (
+    CacheCorrupted,
+    file_digest,
+    tree_problem,
+    write_file_digest,
+    write_manifest,
+)
 from kmatrix.debian import Archive, extract_deb
 from kmatrix.errors import UserError
 from kmatrix.initramfs import CpioWriter
@@ -74,6 +81,7 @@ class Userland:
     tree: Path
     cpio: Path
     packages: dict[str, str]
+    cpio_sha256: str = ""  # recorded when the archive was made; checked at every initrd
 
 
 def build_userland(
@@ -95,8 +103,12 @@ def build_userland(
     base = cache / "userland" / key
     tree, cpio = base / "root", base / "userland.cpio"
     packages = {r.name: r.version for r in records}
+    # Used only if both the archive and the tree still match what was recorded when built.
+    digest = file_digest(cpio)
+    if digest is not None and tree_problem(tree) is None:
+        return Userland(key, tree, cpio, packages, digest)
     if cpio.exists():
-        return Userland(key, tree, cpio, packages)
+        log(f"guest userland {key} in the cache does not match its digests; rebuilding it")
     log(f"building guest userland from {suite}/{archive.arch} ({len(records)} packages)")
     debs = archive.fetch_all(records)
     shutil.rmtree(tree, ignore_errors=True)
@@ -115,8 +127,9 @@ def build_userland(
     writer = CpioWriter(buf)
     writer.add_tree(tree)
     writer.finish()
+    write_manifest(tree)
     atomic_write_bytes(cpio, buf.getvalue())
-    return Userland(key, tree, cpio, packages)
+    return Userland(key, tree, cpio, packages, write_file_digest(cpio))
 
 
 #: Lists the stdlib files the probe imports (run with the host's Python 3.11).
@@ -179,7 +192,7 @@ def userland_tarball(userland: Userland) -> Path:
     The same files as the initramfs, so VM and container cells run the same interpreter.
     """
     dest = userland.cpio.with_name("userland.tar")
-    if dest.exists():
+    if file_digest(dest) is not None:
         return dest
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -194,6 +207,7 @@ def userland_tarball(userland: Userland) -> Path:
         for path in sorted(userland.tree.iterdir()):
             tf.add(path, arcname=path.name, filter=_tar_entry)
     atomic_write_bytes(dest, buf.getvalue())
+    write_file_digest(dest)
     return dest
 
 
@@ -261,7 +275,20 @@ def cell_archive(args: dict[str, str], modules: list[Module]) -> bytes:
 
 
 def write_initrd(userland: Userland, cell_part: bytes, dest: Path) -> None:
-    """Concatenate the userland and cell archives into the initrd QEMU loads."""
+    """Concatenate the userland and cell archives into the initrd QEMU loads.
+
+    The userland archive is hashed as it is copied: one changed since build_userland
+    checked it is refused (CacheCorrupted; the next run rebuilds it), never booted.
+    """
+    h = hashlib.sha256()
     with dest.open("wb") as out, userland.cpio.open("rb") as src:
-        shutil.copyfileobj(src, out)
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            out.write(chunk)
         out.write(cell_part)
+    if userland.cpio_sha256 and h.hexdigest() != userland.cpio_sha256:
+        dest.unlink(missing_ok=True)
+        userland.cpio.with_name(userland.cpio.name + ".sha256").unlink(missing_ok=True)
+        raise CacheCorrupted(
+            f"{userland.cpio} changed after it was checked; run again to rebuild it"
+        )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmatrix.artifacts import tree_problem, write_manifest
 from kmatrix.config import KernelConfig
 from kmatrix.debian import Archive, KernelPackages, extract_deb, resolve_kernel
 from kmatrix.errors import InfraError, UserError
@@ -98,13 +100,19 @@ def locate_kernel_tree(root: Path) -> tuple[Path, Path | None, Path | None]:
 
 def _extract_packages(archive: Archive, pkgs: KernelPackages, dest: Path) -> None:
     debs = archive.fetch_all(pkgs.records)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # A private temporary name: two runs sharing the cache may extract the same kernel.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial."))
     for deb in debs:
         extract_deb(deb, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
+    write_manifest(tmp)
+    (tmp / ".complete").touch()
+    # Swap the new tree in, then delete the old one: never a moment without a tree.
+    old = dest.with_name(tmp.name.replace(".partial.", ".old."))
+    if dest.exists():
+        dest.rename(old)
     tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_debian(archive: Archive, kernel: KernelConfig) -> KernelPackages:
@@ -126,9 +134,9 @@ def prepare_debian(
     """Download, verify and extract a resolved Debian kernel (once; later runs reuse it)."""
     primary = pkgs.primary
     tree = cache / "kernels" / primary.sha256
-    if not (tree / ".complete").exists():
+    # Checked at every use against the digests recorded at extraction: rebuilt if edited.
+    if tree_problem(tree) is not None:
         _extract_packages(archive, pkgs, tree)
-        (tree / ".complete").touch()
     vmlinuz, modules, config_file = locate_kernel_tree(tree)
     config = parse_kconfig(config_file.read_text()) if config_file else {}
     return PreparedKernel(

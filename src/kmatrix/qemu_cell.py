@@ -16,11 +16,16 @@ from kmatrix.backends.qemu import (
 )
 from kmatrix.config import Matrix
 from kmatrix.console import ConsoleSummary, analyze_console
+from kmatrix.errors import InfraError
 from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
 from kmatrix.oom_cell import run_oom_boots, swap_image
 from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
+
+
+class QemuFailedToStart(InfraError):
+    """QEMU exited with an error before the guest printed anything (its stderr says why)."""
 
 
 def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple[str, str]:
@@ -95,10 +100,14 @@ def run_qemu_cell(
     )
     run = run_qemu(build_argv(spec), timeout=matrix.probe.cell_timeout)
     console_text = _read(spec.console_log)
+    _check_started(run, console_text, spec)
     console = analyze_console(console_text)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
     console_dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec.console_log, console_dest)
+    if spec.console_log.exists():
+        shutil.copyfile(spec.console_log, console_dest)
+    else:  # QEMU was killed before it opened its console: an empty log, not a crash
+        console_dest.write_bytes(b"")
     status, reason = classify(run, console, probe)
     cell.update(status=status, reason=reason, duration_s=run.duration_s)
     if console.release:
@@ -114,6 +123,22 @@ def run_qemu_cell(
     if console.reached_init:  # a kernel that cannot boot our init cannot run OOM boots either
         _run_oom(cell, kernel, userland, matrix, workdir / "oom", accel, console_dest)
     return cell
+
+
+def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
+    """A QEMU that failed before the guest printed anything is kmatrix's error, not a result.
+
+    It is an InfraError carrying QEMU's own words, so the run stops with one clear line.
+    """
+    # A negative code is a signal from outside (someone killed QEMU): the cell's error.
+    if run.timed_out or run.returncode is None or run.returncode <= 0 or console_text.strip():
+        return
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    said = "; ".join(lines[-3:]) or "no error output"
+    raise QemuFailedToStart(
+        f"{spec.arch.binary} exited at once (status {run.returncode}) before the guest printed "
+        f"anything: {said[:500]}; check the kernel file {spec.vmlinuz} and the QEMU installation"
+    )
 
 
 def _run_oom(

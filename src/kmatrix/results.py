@@ -19,7 +19,7 @@ from kmatrix.errors import UserError
 
 SCHEMA_VERSION = 1
 RECORD_PREFIX = "KMX1 "
-CELL_STATUSES = ("ok", "failed", "timeout", "panic", "error", "skipped")
+CELL_STATUSES = ("ok", "incomplete", "failed", "timeout", "panic", "error", "skipped")
 
 JSON = dict[str, Any]
 
@@ -52,14 +52,56 @@ def write_results(path: Path, results: JSON) -> None:
 def load_results(path: Path) -> JSON:
     """Read a results.json, checking it is one this version of kmatrix understands."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, so not a kmatrix results file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read results ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc}); was it truncated?") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
         raise UserError(f"{path}: not a kmatrix results file with schema_version {SCHEMA_VERSION}")
+    problem = shape_problem(data)
+    if problem:
+        raise UserError(
+            f"{path}: not a valid kmatrix results file: {problem}; regenerate it with "
+            "`invoke matrix` or `invoke merge`"
+        )
     return data
+
+
+def shape_problem(data: JSON) -> str | None:
+    """The first way ``data`` departs from the results schema (the parts readers use), or None."""
+    if not isinstance(data.get("run"), dict):
+        return "'run' must be an object"
+    cells = data.get("cells")
+    if not isinstance(cells, list):
+        return "'cells' must be a list"
+    for i, cell in enumerate(cells):
+        where = f"cells[{i}]"
+        if not isinstance(cell, dict):
+            return f"{where} must be an object"
+        if not isinstance(cell.get("id"), str) or not cell["id"]:
+            return f"{where}.id must be a non-empty string"
+        if cell.get("status") not in CELL_STATUSES:
+            return f"{where}.status must be one of {', '.join(CELL_STATUSES)}"
+        for key in ("scenarios", "oom"):
+            items = cell.get(key, [])
+            if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+                return f"{where}.{key} must be a list of objects"
+        for key in ("kernel", "probe"):
+            if not isinstance(cell.get(key, {}), dict):
+                return f"{where}.{key} must be an object"
+        for sc in cell.get("scenarios", []):
+            if not isinstance(sc.get("name"), str) or not isinstance(sc.get("metrics", {}), dict):
+                return f"{where}: a scenario needs a string name and a metrics object"
+            bad = [k for k, v in sc.get("metrics", {}).items() if type(v) is not int]
+            if bad:
+                return f"{where} scenario {sc['name']}: metric {bad[0]} is not an integer"
+        for exp in cell.get("oom", []):
+            if not isinstance(exp.get("name"), str):
+                return f"{where}: an OOM entry needs a string name"
+    return None
 
 
 @dataclass
@@ -158,4 +200,21 @@ def new_cell(cell_id: str, backend: str) -> JSON:
         "kernel": {},
         "scenarios": [],
         "oom": [],
+    }
+
+
+def mark_incomplete(cell: JSON) -> JSON:
+    """An ``ok`` cell with an OOM experiment in ``error`` becomes ``incomplete``.
+
+    Its accounting numbers stand, but a part of what the matrix asked for is missing: such
+    a cell must not pass as ``ok`` nor enter the result cache (it is rerun next time).
+    """
+    broken = [e for e in cell.get("oom") or [] if e.get("status") == "error"]
+    if cell.get("status") != "ok" or not broken:
+        return cell
+    names = ", ".join(str(e.get("name")) for e in broken)
+    first = str(broken[0].get("reason") or "no reason recorded")
+    return cell | {
+        "status": "incomplete",
+        "reason": f"OOM experiment(s) in error: {names} ({first[:200]})",
     }

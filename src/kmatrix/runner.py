@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import os
 import platform
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from kmatrix.backends import docker as docker_backend
 from kmatrix.backends import qemu
 from kmatrix.cellcache import CellCache, cell_key
 from kmatrix.check import enforce
-from kmatrix.config import KernelConfig, Matrix, load_matrix
+from kmatrix.config import KernelConfig, Matrix, check_local_paths, load_matrix
 from kmatrix.debian import Archive, KernelPackages, default_cache_dir, resolve_mirror
 from kmatrix.docker_cell import run_docker_cell
 from kmatrix.errors import InfraError, KmatrixError, UserError
@@ -33,7 +34,17 @@ from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local, resol
 from kmatrix.progress import Progress
 from kmatrix.qemu_cell import run_qemu_cell
 from kmatrix.report import write_report
-from kmatrix.results import JSON, SCHEMA_VERSION, new_cell, write_results
+from kmatrix.reportdir import (
+    check_report_name,
+    disk_errors,
+    previous_cells,
+    run_lock,
+    usable_cache,
+)
+from kmatrix.results import JSON, SCHEMA_VERSION, mark_incomplete, new_cell, write_results
+
+#: Most cells run at once: each is a QEMU guest of up to guest.memory.
+MAX_JOBS = 64
 
 
 @dataclass(frozen=True)
@@ -86,8 +97,11 @@ class _Run:
     ) -> None:
         self.opts, self.matrix, self.kernels, self.progress = opts, matrix, kernels, progress
         self.out_dir = opts.reports_dir / opts.name
-        self.cache = default_cache_dir()
+        self.cache = usable_cache(default_cache_dir())
         self.cell_cache = CellCache(self.cache / "cells")
+        self.work_root = self.cache / "work" / opts.name
+        self.carried: list[JSON] = []
+        self.failed = threading.Event()  # set by the first cell kmatrix itself failed in
         self._lock = threading.Lock()
         self._accel: str | None = None
         # Per Debian architecture (amd64 always; arm64 when a kernel asks for it).
@@ -110,13 +124,19 @@ class _Run:
     def save(self, final: bool = False) -> None:
         """Write results.json and report.md as they stand (cells in matrix order).
 
+        Cells this run has not finished yet keep their previous run's result (flagged
+        ``carried_over``), so an interrupted run leaves no fewer results than before.
         Charts take seconds to draw, so they are drawn only once, at the end of the run.
         """
         with self._lock:
             order = {k.name: i for i, k in enumerate(self.kernels)}
-            self.results["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
-            write_results(self.out_dir / "results.json", self.results)
-            write_report(self.results, self.out_dir, charts=final)
+            done = {c["id"] for c in self.results["cells"]}
+            old = [] if final else [c for c in self.carried if c["id"] not in done]
+            doc = self.results | {"cells": [*self.results["cells"], *old]}
+            doc["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
+            with disk_errors(self.out_dir):
+                write_results(self.out_dir / "results.json", doc)
+                write_report(doc, self.out_dir, charts=final)
 
     def add(self, cell: JSON) -> None:
         """Record a finished cell and save at once."""
@@ -193,18 +213,33 @@ def _qemu_cell(
             console_dest.write_bytes(console.read_bytes())
         return cell | {"cached": True}
     run.progress.phase(k.name, f"boot {prepared.release or prepared.vmlinuz.name} ({accel})")
+    # The console is written to the work directory first and copied into the report only
+    # once the cell is in the result cache: a full or unwritable reports disk loses nothing.
+    console_work = run.work_root / f"{k.name}.console.log"
     cell = run_qemu_cell(
         prepared,
         userland,
         run.matrix,
-        workdir=run.cache / "work" / run.opts.name / k.name,
-        console_dest=console_dest,
+        workdir=run.work_root / k.name,
+        console_dest=console_work,
         accel=accel,
         memory_bytes=k.memory or run.matrix.guest.memory,
         shm_size=k.shm_size or run.matrix.guest.shm_size,
     )
-    run.cell_cache.put(key, cell, console_dest)
+    # Only a complete cell is cached: one with an OOM experiment in error is rerun next time.
+    cell = mark_incomplete(cell)
+    run.cell_cache.put(key, cell, console_work)
+    console_dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(console_work, console_dest)
     return cell | {"cached": False}
+
+
+class _CellError(Exception):
+    """kmatrix itself failed in a cell: the cell (status error) and the error."""
+
+    def __init__(self, cell: JSON, error: KmatrixError) -> None:
+        super().__init__(str(error))
+        self.cell, self.error = cell, error
 
 
 def _run_one(
@@ -213,22 +248,29 @@ def _run_one(
     k: KernelConfig,
     resolved: dict[str, KernelPackages],
     userland: Userland,
-) -> JSON:
-    """One cell; an infrastructure failure becomes the cell's status, not the run's end."""
+) -> JSON | None:
+    """One cell. What the guest does is its status; kmatrix failing is a :class:`_CellError`.
+
+    None: the cell did not start because another cell had already failed.
+    """
+    if run.failed.is_set():
+        return None
     try:
-        if k.backend == "docker":
-            run.progress.phase(k.name, "container on the host kernel")
-            console_dest = run.out_dir / "console" / f"{k.name}.log"
-            return run_docker_cell(
-                k, run.matrix, userland, run.cache, console_dest, run.progress.log
-            )
-        return _qemu_cell(run, archive, k, resolved.get(k.name), userland)
-    except UserError:
-        raise
+        with disk_errors(run.out_dir):
+            if k.backend == "docker":
+                run.progress.phase(k.name, "container on the host kernel")
+                console_dest = run.out_dir / "console" / f"{k.name}.log"
+                cell = run_docker_cell(
+                    k, run.matrix, userland, run.cache, console_dest, run.progress.log
+                )
+            else:
+                cell = _qemu_cell(run, archive, k, resolved.get(k.name), userland)
+        return mark_incomplete(cell)
     except KmatrixError as exc:
+        run.failed.set()  # a worker picking up the next cell must not start it
         cell = new_cell(k.name, k.backend)
         cell.update(status="error", reason=str(exc))
-        return cell
+        raise _CellError(cell, exc) from None
 
 
 def _run_cells(
@@ -238,8 +280,25 @@ def _run_cells(
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
     try:
         futures = [pool.submit(_run_one, run, archive, k, resolved, userland) for k in run.kernels]
+        failed: _CellError | None = None
+        cancelled = 0
         for future in as_completed(futures):
-            run.add(future.result())
+            if future.cancelled():
+                continue
+            try:
+                cell = future.result()
+                if cell is None:
+                    cancelled += 1
+                    continue
+                run.add(cell)
+            except _CellError as exc:
+                run.add(exc.cell)
+                if failed is None:
+                    # The first failure cancels the queued cells; running ones finish and count.
+                    failed = exc
+                    cancelled += sum(f.cancel() for f in futures)
+        if failed is not None:
+            _raise_cell_error(run, failed, cancelled)
     except KeyboardInterrupt:
         killed = qemu.kill_all() + docker_backend.kill_all()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -251,33 +310,61 @@ def _run_cells(
             f"cell(s) saved in {run.out_dir}; run the same command again to resume from the cache"
         ) from None
     finally:
-        pool.shutdown(wait=True)
+        # Whatever ended the loop (a cell's error, a full disk), queued cells do not start.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _raise_cell_error(run: _Run, failed: _CellError, cancelled: int) -> None:
+    """End the run with the cell's error (exit 2), saying what was kept and what was not run."""
+    run.results["run"]["aborted"] = _now()
+    run.save()
+    done = sum(c["id"] != failed.cell["id"] for c in run.results["cells"])
+    msg = (
+        f"cell {failed.cell['id']}: {failed.error}; {cancelled} queued cell(s) cancelled, "
+        f"{done} other finished cell(s) saved in {run.out_dir}"
+    )
+    cls = UserError if isinstance(failed.error, UserError) else InfraError
+    raise cls(msg) from None
 
 
 def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
     """Run the matrix and return the results document (also written to reports/NAME/)."""
+    check_report_name(opts.name)
+    if not 0 <= opts.jobs <= MAX_JOBS:
+        raise UserError(f"--jobs {opts.jobs}: use 1 to {MAX_JOBS} (0: one per CPU core)")
     matrix = load_matrix(opts.matrix_path)
     if opts.accel is not None:  # CI runners differ in KVM; the matrix file stays the same
         matrix = matrix.model_copy(update={"accel": opts.accel})
-    kernels = matrix.select(list(opts.kernels))
+    kernels = matrix.select(list(opts.kernels), str(opts.matrix_path))
+    check_local_paths(kernels, str(opts.matrix_path))
     progress = progress or Progress()
     qemu.allow_start()
     with progress, sigterm_as_interrupt():
         run = _Run(opts, matrix, kernels, progress)
-        run.archives = _archives(matrix, kernels, run.cache, progress)
-        archive = run.archives["amd64"]
-        resolved = _resolve_all(run.archives, kernels, progress)
-        run.results["run"]["host"]["qemu"] = qemu.qemu_version()
-        userland = build_userland(archive, matrix.guest.suite, run.cache, progress.log)
-        run.results["run"]["guest"] = {"suite": matrix.guest.suite, "packages": userland.packages}
-        _foreign_userlands(run, progress)
-        _run_cells(run, archive, resolved, userland)
-        run.results["run"]["finished"] = _now()
-        run.save(final=True)
-        progress.log(f"wrote {run.out_dir / 'report.md'} and results.json")
-        # matrix.yaml's expectations gate a release: ExpectationFailed (exit 1) names each one.
-        progress.log(enforce(matrix.expectations, run.results))
+        with run_lock(run.out_dir, run.work_root):
+            run.carried = previous_cells(run.out_dir, [k.name for k in kernels])
+            _run_locked(run, progress)
     return run.results
+
+
+def _run_locked(run: _Run, progress: Progress) -> None:
+    """Everything of a run that needs its report and work directory to itself."""
+    matrix, kernels = run.matrix, run.kernels
+    run.archives = _archives(matrix, kernels, run.cache, progress)
+    archive = run.archives["amd64"]
+    resolved = _resolve_all(run.archives, kernels, progress)
+    run.results["run"]["host"]["qemu"] = qemu.qemu_version()
+    userland = build_userland(archive, matrix.guest.suite, run.cache, progress.log)
+    run.results["run"]["guest"] = {"suite": matrix.guest.suite, "packages": userland.packages}
+    _foreign_userlands(run, progress)
+    _run_cells(run, archive, resolved, userland)
+    run.results["run"]["finished"] = _now()
+    run.save(final=True)
+    progress.log(f"wrote {run.out_dir / 'report.md'} and results.json")
+    # matrix.yaml's expectations gate a release: ExpectationFailed (exit 1) names each one.
+    progress.log(enforce(matrix.expectations, run.results, ran=[k.name for k in kernels]))
+
+
 
 
 def _archives(

@@ -21,6 +21,7 @@ from typing import Any
 import docker.errors
 import requests.exceptions
 
+from kmatrix import lifeline
 from kmatrix.backends import qemu
 from kmatrix.backends.docker import API_TIMEOUT, LABEL, connect
 from kmatrix.config import KernelConfig, Matrix, load_matrix
@@ -194,11 +195,13 @@ def run_runner(
     try:
         with sigterm_as_interrupt():
             container = client.containers.create(**config)
-            container.start()
-            streamer = threading.Thread(target=_stream, args=(container, log), daemon=True)
-            streamer.start()
-            code = _wait(container, timeout)
-            streamer.join(timeout=10)
+            # Removed by the reaper if kmatrix dies (kill -9 included) or overruns.
+            with lifeline.reaper(["docker", "rm", "-f", container.id], timeout + 60):
+                container.start()
+                streamer = threading.Thread(target=_stream, args=(container, log), daemon=True)
+                streamer.start()
+                code = _wait(container, timeout)
+                streamer.join(timeout=10)
             return code
     except KeyboardInterrupt:
         # The finally below removes the container (and QEMU with it) before this propagates.

@@ -18,10 +18,14 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from kmatrix import lifeline
 from kmatrix.errors import InfraError, UserError
 
 #: Seconds for ordinary engine API calls (ping, info, create, remove).
 API_TIMEOUT = 30.0
+
+#: Seconds past a container's timeout after which the reaper removes it on its own.
+REAPER_GRACE_S = 60.0
 
 #: Label on everything kmatrix creates, so leftovers can be found: `docker ps -a -f label=kmatrix`.
 LABEL = "kmatrix"
@@ -229,8 +233,10 @@ def run_container(client: Any, config: dict[str, Any], timeout: float) -> Contai
         container = client.containers.create(**config)
         with _ACTIVE_LOCK:
             _ACTIVE[container.id] = container
-        container.start()
-        _wait(container, timeout, run)
+        # The container must not outlive kmatrix (kill -9 included) nor its timeout.
+        with lifeline.reaper(["docker", "rm", "-f", container.id], timeout + REAPER_GRACE_S):
+            container.start()
+            _wait(container, timeout, run)
         container.reload()
         state = container.attrs.get("State", {})
         run.oom_killed = bool(state.get("OOMKilled"))

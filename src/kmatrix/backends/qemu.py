@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmatrix import lifeline
 from kmatrix.errors import InfraError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -26,6 +28,10 @@ BASE_APPEND = "panic=-1 mitigations=off"
 #: The virtio-blk serials of the ext4 and the swap disk, which the guest's init looks for.
 DISK_SERIAL = "kmxdisk"
 SWAP_SERIAL = "kmxswap"
+
+# Seconds past a boot's timeout after which the guard kills QEMU on its own: kmatrix kills
+# it at the timeout; the guard is for a kmatrix that can no longer do so.
+GUARD_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -200,17 +206,20 @@ def run_qemu(argv: list[str], timeout: float) -> QemuRun:
     with _LIVE_LOCK:
         if _STOPPING.is_set():
             raise InfraError("the run is being interrupted; QEMU was not started")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-        except FileNotFoundError:
+        if shutil.which(argv[0]) is None:
             hint = _install_hint(argv[0])
-            raise InfraError(f"{argv[0]} not found; install QEMU: {hint}") from None
+            raise InfraError(f"{argv[0]} not found; install QEMU: {hint}")
+        # The guard kills QEMU when kmatrix dies (even kill -9) or soon after the timeout
+        # (even when kmatrix hangs); its own session keeps the terminal's Ctrl-C away.
+        guarded, fds = lifeline.guarded(argv, timeout + GUARD_GRACE_S)
+        proc = subprocess.Popen(
+            guarded,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            pass_fds=fds,
+        )
         _LIVE.add(proc)
     timed_out = False
     try:
