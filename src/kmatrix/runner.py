@@ -365,8 +365,6 @@ def _run_locked(run: _Run, progress: Progress) -> None:
     progress.log(enforce(matrix.expectations, run.results, ran=[k.name for k in kernels]))
 
 
-
-
 def _archives(
     matrix: Matrix, kernels: list[KernelConfig], cache: Path, progress: Progress
 ) -> dict[str, Archive]:
