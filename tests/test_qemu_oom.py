@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from kmatrix.config import parse_matrix
-from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
+from kmatrix.debian import default_cache_dir
 from kmatrix.guest import build_userland
-from kmatrix.kernels import prepare_debian, resolve_debian
+from kmatrix.kernels import prepare_debian
 from kmatrix.oom_cell import run_oom_boots
+from kmatrix.suites import Resolver
 
 pytestmark = pytest.mark.qemu
 
@@ -35,11 +36,10 @@ def oom_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two repeats of each experiment: one boot, plus one for the second panic."""
     matrix = parse_matrix(MATRIX)
     cache = default_cache_dir()
-    archive = Archive(
-        resolve_mirror(matrix.mirror), cache, keyring=matrix.keyring, check_valid_until=False
-    )
+    resolver = Resolver(matrix, cache)
+    archive = resolver.main_archive("amd64")
     (k,) = matrix.kernels
-    kernel = prepare_debian(archive, k, resolve_debian(archive, k), cache)
+    kernel = prepare_debian(archive, k, resolver.resolve(k), cache)
     userland = build_userland(archive, matrix.guest.suite, cache, lambda _: None)
     work = tmp_path_factory.mktemp("oom")
     run = run_oom_boots(kernel, userland, matrix, Path(work), "tcg")

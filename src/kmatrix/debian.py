@@ -72,6 +72,8 @@ class PackageRecord:
     depends: str
     source: str
     suite: str
+    # Base URL of the archive whose verified index listed it: where the .deb is fetched from.
+    archive: str = ""
 
 
 @dataclass
@@ -259,9 +261,9 @@ def parse_release(text: str, origin: str = "InRelease") -> ReleaseInfo:
 
 
 def parse_packages(
-    text: str, suite: str, origin: str = "Packages"
+    text: str, suite: str, origin: str = "Packages", archive: str = ""
 ) -> dict[str, list[PackageRecord]]:
-    """Parse a Packages index into records grouped by package name."""
+    """Parse a Packages index into records grouped by package name (listed in ``archive``)."""
     out: dict[str, list[PackageRecord]] = {}
     for st in parse_deb822(text, origin):
         try:
@@ -275,6 +277,7 @@ def parse_packages(
                 depends=st.get("Depends", ""),
                 source=st.get("Source", name),
                 suite=suite,
+                archive=archive,
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"{origin}: stanza {st.get('Package', '?')} lacks {e}") from None
@@ -547,6 +550,10 @@ class _NotFound(Exception):
     """The URL does not exist (HTTP 404/410 or a missing file:// path)."""
 
 
+class SuiteNotFound(UserError):
+    """The archive answered, but has no such suite (its InRelease is not there)."""
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA256 of a file."""
     h = hashlib.sha256()
@@ -571,8 +578,13 @@ def _download_once(url: str, dest: Path, timeout: float) -> None:
         raise
 
 
-def download(url: str, dest: Path, timeout: float, log: Callable[[str], None]) -> None:
-    """Download ``url`` atomically to ``dest`` with retries; raises _NotFound or InfraError."""
+def download(
+    url: str, dest: Path, timeout: float, log: Callable[[str], None], hint: str = MIRROR_HINT
+) -> None:
+    """Download ``url`` atomically to ``dest`` with retries; raises _NotFound or InfraError.
+
+    ``hint`` says which setting chooses the archive, for the error when it cannot be reached.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
     os.close(fd)
@@ -588,7 +600,7 @@ def download(url: str, dest: Path, timeout: float, log: Callable[[str], None]) -
                 if attempt == RETRIES:
                     raise InfraError(
                         f"cannot download {url} after {RETRIES + 1} attempts: {e}; "
-                        f"check the network and the mirror ({MIRROR_HINT} to change it)"
+                        f"check the network and the archive ({hint} to change it)"
                     ) from e
                 log(f"download of {url} failed ({e}); retrying")
                 time.sleep(BACKOFF_SECONDS * 2**attempt)
@@ -625,6 +637,18 @@ def gpgv_verify(signed: Path, keyring: Path, timeout: float = 60.0) -> tuple[str
         return out.read_text(encoding="utf-8"), valid
 
 
+def _require_clearsigned(path: Path, url: str) -> None:
+    """An unsigned InRelease gets its own message: gpgv's ("no valid OpenPGP data") is obscure."""
+    with open(path, "rb") as f:
+        head = f.read(len(_CLEARSIGN_BEGIN) + 3).lstrip()
+    if not head.startswith(_CLEARSIGN_BEGIN.encode()):
+        raise VerificationError(
+            f"{url} is not signed (no '{_CLEARSIGN_BEGIN}' header); kmatrix uses only signed "
+            "archives: sign the Release file into InRelease (gpg --clearsign) and give its "
+            "public key as `keyring:`"
+        )
+
+
 def _decompress(path: Path) -> bytes:
     if path.name.endswith(".xz"):
         with lzma.open(path) as f:
@@ -659,8 +683,10 @@ class Archive:
         component: str = "main",
         timeout: float = 60.0,
         log: Callable[[str], None] | None = None,
+        hint: str = MIRROR_HINT,
     ) -> None:
         self.mirror = mirror.rstrip("/")
+        self.hint = hint  # the setting that chooses this archive, named in errors
         self.cache_dir = cache_dir
         self.keyring = keyring
         # The environment switch exists for snapshot mirrors, whose InRelease is long expired.
@@ -695,18 +721,21 @@ class Archive:
         # A per-process name: two runs sharing the cache must not verify each other's file.
         fresh = cached.with_name(f"InRelease.{os.getpid()}.new")
         try:
-            download(url, fresh, self.timeout, self.log)
+            download(url, fresh, self.timeout, self.log, self.hint)
+            _require_clearsigned(fresh, url)
             text, _ = gpgv_verify(fresh, self.keyring, self.timeout)
             os.replace(fresh, cached)
         except _NotFound:
-            raise UserError(
+            raise SuiteNotFound(
                 f"suite {suite} does not exist on mirror {self.mirror} ({url} not found); "
                 "check the suite name in matrix.yaml"
             ) from None
         except VerificationError as e:
             raise VerificationError(
                 f"InRelease of suite {suite} from mirror {self.mirror} failed signature "
-                f"verification ({e}); the file was deleted. Retry later or use another mirror"
+                f"verification ({e}); the file was deleted. If {self.keyring} is the key this "
+                "archive signs with, the file was altered on the way: retry later or use another "
+                "mirror; otherwise point `keyring:` at the archive's signing key"
             ) from None
         finally:
             fresh.unlink(missing_ok=True)
@@ -755,7 +784,7 @@ class Archive:
             urls.insert(0, by_hash)
         for url in urls:
             try:
-                download(url, cached, self.timeout, self.log)
+                download(url, cached, self.timeout, self.log, self.hint)
                 break
             except _NotFound:
                 continue
@@ -786,6 +815,10 @@ class Archive:
         self._releases[suite] = (rel, self._fetch_packages(suite, rel))
         return self._releases[suite]
 
+    def verified_packages(self, suite: str) -> Path:
+        """The verified Packages file of ``suite`` (named by its SHA256), without parsing it."""
+        return self._release(suite)[1]
+
     def index(self, suite: str) -> SuiteIndex:
         """The verified package index of ``suite`` (memoised per Archive)."""
         if suite not in self._indices:
@@ -794,9 +827,8 @@ class Archive:
 
     def _parse_index(self, suite: str, rel: ReleaseInfo, path: Path) -> SuiteIndex:
         try:
-            packages = parse_packages(
-                _decompress(path).decode("utf-8", "replace"), suite, f"{suite} Packages"
-            )
+            text = _decompress(path).decode("utf-8", "replace")
+            packages = parse_packages(text, suite, f"{suite} Packages", self.mirror)
         except (ValueError, lzma.LZMAError, OSError, EOFError) as e:
             raise InfraError(
                 f"cannot read the Packages index of {suite} ({path}): {e}; delete it and retry"
@@ -838,9 +870,11 @@ class Archive:
                 return path
             self.log(f"cached {path} ({rec.name} {rec.version}) is corrupt; fetching it again")
             path.unlink()
-        url = f"{self.mirror}/{rec.filename}"
+        # The record names the archive whose signed index listed it (suites of one release
+        # live in two archives); records from before that field default to this one.
+        url = f"{rec.archive or self.mirror}/{rec.filename}"
         try:
-            download(url, path, self.timeout, self.log)
+            download(url, path, self.timeout, self.log, self.hint)
         except _NotFound:
             raise InfraError(
                 f"{rec.name} {rec.version} is in the {rec.suite} index but {url} is missing "
