@@ -160,20 +160,26 @@ def resolve_mirror(configured: str | None) -> str:
 def resolve_security_mirror(
     configured: str | None,
     main_mirror: str,
+    main_configured: str | None = None,
     paths: Sequence[Path] = DEFAULT_APT_SOURCES,
 ) -> tuple[str | None, str]:
     """The security archive's base URL and where it came from (for logs and errors).
 
-    Order: env KMATRIX_SECURITY_MIRROR, then ``configured`` (matrix.yaml), then the apt
-    sources, then Debian's own layout, where ``…/debian-security`` sits next to ``…/debian``
-    on the same host (most mirrors copy it). (None, why) when none of these gives one.
+    Order: env KMATRIX_SECURITY_MIRROR, then ``configured`` (matrix.yaml); then, when the main
+    mirror was chosen by configuration (``main_configured`` or KMATRIX_MIRROR), the same
+    host's ``…/debian-security`` next to its ``…/debian`` (Debian's own layout, which most
+    mirrors copy): the host's apt sources pair with the host's main mirror, not with that
+    one. Otherwise the apt sources, then that layout. (None, why) when nothing gives one.
     """
     explicit = _configured("KMATRIX_SECURITY_MIRROR", configured)
     if explicit:
         return explicit, "configured"
+    beside = main_mirror + "-security" if main_mirror.endswith("/debian") else None
+    if beside and _configured("KMATRIX_MIRROR", main_configured):
+        return beside, f"next to the configured mirror; {SECURITY_HINT} to change it"
     from_apt = pick_security_mirror(read_apt_sources(paths))
     if from_apt:
-        return from_apt, "apt sources"
-    if main_mirror.endswith("/debian"):
-        return main_mirror + "-security", "next to the main mirror"
-    return None, f"no -security entry in the apt sources and {SECURITY_HINT}"
+        return from_apt, f"from the apt sources; {SECURITY_HINT} to change it"
+    if beside:
+        return beside, f"next to the mirror; {SECURITY_HINT} to change it"
+    return None, f"no -security entry in the apt sources; {SECURITY_HINT}"

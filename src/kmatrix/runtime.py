@@ -261,7 +261,7 @@ def kvm_group(matrix: Matrix, kernel: KernelConfig, accel: str, cache: Path) -> 
 
 def _security_env(matrix: Matrix, mirror: str) -> dict[str, str]:
     """The security archive as resolved here: the container has no apt sources of the host."""
-    security, _ = resolve_security_mirror(matrix.security_mirror, mirror)
+    security, _ = resolve_security_mirror(matrix.security_mirror, mirror, matrix.mirror)
     return {"KMATRIX_SECURITY_MIRROR": security} if security else {}
 
 

@@ -125,7 +125,7 @@ def plan_sources(kernel: KernelConfig, matrix: Matrix, mirrors: Mirrors) -> list
         name = kernel.archive if isinstance(kernel.archive, str) else other.url
         suites = kernel.suites or ([kernel.suite] if kernel.suite else other.suites or [])
         keyring = other.keyring.expanduser()
-        hint = f"fix `url:` of archive {name} in matrix.yaml"
+        hint = f"set `url:` of archive {name} in matrix.yaml"
         return [
             Source(name, other.url.rstrip("/"), s, tuple(other.components), keyring, False,
                    hint, True)
@@ -187,7 +187,7 @@ class Resolver:
     ) -> None:
         self.matrix, self.cache, self.log = matrix, cache, log
         main = resolve_mirror(matrix.mirror)
-        security, origin = resolve_security_mirror(matrix.security_mirror, main)
+        security, origin = resolve_security_mirror(matrix.security_mirror, main, matrix.mirror)
         self.mirrors = Mirrors(main, security, origin)
         self._archives: dict[tuple[str, Path, str, str], Archive] = {}
 
@@ -238,10 +238,11 @@ class Resolver:
         skipped: list[str] = []
         for src in sources:
             if src.url is None:
+                release = src.suite.removesuffix("-security")
                 raise InfraError(
                     f"suite {src.suite} is in Debian's security archive, but its URL is not "
-                    f"known ({self.mirrors.security_origin}); or name the suites to use, e.g. "
-                    f"suites: [{src.suite.removesuffix('-security')}]"
+                    f"known ({self.mirrors.security_origin}); or run without security updates: "
+                    f"suites: [{release}, {release}-updates]"
                 )
             for component in src.components:
                 archive = self.archive(src.url, arch, component, src.keyring, src.hint)
@@ -250,6 +251,14 @@ class Resolver:
                 except SuiteNotFound:
                     if not src.implied:
                         raise
+                    if src.archive == DEBIAN_SECURITY:
+                        # Never run an older kernel quietly because security updates are missing.
+                        release = src.suite.removesuffix("-security")
+                        raise InfraError(
+                            f"Debian's security archive {src.url} ({self.mirrors.security_origin})"
+                            f" has no suite {src.suite}; or run without security updates: "
+                            f"suites: [{release}, {release}-updates]"
+                        ) from None
                     self.log(f"{src.archive} has no suite {src.suite}; skipping it")
                     skipped.append(f"{src.archive}:{src.suite}")
                     break
