@@ -8,7 +8,9 @@ it through kmatrix.suites.Resolver: the same code path `invoke matrix` takes.
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -246,3 +248,31 @@ def test_debian_release_spans_its_two_archives(
         assert res.stale_pin == {"pinned": "9.9.0-1", "newest": "9.9.1-1",
                                  "package": "linux-image-team-amd64",
                                  "suite": "release-security"}  # fmt: skip
+
+
+def test_inline_archive_and_armored_keyring(
+    team: str, keys: tuple[Key, Key], tmp_path: Path
+) -> None:
+    inline = (
+        f"mirror: {team}/debian\nkernels:\n"
+        f"  - {{name: k, package: linux-image-team-amd64, suite: stable,\n"
+        f"     archive: {{url: {team}/team, keyring: {keys[0].keyring}, components: [extra]}}}}\n"
+    )
+    matrix = parse_matrix(inline)
+    res = Resolver(matrix, tmp_path / "cache").resolve(matrix.kernels[0])
+    assert res.provenance()["archive"] == f"{team}/team"
+    assert res.provenance()["archive_url"] == f"{team}/team"
+    armored = tmp_path / "team.asc"
+    armored.write_bytes(
+        subprocess.run(
+            ["gpg", "--export", "--armor"],
+            env={**os.environ, "GNUPGHOME": str(keys[0].home)},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        ).stdout
+    )
+    with pytest.raises(UserError) as e:
+        parse_matrix(inline.replace(str(keys[0].keyring), str(armored)))
+    assert f"keyring: {armored} is ASCII-armored" in str(e.value)
+    assert f"gpg --dearmor < {armored} > {tmp_path / 'team.gpg'}" in str(e.value)
