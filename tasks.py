@@ -109,12 +109,21 @@ def report(c: Context, results: str, name: str = "") -> None:
         "results": "the results.json to check",
         "junit": "also write JUnit XML here (one testcase per expectation and cell)",
         "matrix-file": "the matrix whose expectations apply (default: matrix.yaml)",
+        "fail-on-stale": "also fail (exit 1) when a cell ran a pinned version its suites outdate",
     }
 )
-def check(c: Context, results: str, junit: str = "", matrix_file: str = "matrix.yaml") -> None:
+def check(
+    c: Context,
+    results: str,
+    junit: str = "",
+    matrix_file: str = "matrix.yaml",
+    fail_on_stale: bool = False,
+) -> None:
     """Evaluate matrix.yaml's expectations: exit 0 all hold, 1 one failed, 2 cannot run."""
     with kmatrix_errors():
-        summary = check_file(Path(results), Path(matrix_file), Path(junit) if junit else None)
+        summary = check_file(
+            Path(results), Path(matrix_file), Path(junit) if junit else None, fail_on_stale
+        )
     print(summary)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from kmatrix import debian
+from kmatrix import apt_sources, debian
 from kmatrix.debian import (
     Archive,
     Dependency,
@@ -278,7 +278,7 @@ def test_resolve_mirror_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_mirror("http://cfg.example/debian") == "http://env.example/debian"
     monkeypatch.delenv("KMATRIX_MIRROR")
     assert resolve_mirror("http://cfg.example/debian/") == "http://cfg.example/debian"
-    monkeypatch.setattr(debian, "mirror_from_apt_sources", lambda: "http://apt.example/debian")
+    monkeypatch.setattr(apt_sources, "mirror_from_apt_sources", lambda: "http://apt.example/debian")
     assert resolve_mirror(None) == "http://apt.example/debian"
     assert resolve_mirror("  ") == "http://apt.example/debian"
 

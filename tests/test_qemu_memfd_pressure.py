@@ -13,11 +13,7 @@ from typing import Any
 
 import pytest
 
-from kmatrix.config import parse_matrix
-from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
-from kmatrix.guest import build_userland
-from kmatrix.kernels import prepare_debian, resolve_debian
-from kmatrix.oom_cell import run_oom_boots
+from oomboots import run_oom_matrix
 
 pytestmark = pytest.mark.qemu
 
@@ -34,15 +30,7 @@ kernels:
 
 @pytest.fixture(scope="module")
 def pressure(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    matrix = parse_matrix(MATRIX)
-    cache = default_cache_dir()
-    archive = Archive(
-        resolve_mirror(matrix.mirror), cache, keyring=matrix.keyring, check_valid_until=False
-    )
-    (k,) = matrix.kernels
-    kernel = prepare_debian(archive, k, resolve_debian(archive, k), cache)
-    userland = build_userland(archive, matrix.guest.suite, cache, lambda _: None)
-    run = run_oom_boots(kernel, userland, matrix, Path(tmp_path_factory.mktemp("oom")), "tcg")
+    run = run_oom_matrix(MATRIX, Path(tmp_path_factory.mktemp("oom")))
     return {e["name"]: e for e in run.experiments} | {"boots": run.boots}
 
 

@@ -14,11 +14,7 @@ from typing import Any
 
 import pytest
 
-from kmatrix.config import parse_matrix
-from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
-from kmatrix.guest import build_userland
-from kmatrix.kernels import prepare_debian, resolve_debian
-from kmatrix.oom_cell import run_oom_boots
+from oomboots import run_oom_matrix
 
 pytestmark = pytest.mark.qemu
 
@@ -33,16 +29,7 @@ kernels:
 @pytest.fixture(scope="module")
 def oom_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two repeats of each experiment: one boot, plus one for the second panic."""
-    matrix = parse_matrix(MATRIX)
-    cache = default_cache_dir()
-    archive = Archive(
-        resolve_mirror(matrix.mirror), cache, keyring=matrix.keyring, check_valid_until=False
-    )
-    (k,) = matrix.kernels
-    kernel = prepare_debian(archive, k, resolve_debian(archive, k), cache)
-    userland = build_userland(archive, matrix.guest.suite, cache, lambda _: None)
-    work = tmp_path_factory.mktemp("oom")
-    run = run_oom_boots(kernel, userland, matrix, Path(work), "tcg")
+    run = run_oom_matrix(MATRIX, Path(tmp_path_factory.mktemp("oom")))
     return {"experiments": {e["name"]: e for e in run.experiments}, "boots": run.boots}
 
 

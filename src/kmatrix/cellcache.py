@@ -1,9 +1,10 @@
 """The result cache: a finished cell is reused when nothing that determines it changed.
 
-The key covers the cell name, the kernel (package SHA256 or local vmlinuz hash), the guest
-userland, the probe and init, the probe/OOM parameters, guest memory and /dev/shm size, the
-accelerator and the QEMU version. Only complete ``ok`` cells are cached: a timeout may be the
-host's fault, and a cell with an OOM experiment in error is incomplete.
+The key covers the cell name, the kernel (package SHA256; for a local build the bzImage,
+modules tree and .config together), the guest userland, the probe and init, the probe/OOM
+parameters, guest memory and /dev/shm size, the accelerator and the QEMU version. Only
+complete ``ok`` cells are cached: a timeout may be the host's fault, and a cell with an OOM
+experiment in error is incomplete.
 """
 
 from __future__ import annotations

@@ -84,12 +84,44 @@ def enforce(
     return f"{len(expectations)} expectation(s) hold on {cells} cell(s): {counts}"
 
 
-def check_file(results_path: Path, matrix_path: Path, junit: Path | None = None) -> str:
-    """`invoke check`: the matrix file's expectations against a results file."""
+def stale_pins(results: JSON) -> list[str]:
+    """One line per cell that ran a pinned version older than what its suites offered."""
+    out = []
+    for cell in results.get("cells") or []:
+        stale = (cell.get("kernel") or {}).get("stale_pin")
+        if isinstance(stale, dict):
+            out.append(
+                f"cell {cell.get('id')}: pinned {stale.get('pinned')}, but {stale.get('suite')} "
+                f"offers {stale.get('package')} {stale.get('newest')}"
+            )
+    return out
+
+
+def check_file(
+    results_path: Path,
+    matrix_path: Path,
+    junit: Path | None = None,
+    fail_on_stale: bool = False,
+) -> str:
+    """`invoke check`: the matrix file's expectations against a results file.
+
+    Stale pins are reported in the summary; with ``fail_on_stale`` they fail the check.
+    """
     if junit is not None and junit.is_dir():
         raise UserError(f"--junit {junit}: is a directory; give a file name, e.g. junit.xml")
     results = load_results(results_path)
     matrix = load_matrix(matrix_path)
     if not results.get("cells"):
         raise UserError(f"{results_path}: has no cells; run `invoke matrix` first")
-    return enforce(matrix.expectations, results, junit)
+    summary = enforce(matrix.expectations, results, junit)
+    stale = stale_pins(results)
+    if stale and fail_on_stale:
+        raise ExpectationFailed(
+            f"{len(stale)} stale pin(s) in {results_path}:\n"
+            + "\n".join(f"  - {line}" for line in stale)
+            + f"\nupdate `version:` in {matrix_path} (or drop it to follow the suite) and rerun"
+        )
+    if stale:
+        summary += f"\n{len(stale)} stale pin(s) (--fail-on-stale fails on them):\n"
+        summary += "\n".join(f"  - {line}" for line in stale)
+    return summary

@@ -159,12 +159,70 @@ class OomConfig(_Strict):
         return self
 
 
+_URL_RE = re.compile(r"^(https?|file)://[^\s]+$")
+_SUITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]*$")
+
+
+def _check_suite_names(suites: list[str]) -> list[str]:
+    if not suites:
+        raise ValueError("the list is empty; name at least one suite, e.g. [bookworm]")
+    bad = [s for s in suites if not _SUITE_RE.match(s)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a suite name (e.g. bookworm, bookworm-security)")
+    if len(set(suites)) != len(suites):
+        raise ValueError(f"{suites}: a suite is listed twice")
+    return suites
+
+
+SuiteList = Annotated[list[str], AfterValidator(_check_suite_names)]
+
+
+class ArchiveConfig(_Strict):
+    """Another Debian-format archive (a team's kernel repository, another distribution).
+
+    Verified like Debian's: ``dists/SUITE/InRelease`` signed by a key in ``keyring``, then the
+    Packages index and the .deb by SHA256.
+    """
+
+    url: str  # the base URL, the directory holding dists/ and pool/
+    keyring: Path  # the archive's public signing key(s), a binary (not armored) keyring
+    suites: SuiteList | None = None  # default suites of the kernels that use this archive
+    components: list[str] = ["main"]
+
+    @model_validator(mode="after")
+    def _check(self) -> ArchiveConfig:
+        if not _URL_RE.match(self.url):
+            raise ValueError(
+                f"url: {self.url!r} is not an http://, https:// or file:// URL of the archive "
+                "(the directory holding dists/)"
+            )
+        keyring = self.keyring.expanduser()
+        if not keyring.is_file():
+            raise ValueError(
+                f"keyring: {keyring} does not exist; export the archive's signing key there "
+                "(gpg --export KEYID > FILE)"
+            )
+        if keyring.read_bytes()[:5] == b"-----":
+            raise ValueError(
+                f"keyring: {keyring} is ASCII-armored; gpgv needs a binary keyring: "
+                f"gpg --dearmor < {keyring} > {keyring.with_suffix('.gpg')}"
+            )
+        if not self.components:
+            raise ValueError("components: the list is empty; most archives use [main]")
+        return self
+
+
 class KernelConfig(_Strict):
     """One column of the matrix: a Debian kernel package, a local build, or the host kernel."""
 
     name: str
     backend: Literal["qemu", "docker"] = "qemu"
+    # A release as apt sees it: bookworm is bookworm + bookworm-updates + bookworm-security,
+    # the highest version wins. `suites:` instead names exactly the suites to look in.
     suite: str | None = None
+    suites: SuiteList | None = None
+    # Another Debian-format archive: the name of one under `archives:`, or one given here.
+    archive: str | ArchiveConfig | None = None
     package: str | None = None
     version: str | None = None
     path: Path | None = None
@@ -196,8 +254,10 @@ class KernelConfig(_Strict):
         if any(c in self.cmdline for c in "\n\r\0"):
             raise ValueError("cmdline: one line of kernel parameters, without line breaks")
         if self.backend == "docker":
-            if self.suite or self.package or self.path:
-                raise ValueError("a docker cell runs the host kernel: drop suite/package/path")
+            if self.suite or self.suites or self.archive or self.package or self.path:
+                raise ValueError(
+                    "a docker cell runs the host kernel: drop suite/suites/archive/package/path"
+                )
             if self.arch != "amd64":
                 raise ValueError("arch: a docker cell runs on the host's own architecture")
             if self.memory is None:
@@ -205,10 +265,16 @@ class KernelConfig(_Strict):
                 raise ValueError("memory: a docker cell needs a memory limit, e.g. memory: 512M")
             return self
         if self.path is not None:
-            if self.suite or self.package or self.version:
+            if self.suite or self.suites or self.archive or self.package or self.version:
                 raise ValueError("give either path: (a local build) or suite:+package:, not both")
             return self
-        if not (self.suite and self.package):
+        if self.suite and self.suites:
+            raise ValueError(
+                f"give suite: {self.suite} (the release with its -updates and -security) or "
+                "suites: (exactly those suites), not both"
+            )
+        has_suites = self.suite or self.suites or isinstance(self.archive, ArchiveConfig)
+        if not (has_suites or self.archive) or not self.package:
             raise ValueError("a qemu kernel needs suite: and package: (or path: to a local build)")
         return self
 
@@ -220,13 +286,21 @@ class KernelConfig(_Strict):
         if self.path is not None:
             return f"local build {self.path}"
         pin = f"={self.version}" if self.version else ""
-        return f"{self.suite}/{self.package}{pin}"
+        where = self.suite or "+".join(self.suites or [])
+        if self.archive is not None:
+            name = self.archive if isinstance(self.archive, str) else self.archive.url
+            where = f"{name}:{where}" if where else name
+        return f"{where}/{self.package}{pin}"
 
 
 class Matrix(_Strict):
     """The whole matrix.yaml."""
 
     mirror: str | None = None
+    # Debian's security archive (bookworm-security); default: the host's apt sources.
+    security_mirror: str | None = None
+    # Other Debian-format archives by name, for kernels' `archive:`.
+    archives: dict[str, ArchiveConfig] = {}
     check_valid_until: bool = True
     keyring: Path = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
     accel: Literal["auto", "tcg", "kvm"] = "tcg"
@@ -252,6 +326,7 @@ class Matrix(_Strict):
         for i, k in enumerate(self.kernels):
             if k.backend == "qemu":
                 self._check_guest_fits(f"kernels[{i}] ({k.name})", k)
+                self._check_archive(f"kernels[{i}] ({k.name})", k)
             elif k.shm_size is not None and k.memory is not None and k.shm_size > k.memory:
                 raise ValueError(f"kernels[{i}] ({k.name}): shm_size must not exceed memory")
         self._check_expectation_cells(seen)
@@ -266,6 +341,26 @@ class Matrix(_Strict):
                     f"expectations[{i}]: {text!r} names cell(s) {', '.join(missing)} that are "
                     f"not in kernels ({', '.join(sorted(names))}); fix the name or the range"
                 )
+
+    def _check_archive(self, where: str, k: KernelConfig) -> None:
+        if isinstance(k.archive, str) and k.archive not in self.archives:
+            known = ", ".join(sorted(self.archives)) or "none are defined"
+            raise ValueError(
+                f"{where}.archive: no archive named {k.archive!r} under archives: ({known}); "
+                "define it there with url: and keyring:, or give them inline"
+            )
+        archive = self.archive_of(k)
+        if archive is not None and not (k.suite or k.suites or archive.suites):
+            raise ValueError(
+                f"{where}: say which suites of archive {archive.url} to use: suite:, suites: "
+                "or the archive's suites:"
+            )
+
+    def archive_of(self, k: KernelConfig) -> ArchiveConfig | None:
+        """The other archive a kernel comes from, or None for Debian's own archives."""
+        if isinstance(k.archive, str):
+            return self.archives[k.archive]
+        return k.archive
 
     def _check_guest_fits(self, where: str, k: KernelConfig) -> None:
         """Refuse sizes the guest cannot hold: the probe would measure the OOM, not the question."""
@@ -340,7 +435,9 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 
 def _known_keys() -> list[str]:
-    models: list[type[BaseModel]] = [Matrix, GuestConfig, ProbeConfig, OomConfig, KernelConfig]
+    models: list[type[BaseModel]] = [
+        Matrix, GuestConfig, ProbeConfig, OomConfig, KernelConfig, ArchiveConfig,
+    ]  # fmt: skip
     return sorted({name for m in models for name in m.model_fields})
 
 

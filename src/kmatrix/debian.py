@@ -5,8 +5,9 @@ keyring, the ``Packages`` index is checked against the SHA256 list in that InRel
 ``.deb`` is checked against its ``Packages`` record. Everything downloaded is cached under
 ``cache_dir`` and re-hashed before use.
 
-Pure parsing helpers (versions, deb822, Release, Depends, apt sources, gpgv status) are kept
-apart from the code that touches the network, the disk or subprocesses.
+Pure parsing helpers (versions, Release, Depends, gpgv status) are kept apart from the code
+that touches the network, the disk or subprocesses; deb822 parsing lives in kmatrix.deb822 and
+mirror discovery in kmatrix.apt_sources.
 """
 
 from __future__ import annotations
@@ -29,21 +30,26 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+# Re-exported: mirror discovery moved to kmatrix.apt_sources, deb822 to kmatrix.deb822.
+from kmatrix.apt_sources import DEFAULT_APT_SOURCES as DEFAULT_APT_SOURCES
+from kmatrix.apt_sources import MIRROR_HINT
+from kmatrix.apt_sources import SourceEntry as SourceEntry
+from kmatrix.apt_sources import mirror_from_apt_sources as mirror_from_apt_sources
+from kmatrix.apt_sources import parse_deb822_sources as parse_deb822_sources
+from kmatrix.apt_sources import parse_one_line_sources as parse_one_line_sources
+from kmatrix.apt_sources import pick_main_mirror as pick_main_mirror
+from kmatrix.apt_sources import resolve_mirror as resolve_mirror
+from kmatrix.deb822 import parse_deb822 as parse_deb822
 from kmatrix.errors import InfraError, UserError, VerificationError
 
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-DEFAULT_APT_SOURCES: tuple[Path, ...] = (
-    Path("/etc/apt/sources.list"),
-    Path("/etc/apt/sources.list.d"),
-)
 KERNEL_PREFIXES = ("linux-image-", "linux-binary-", "linux-modules-", "linux-base-")
-MIRROR_HINT = "set `mirror:` in matrix.yaml or the environment variable KMATRIX_MIRROR"
 RETRIES = 3
 BACKOFF_SECONDS = 1.0
 _CHUNK = 1 << 20
@@ -66,6 +72,8 @@ class PackageRecord:
     depends: str
     source: str
     suite: str
+    # Base URL of the archive whose verified index listed it: where the .deb is fetched from.
+    archive: str = ""
 
 
 @dataclass
@@ -131,15 +139,6 @@ class ReleaseInfo:
     valid_until: str | None
     acquire_by_hash: bool
     sha256: dict[str, tuple[str, int]]
-
-
-@dataclass(frozen=True)
-class SourceEntry:
-    """One (type, URI, suites) entry from an apt sources file."""
-
-    type: str
-    uri: str
-    suites: tuple[str, ...]
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,37 +239,6 @@ def max_version(records: Iterable[PackageRecord]) -> PackageRecord:
 # --------------------------------------------------------------------------------------------
 
 
-def parse_deb822(text: str, origin: str = "<text>") -> list[dict[str, str]]:
-    """Parse deb822 stanzas (Packages, Release, .sources). Continuation lines join with '\\n'.
-
-    Comment lines starting with '#' are dropped. ``origin`` names the file in errors.
-    """
-    stanzas: list[dict[str, str]] = []
-    cur: dict[str, str] = {}
-    last: str | None = None
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            if cur:
-                stanzas.append(cur)
-            cur, last = {}, None
-            continue
-        if line[0] == "#":
-            continue
-        if line[0] in " \t":
-            if last is None:
-                raise ValueError(f"{origin}:{lineno}: continuation line without a field")
-            cur[last] += "\n" + line.strip()
-            continue
-        key, sep, value = line.partition(":")
-        if not sep or not key or " " in key:
-            raise ValueError(f"{origin}:{lineno}: not a 'Field: value' line: {line[:60]!r}")
-        last = key
-        cur[key] = value.strip()
-    if cur:
-        stanzas.append(cur)
-    return stanzas
-
-
 def parse_release(text: str, origin: str = "InRelease") -> ReleaseInfo:
     """Parse the signed text of an InRelease/Release file."""
     stanzas = parse_deb822(text, origin)
@@ -293,9 +261,9 @@ def parse_release(text: str, origin: str = "InRelease") -> ReleaseInfo:
 
 
 def parse_packages(
-    text: str, suite: str, origin: str = "Packages"
+    text: str, suite: str, origin: str = "Packages", archive: str = ""
 ) -> dict[str, list[PackageRecord]]:
-    """Parse a Packages index into records grouped by package name."""
+    """Parse a Packages index into records grouped by package name (listed in ``archive``)."""
     out: dict[str, list[PackageRecord]] = {}
     for st in parse_deb822(text, origin):
         try:
@@ -309,6 +277,7 @@ def parse_packages(
                 depends=st.get("Depends", ""),
                 source=st.get("Source", name),
                 suite=suite,
+                archive=archive,
             )
         except (KeyError, ValueError) as e:
             raise ValueError(f"{origin}: stanza {st.get('Package', '?')} lacks {e}") from None
@@ -356,58 +325,6 @@ def parse_gpgv_status(status: str) -> tuple[list[str], list[str]]:
         elif parts[1] in ("BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG", "NO_PUBKEY"):
             problems.append(" ".join(parts[1:3]))
     return valid, problems
-
-
-_MAIN_ARCHIVE_EXCLUDED = ("-security", "/updates")
-_SECONDARY_SUFFIXES = ("-updates", "-backports", "-proposed-updates")
-
-
-def parse_one_line_sources(text: str) -> list[SourceEntry]:
-    """Parse a one-line-style ``sources.list`` (``deb [opts] URI SUITE COMPONENTS...``)."""
-    out: list[SourceEntry] = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        line = re.sub(r"\[[^\]]*\]", " ", line)
-        parts = line.split()
-        if len(parts) >= 3:
-            out.append(SourceEntry(parts[0], parts[1], (parts[2],)))
-    return out
-
-
-def parse_deb822_sources(text: str, origin: str = "<sources>") -> list[SourceEntry]:
-    """Parse a deb822 ``.sources`` file; stanzas with ``Enabled: no`` are dropped."""
-    out: list[SourceEntry] = []
-    for st in parse_deb822(text, origin):
-        low = {k.lower(): v for k, v in st.items()}
-        if low.get("enabled", "yes").strip().lower() == "no":
-            continue
-        suites = tuple(low.get("suites", "").split())
-        for typ in low.get("types", "").split():
-            for uri in low.get("uris", "").split():
-                out.append(SourceEntry(typ, uri, suites))
-    return out
-
-
-def pick_main_mirror(entries: Sequence[SourceEntry]) -> str | None:
-    """Pick the URI of Debian's main archive from apt entries, or None.
-
-    Security entries live in another archive and never qualify. An entry with a plain suite
-    (``bookworm``) beats one with only ``-updates``/``-backports`` suites, which still point
-    at the main archive and are used only when nothing better exists.
-    """
-    fallback: str | None = None
-    for e in entries:
-        if e.type != "deb" or not re.match(r"^(https?|file|ftp)://", e.uri):
-            continue
-        suites = [s for s in e.suites if not any(x in s for x in _MAIN_ARCHIVE_EXCLUDED)]
-        if not suites:
-            continue
-        if any(not s.endswith(_SECONDARY_SUFFIXES) for s in suites):
-            return e.uri.rstrip("/")
-        fallback = fallback or e.uri.rstrip("/")
-    return fallback
 
 
 def is_kernel_part(name: str) -> bool:
@@ -611,51 +528,8 @@ def extract_deb(deb: Path, dest: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Mirror discovery and paths
+# Paths
 # --------------------------------------------------------------------------------------------
-
-
-def _sources_files(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(sorted(c for c in p.iterdir() if c.suffix in (".list", ".sources")))
-        elif p.is_file():
-            files.append(p)
-    return [f for f in files if ".disabled" not in f.name]
-
-
-def mirror_from_apt_sources(paths: Sequence[Path] = DEFAULT_APT_SOURCES) -> str:
-    """Return the Debian main-archive URI from the host's apt sources (no trailing slash)."""
-    entries: list[SourceEntry] = []
-    for f in _sources_files(paths):
-        try:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            if f.suffix == ".sources":
-                entries.extend(parse_deb822_sources(text, str(f)))
-            else:
-                entries.extend(parse_one_line_sources(text))
-        except (OSError, ValueError):
-            # One unreadable or malformed file must not hide a good entry in another.
-            continue
-    uri = pick_main_mirror(entries)
-    if uri is None:
-        where = ", ".join(str(p) for p in paths)
-        raise UserError(
-            f"no Debian main archive `deb` entry found in the apt sources ({where}); "
-            f"{MIRROR_HINT} to the Debian mirror URL"
-        )
-    return uri
-
-
-def resolve_mirror(configured: str | None) -> str:
-    """The mirror to use: env KMATRIX_MIRROR, then ``configured``, then the apt sources."""
-    env = os.environ.get("KMATRIX_MIRROR", "").strip()
-    if env:
-        return env.rstrip("/")
-    if configured and configured.strip():
-        return configured.strip().rstrip("/")
-    return mirror_from_apt_sources()
 
 
 def default_cache_dir() -> Path:
@@ -674,6 +548,10 @@ def default_cache_dir() -> Path:
 
 class _NotFound(Exception):
     """The URL does not exist (HTTP 404/410 or a missing file:// path)."""
+
+
+class SuiteNotFound(UserError):
+    """The archive answered, but has no such suite (its InRelease is not there)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -700,8 +578,13 @@ def _download_once(url: str, dest: Path, timeout: float) -> None:
         raise
 
 
-def download(url: str, dest: Path, timeout: float, log: Callable[[str], None]) -> None:
-    """Download ``url`` atomically to ``dest`` with retries; raises _NotFound or InfraError."""
+def download(
+    url: str, dest: Path, timeout: float, log: Callable[[str], None], hint: str = MIRROR_HINT
+) -> None:
+    """Download ``url`` atomically to ``dest`` with retries; raises _NotFound or InfraError.
+
+    ``hint`` says which setting chooses the archive, for the error when it cannot be reached.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
     os.close(fd)
@@ -717,7 +600,7 @@ def download(url: str, dest: Path, timeout: float, log: Callable[[str], None]) -
                 if attempt == RETRIES:
                     raise InfraError(
                         f"cannot download {url} after {RETRIES + 1} attempts: {e}; "
-                        f"check the network and the mirror ({MIRROR_HINT} to change it)"
+                        f"check the network and the archive ({hint} to change it)"
                     ) from e
                 log(f"download of {url} failed ({e}); retrying")
                 time.sleep(BACKOFF_SECONDS * 2**attempt)
@@ -754,6 +637,18 @@ def gpgv_verify(signed: Path, keyring: Path, timeout: float = 60.0) -> tuple[str
         return out.read_text(encoding="utf-8"), valid
 
 
+def _require_clearsigned(path: Path, url: str) -> None:
+    """An unsigned InRelease gets its own message: gpgv's ("no valid OpenPGP data") is obscure."""
+    with open(path, "rb") as f:
+        head = f.read(len(_CLEARSIGN_BEGIN) + 3).lstrip()
+    if not head.startswith(_CLEARSIGN_BEGIN.encode()):
+        raise VerificationError(
+            f"{url} is not signed (no '{_CLEARSIGN_BEGIN}' header); kmatrix uses only signed "
+            "archives: sign the Release file into InRelease (gpg --clearsign) and give its "
+            "public key as `keyring:`"
+        )
+
+
 def _decompress(path: Path) -> bytes:
     if path.name.endswith(".xz"):
         with lzma.open(path) as f:
@@ -788,8 +683,10 @@ class Archive:
         component: str = "main",
         timeout: float = 60.0,
         log: Callable[[str], None] | None = None,
+        hint: str = MIRROR_HINT,
     ) -> None:
         self.mirror = mirror.rstrip("/")
+        self.hint = hint  # the setting that chooses this archive, named in errors
         self.cache_dir = cache_dir
         self.keyring = keyring
         # The environment switch exists for snapshot mirrors, whose InRelease is long expired.
@@ -824,18 +721,21 @@ class Archive:
         # A per-process name: two runs sharing the cache must not verify each other's file.
         fresh = cached.with_name(f"InRelease.{os.getpid()}.new")
         try:
-            download(url, fresh, self.timeout, self.log)
+            download(url, fresh, self.timeout, self.log, self.hint)
+            _require_clearsigned(fresh, url)
             text, _ = gpgv_verify(fresh, self.keyring, self.timeout)
             os.replace(fresh, cached)
         except _NotFound:
-            raise UserError(
+            raise SuiteNotFound(
                 f"suite {suite} does not exist on mirror {self.mirror} ({url} not found); "
                 "check the suite name in matrix.yaml"
             ) from None
         except VerificationError as e:
             raise VerificationError(
                 f"InRelease of suite {suite} from mirror {self.mirror} failed signature "
-                f"verification ({e}); the file was deleted. Retry later or use another mirror"
+                f"verification ({e}); the file was deleted. If {self.keyring} is the key this "
+                "archive signs with, the file was altered on the way: retry later or use another "
+                "mirror; otherwise point `keyring:` at the archive's signing key"
             ) from None
         finally:
             fresh.unlink(missing_ok=True)
@@ -884,7 +784,7 @@ class Archive:
             urls.insert(0, by_hash)
         for url in urls:
             try:
-                download(url, cached, self.timeout, self.log)
+                download(url, cached, self.timeout, self.log, self.hint)
                 break
             except _NotFound:
                 continue
@@ -915,6 +815,10 @@ class Archive:
         self._releases[suite] = (rel, self._fetch_packages(suite, rel))
         return self._releases[suite]
 
+    def verified_packages(self, suite: str) -> Path:
+        """The verified Packages file of ``suite`` (named by its SHA256), without parsing it."""
+        return self._release(suite)[1]
+
     def index(self, suite: str) -> SuiteIndex:
         """The verified package index of ``suite`` (memoised per Archive)."""
         if suite not in self._indices:
@@ -923,9 +827,8 @@ class Archive:
 
     def _parse_index(self, suite: str, rel: ReleaseInfo, path: Path) -> SuiteIndex:
         try:
-            packages = parse_packages(
-                _decompress(path).decode("utf-8", "replace"), suite, f"{suite} Packages"
-            )
+            text = _decompress(path).decode("utf-8", "replace")
+            packages = parse_packages(text, suite, f"{suite} Packages", self.mirror)
         except (ValueError, lzma.LZMAError, OSError, EOFError) as e:
             raise InfraError(
                 f"cannot read the Packages index of {suite} ({path}): {e}; delete it and retry"
@@ -967,9 +870,11 @@ class Archive:
                 return path
             self.log(f"cached {path} ({rec.name} {rec.version}) is corrupt; fetching it again")
             path.unlink()
-        url = f"{self.mirror}/{rec.filename}"
+        # The record names the archive whose signed index listed it (suites of one release
+        # live in two archives); records from before that field default to this one.
+        url = f"{rec.archive or self.mirror}/{rec.filename}"
         try:
-            download(url, path, self.timeout, self.log)
+            download(url, path, self.timeout, self.log, self.hint)
         except _NotFound:
             raise InfraError(
                 f"{rec.name} {rec.version} is in the {rec.suite} index but {url} is missing "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -12,8 +13,9 @@ from typing import Any
 
 from kmatrix.artifacts import tree_problem, write_manifest
 from kmatrix.config import KernelConfig
-from kmatrix.debian import Archive, KernelPackages, extract_deb, resolve_kernel
+from kmatrix.debian import Archive, KernelPackages, extract_deb
 from kmatrix.errors import InfraError, UserError
+from kmatrix.suites import ResolvedKernel
 
 # The config values the results record (DESIGN.md, "Kernels and guests").
 RECORDED_CONFIG = (
@@ -115,23 +117,14 @@ def _extract_packages(archive: Archive, pkgs: KernelPackages, dest: Path) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_debian(archive: Archive, kernel: KernelConfig) -> KernelPackages:
-    """Resolve a kernel entry to its packages (no .deb download yet: fails fast on bad names)."""
-    suite, package, version = kernel.suite, kernel.package, kernel.version
-    assert suite and package
-    records = archive.lookup(
-        suite,
-        f"kernel {package} {version}",
-        lambda index: resolve_kernel(index, package, version).records,
-    )
-    # resolve_kernel lists the primary package (the one carrying vmlinuz) first.
-    return KernelPackages(primary=records[0], records=records)
-
-
 def prepare_debian(
-    archive: Archive, kernel: KernelConfig, pkgs: KernelPackages, cache: Path
+    archive: Archive, kernel: KernelConfig, resolved: ResolvedKernel, cache: Path
 ) -> PreparedKernel:
-    """Download, verify and extract a resolved Debian kernel (once; later runs reuse it)."""
+    """Download, verify and extract a resolved Debian kernel (once; later runs reuse it).
+
+    Each package is fetched from the archive whose signed index listed it.
+    """
+    pkgs = resolved.packages
     primary = pkgs.primary
     tree = cache / "kernels" / primary.sha256
     # Checked at every use against the digests recorded at extraction: rebuilt if edited.
@@ -146,35 +139,80 @@ def prepare_debian(
         release=modules.name if modules else None,
         config=recorded_config(config),
         provenance={
-            "suite": kernel.suite,
             "requested": kernel.package,
             "package": primary.name,
             "version": primary.version,
             "sha256": primary.sha256,
-            "packages": {r.name: {"version": r.version, "sha256": r.sha256} for r in pkgs.records},
-        },
+            "packages": {
+                r.name: {"version": r.version, "sha256": r.sha256, "suite": r.suite}
+                for r in pkgs.records
+            },
+        }
+        | resolved.provenance(),
         cmdline=kernel.cmdline,
         arch=kernel.arch,
     )
 
 
-def prepare_local(kernel: KernelConfig) -> PreparedKernel:
-    """A local build: a bzImage/vmlinuz path, optional modules dir and .config."""
+def tree_sha256(root: Path) -> str:
+    """A hash of a directory tree: every path, file content and symlink target.
+
+    Symlinks are hashed as links, never followed: an installed modules tree's ``build`` and
+    ``source`` links point into the whole source tree.
+    """
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        rel = here.relative_to(root).as_posix()
+        for name in sorted([*dirnames, *filenames]):
+            path = here / name
+            if path.is_symlink():
+                h.update(f"L {rel}/{name} {os.readlink(path)}\n".encode())
+            elif path.is_file():
+                h.update(f"F {rel}/{name} {sha256_file(path)}\n".encode())
+            else:
+                h.update(f"D {rel}/{name}\n".encode())
+        dirnames[:] = [d for d in dirnames if not (here / d).is_symlink()]
+    return h.hexdigest()
+
+
+def _local_inputs(kernel: KernelConfig) -> tuple[Path, Path | None, Path | None]:
+    """The bzImage, modules tree and .config of a local build, each checked to exist."""
     assert kernel.path is not None
     vmlinuz = kernel.path.expanduser()
     if not vmlinuz.is_file():
         raise UserError(
-            f"kernels[{kernel.name}].path: {vmlinuz} is not a file; point it at a bzImage"
+            f"kernels[{kernel.name}].path: {vmlinuz} is not a file; point it at a bzImage "
+            "(arch/x86/boot/bzImage after `make`)"
         )
     modules = kernel.modules.expanduser() if kernel.modules else None
     if modules is not None and not modules.is_dir():
-        raise UserError(f"kernels[{kernel.name}].modules: {modules} is not a directory")
-    config: dict[str, str] = {}
-    if kernel.config:
-        cfg = kernel.config.expanduser()
-        if not cfg.is_file():
-            raise UserError(f"kernels[{kernel.name}].config: {cfg} is not a file")
-        config = recorded_config(parse_kconfig(cfg.read_text()))
+        raise UserError(
+            f"kernels[{kernel.name}].modules: {modules} is not a directory; run `make "
+            "modules_install INSTALL_MOD_PATH=DIR` and point it at DIR/lib/modules/RELEASE"
+        )
+    config = kernel.config.expanduser() if kernel.config else None
+    if config is not None and not config.is_file():
+        raise UserError(
+            f"kernels[{kernel.name}].config: {config} is not a file; point it at the build's "
+            ".config"
+        )
+    return vmlinuz, modules, config
+
+
+def prepare_local(kernel: KernelConfig) -> PreparedKernel:
+    """A local build: a bzImage/vmlinuz path, optional modules dir and .config.
+
+    ``build_sha256`` covers all three, so a rebuilt module or a changed config is a new
+    kernel to the result cache even when the bzImage stayed the same.
+    """
+    vmlinuz, modules, cfg = _local_inputs(kernel)
+    config = recorded_config(parse_kconfig(cfg.read_text())) if cfg else {}
+    image_sha = sha256_file(vmlinuz)
+    modules_sha = tree_sha256(modules) if modules else None
+    config_sha = sha256_file(cfg) if cfg else None
+    build = hashlib.sha256(f"{image_sha}\n{modules_sha}\n{config_sha}".encode()).hexdigest()
     return PreparedKernel(
         name=kernel.name,
         vmlinuz=vmlinuz,
@@ -185,7 +223,12 @@ def prepare_local(kernel: KernelConfig) -> PreparedKernel:
             "package": None,
             "version": None,
             "path": str(vmlinuz),
-            "sha256": sha256_file(vmlinuz),
+            "sha256": image_sha,
+            "modules": str(modules) if modules else None,
+            "modules_sha256": modules_sha,
+            "config_file": str(cfg) if cfg else None,
+            "config_sha256": config_sha,
+            "build_sha256": build,
         },
         cmdline=kernel.cmdline,
         arch=kernel.arch,

@@ -75,7 +75,7 @@ def run_qemu_cell(
     cell = new_cell(kernel.name, "qemu")
     arch = arch_for(kernel.arch)
     cell.update(accel=accel, memory_bytes=memory_bytes, arch=arch.name)
-    cell["kernel"] = _kernel_info(kernel)
+    cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
@@ -160,10 +160,23 @@ def _run_oom(
             f.write(text)
 
 
-def _kernel_info(kernel: PreparedKernel) -> dict[str, Any]:
-    info = {"name": kernel.name, "release": kernel.release, "config": kernel.config} | {
-        k: kernel.provenance.get(k) for k in ("package", "version", "sha256", "suite", "packages")
-    }
+# Where the kernel came from: the same for every run of one package, except the stale-pin
+# note, which follows the archive; a cached cell gets these refreshed (kmatrix.runner).
+PROVENANCE_KEYS = (
+    "package", "version", "sha256", "suite", "packages",
+    "archive", "archive_url", "suites", "skipped_suites", "stale_pin",
+    "path", "modules", "modules_sha256", "config_file", "config_sha256", "build_sha256",
+)  # fmt: skip
+
+
+def kernel_info(kernel: PreparedKernel) -> dict[str, Any]:
+    """The results' ``kernel`` entry of a cell: release, config and provenance."""
+    info = {"name": kernel.name, "release": kernel.release, "config": kernel.config}
+    # Keys a source does not have (a local build has no suite) are left out, not null,
+    # except the ones every cell has always had.
+    always = ("package", "version", "sha256", "suite", "packages")
+    info |= {k: kernel.provenance.get(k) for k in PROVENANCE_KEYS
+             if k in always or k in kernel.provenance}  # fmt: skip
     return info | {"arch": kernel.arch}
 
 

@@ -41,8 +41,16 @@ UNITS_NOTE = (
 )
 
 
+def stale_note(kernel: JSON) -> str:
+    """`` ⚠️ stale pin: …`` when the cell ran a pinned version older than its suites offer."""
+    stale = kernel.get("stale_pin")
+    if not isinstance(stale, dict):
+        return ""
+    return f" ⚠️ stale pin: {stale.get('newest')} in {stale.get('suite')}"
+
+
 def cells_table(cells: Sequence[JSON]) -> str:
-    """One row per cell: status and what ran."""
+    """One row per cell: status and what ran (a stale pin is flagged next to its version)."""
     rows = []
     for c in cells:
         k = c.get("kernel") or {}
@@ -53,7 +61,7 @@ def cells_table(cells: Sequence[JSON]) -> str:
                 c.get("backend"),
                 status,
                 k.get("release") or "—",
-                k.get("version") or "—",
+                (k.get("version") or "—") + stale_note(k),
                 c.get("accel") or "—",
                 mib(c.get("memory_bytes")),
                 f"{c.get('duration_s') or 0:.1f}",
@@ -157,6 +165,19 @@ def _engine(cell: JSON, run: JSON) -> str:
     return f"{binary} {str(qemu).removeprefix('QEMU emulator version ')}" if qemu else "—"
 
 
+def _origin(cell: JSON) -> tuple[str, str]:
+    """(suite, archive) a cell's kernel came from, as the report shows them."""
+    k = cell.get("kernel") or {}
+    if cell.get("backend") == "docker":
+        return "—", "host"
+    if k.get("path"):
+        return "—", "local build"
+    archive = str(k.get("archive") or "—")
+    if k.get("archive_url"):
+        archive += f" ({k['archive_url']})"
+    return str(k.get("suite") or "—"), archive
+
+
 def _provenance_kernels(cells: Sequence[JSON]) -> str:
     rows = []
     for c in cells:
@@ -165,12 +186,14 @@ def _provenance_kernels(cells: Sequence[JSON]) -> str:
             [
                 c["id"],
                 k.get("package") or ("host kernel" if c.get("backend") == "docker" else "—"),
-                k.get("version") or "—",
+                (k.get("version") or "—") + stale_note(k),
+                *_origin(c),
                 k.get("release") or get_path(c, "probe", "release") or "—",
                 f"`{k['sha256']}`" if k.get("sha256") else "—",
             ]
         )
-    return md_table(rows, ["cell", "package", "version", "release", "sha256"])
+    headers = ["cell", "package", "version", "suite", "archive", "release", "sha256"]
+    return md_table(rows, headers)
 
 
 def _arch(cell: JSON, run: JSON) -> str:

@@ -25,14 +25,14 @@ from kmatrix.backends import qemu
 from kmatrix.cellcache import CellCache, cell_key
 from kmatrix.check import enforce
 from kmatrix.config import KernelConfig, Matrix, check_local_paths, load_matrix
-from kmatrix.debian import Archive, KernelPackages, default_cache_dir, resolve_mirror
+from kmatrix.debian import Archive, default_cache_dir
 from kmatrix.docker_cell import run_docker_cell
 from kmatrix.errors import InfraError, KmatrixError, UserError
 from kmatrix.guest import INIT_FILE, ROOT, Userland, build_userland, probe_sha256
 from kmatrix.interrupt import sigterm_as_interrupt
-from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local, resolve_debian
+from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local
 from kmatrix.progress import Progress
-from kmatrix.qemu_cell import run_qemu_cell
+from kmatrix.qemu_cell import PROVENANCE_KEYS, kernel_info, run_qemu_cell
 from kmatrix.report import write_report
 from kmatrix.reportdir import (
     check_report_name,
@@ -42,9 +42,12 @@ from kmatrix.reportdir import (
     usable_cache,
 )
 from kmatrix.results import JSON, SCHEMA_VERSION, mark_incomplete, new_cell, write_results
+from kmatrix.suites import ResolvedKernel, Resolver
 
 #: Most cells run at once: each is a QEMU guest of up to guest.memory.
 MAX_JOBS = 64
+# A kernel entry resolved, or why it could not be (an archive down: that cell's error only).
+Resolution = ResolvedKernel | InfraError
 
 
 @dataclass(frozen=True)
@@ -74,18 +77,30 @@ def _host_info() -> JSON:
 
 
 def _resolve_all(
-    archives: dict[str, Archive], kernels: list[KernelConfig], progress: Progress
-) -> dict[str, KernelPackages]:
-    """Resolve every Debian kernel up front: a typo fails before any large download."""
-    resolved: dict[str, KernelPackages] = {}
+    resolver: Resolver, kernels: list[KernelConfig], progress: Progress
+) -> dict[str, Resolution]:
+    """Resolve every Debian kernel up front: a typo fails before any large download.
+
+    An archive that cannot be reached or verified fails only the cells that need it.
+    """
+    resolved: dict[str, Resolution] = {}
     for k in kernels:
         if k.backend == "qemu" and k.path is None:
             try:
-                pkgs = resolve_debian(archives[k.arch], k)
+                res = resolver.resolve(k)
             except UserError as exc:
                 raise UserError(f"matrix.yaml kernel {k.name!r}: {exc}") from None
-            progress.log(f"{k.name}: {k.source} -> {pkgs.primary.name} {pkgs.primary.version}")
-            resolved[k.name] = pkgs
+            except InfraError as exc:
+                progress.log(f"{k.name}: {k.source} cannot be resolved: {exc}")
+                resolved[k.name] = exc
+                continue
+            stale = res.stale_pin
+            note = f"; stale pin: {stale['newest']} in {stale['suite']}" if stale else ""
+            progress.log(
+                f"{k.name}: {k.source} -> {res.primary.name} {res.primary.version} "
+                f"({res.primary.suite}){note}"
+            )
+            resolved[k.name] = res
     return resolved
 
 
@@ -168,7 +183,8 @@ def _cache_key(
         {
             # The name is the cell's id in the results: two cells of one kernel are two entries.
             "name": k.name,
-            "kernel": prepared.provenance.get("sha256"),
+            # A local build: bzImage, modules tree and .config; a package: its SHA256.
+            "kernel": prepared.provenance.get("build_sha256") or prepared.provenance.get("sha256"),
             "userland": userland.key,
             "probe": run.results["run"]["probe_sha256"],
             "init": hashlib.sha256(INIT_FILE.read_bytes()).hexdigest(),
@@ -190,16 +206,16 @@ def _qemu_version_of(host: JSON, arch: str) -> str | None:
 
 
 def _qemu_cell(
-    run: _Run, archive: Archive, k: KernelConfig, pkgs: KernelPackages | None, userland: Userland
+    run: _Run, archive: Archive, k: KernelConfig, res: ResolvedKernel | None, userland: Userland
 ) -> JSON:
     archive = run.archives.get(k.arch, archive)
     userland = run.userlands.get(k.arch, userland)
     if k.path is not None:
         prepared = prepare_local(k)
     else:
-        assert pkgs is not None
-        run.progress.phase(k.name, f"fetch {pkgs.primary.name}")
-        prepared = prepare_debian(archive, k, pkgs, run.cache)
+        assert res is not None
+        run.progress.phase(k.name, f"fetch {res.primary.name}")
+        prepared = prepare_debian(archive, k, res, run.cache)
     # KVM runs only guests of the host's own architecture: anything else is TCG.
     native = qemu.arch_for(k.arch).uname_machine == platform.machine()
     accel = run.accel(prepared) if native else "tcg"
@@ -211,7 +227,7 @@ def _qemu_cell(
         if console is not None:
             console_dest.parent.mkdir(parents=True, exist_ok=True)
             console_dest.write_bytes(console.read_bytes())
-        return cell | {"cached": True}
+        return _refresh_provenance(cell, prepared) | {"cached": True}
     run.progress.phase(k.name, f"boot {prepared.release or prepared.vmlinuz.name} ({accel})")
     # The console is written to the work directory first and copied into the report only
     # once the cell is in the result cache: a full or unwritable reports disk loses nothing.
@@ -242,19 +258,39 @@ class _CellError(Exception):
         self.cell, self.error = cell, error
 
 
+def _refresh_provenance(cell: JSON, prepared: PreparedKernel) -> JSON:
+    """A cached cell with today's provenance: same kernel, but e.g. a pin may have gone stale."""
+    current = kernel_info(prepared)
+    kernel = {k: v for k, v in (cell.get("kernel") or {}).items() if k not in PROVENANCE_KEYS}
+    return cell | {"kernel": kernel | {k: v for k, v in current.items() if k in PROVENANCE_KEYS}}
+
+
+def _unresolved_cell(k: KernelConfig, exc: InfraError) -> JSON:
+    """The cell of a kernel whose archive could not be used: the reason says which and why."""
+    cell = new_cell(k.name, k.backend)
+    cell.update(status="error", reason=f"kernel {k.source} not resolved: {exc}")
+    cell["kernel"] = {"name": k.name, "requested": k.source}
+    cell["arch"] = k.arch
+    return cell
+
+
 def _run_one(
     run: _Run,
     archive: Archive,
     k: KernelConfig,
-    resolved: dict[str, KernelPackages],
+    resolved: dict[str, Resolution],
     userland: Userland,
 ) -> JSON | None:
     """One cell. What the guest does is its status; kmatrix failing is a :class:`_CellError`.
 
-    None: the cell did not start because another cell had already failed.
+    An archive that could not be used is that cell's error only. None: the cell did not
+    start because another cell had already failed.
     """
     if run.failed.is_set():
         return None
+    res = resolved.get(k.name)
+    if isinstance(res, InfraError):
+        return _unresolved_cell(k, res)
     try:
         with disk_errors(run.out_dir):
             if k.backend == "docker":
@@ -264,7 +300,7 @@ def _run_one(
                     k, run.matrix, userland, run.cache, console_dest, run.progress.log
                 )
             else:
-                cell = _qemu_cell(run, archive, k, resolved.get(k.name), userland)
+                cell = _qemu_cell(run, archive, k, res, userland)
         return mark_incomplete(cell)
     except KmatrixError as exc:
         run.failed.set()  # a worker picking up the next cell must not start it
@@ -274,7 +310,7 @@ def _run_one(
 
 
 def _run_cells(
-    run: _Run, archive: Archive, resolved: dict[str, KernelPackages], userland: Userland
+    run: _Run, archive: Archive, resolved: dict[str, Resolution], userland: Userland
 ) -> None:
     jobs = run.opts.jobs or os.cpu_count() or 1
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
@@ -350,9 +386,10 @@ def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
 def _run_locked(run: _Run, progress: Progress) -> None:
     """Everything of a run that needs its report and work directory to itself."""
     matrix, kernels = run.matrix, run.kernels
-    run.archives = _archives(matrix, kernels, run.cache, progress)
+    resolver = Resolver(matrix, run.cache, progress.log)
+    run.archives = _archives(resolver, kernels)
     archive = run.archives["amd64"]
-    resolved = _resolve_all(run.archives, kernels, progress)
+    resolved = _resolve_all(resolver, kernels, progress)
     run.results["run"]["host"]["qemu"] = qemu.qemu_version()
     userland = build_userland(archive, matrix.guest.suite, run.cache, progress.log)
     run.results["run"]["guest"] = {"suite": matrix.guest.suite, "packages": userland.packages}
@@ -365,23 +402,10 @@ def _run_locked(run: _Run, progress: Progress) -> None:
     progress.log(enforce(matrix.expectations, run.results, ran=[k.name for k in kernels]))
 
 
-def _archives(
-    matrix: Matrix, kernels: list[KernelConfig], cache: Path, progress: Progress
-) -> dict[str, Archive]:
-    """One verified archive client per architecture the run needs (same mirror, same keys)."""
+def _archives(resolver: Resolver, kernels: list[KernelConfig]) -> dict[str, Archive]:
+    """Debian's main archive for each architecture the run needs (the guest userlands)."""
     arches = ["amd64", *sorted({k.arch for k in kernels if k.backend == "qemu"} - {"amd64"})]
-    mirror = resolve_mirror(matrix.mirror)
-    return {
-        arch: Archive(
-            mirror,
-            cache,
-            keyring=matrix.keyring,
-            check_valid_until=matrix.check_valid_until,
-            arch=arch,
-            log=progress.log,
-        )
-        for arch in arches
-    }
+    return {arch: resolver.main_archive(arch) for arch in arches}
 
 
 def _foreign_userlands(run: _Run, progress: Progress) -> None:

@@ -22,16 +22,18 @@ import docker.errors
 import requests.exceptions
 
 from kmatrix import lifeline
+from kmatrix.apt_sources import resolve_security_mirror
 from kmatrix.backends import qemu
 from kmatrix.backends.docker import API_TIMEOUT, LABEL, connect
 from kmatrix.config import KernelConfig, Matrix, load_matrix
-from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
+from kmatrix.debian import default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError, UserError
 from kmatrix.interrupt import sigterm_as_interrupt
-from kmatrix.kernels import prepare_debian, resolve_debian
+from kmatrix.kernels import prepare_debian
 from kmatrix.oom_cell import plan_units
 from kmatrix.report import REPORTS
 from kmatrix.runner_image import BaseChoice, ensure_runner_image
+from kmatrix.suites import Resolver
 
 CONTAINER_CACHE = "/cache"
 CONTAINER_OUT = "/out"
@@ -241,9 +243,7 @@ def _remove(container: Any) -> None:
         ) from None
 
 
-def kvm_group(
-    matrix: Matrix, kernel: KernelConfig, accel: str, mirror: str, cache: Path
-) -> int | None:
+def kvm_group(matrix: Matrix, kernel: KernelConfig, accel: str, cache: Path) -> int | None:
     """The group of /dev/kvm when the container should get it, else None (TCG).
 
     Only when KVM is allowed (``accel``, else the matrix's) and a smoke boot of this cell's
@@ -252,15 +252,20 @@ def kvm_group(
     """
     if (accel or matrix.accel) == "tcg" or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return None
-    archive = Archive(
-        mirror, cache, keyring=matrix.keyring, check_valid_until=matrix.check_valid_until
-    )
-    prepared = prepare_debian(archive, kernel, resolve_debian(archive, kernel), cache)
+    resolver = Resolver(matrix, cache)
+    archive = resolver.main_archive(kernel.arch)
+    prepared = prepare_debian(archive, kernel, resolver.resolve(kernel), cache)
     work = cache / "work"
     work.mkdir(parents=True, exist_ok=True)
     if not qemu.kvm_smoke_test(prepared.vmlinuz, work):
         return None
     return os.stat("/dev/kvm").st_gid
+
+
+def _security_env(matrix: Matrix, mirror: str) -> dict[str, str]:
+    """The security archive as resolved here: the container has no apt sources of the host."""
+    security, _ = resolve_security_mirror(matrix.security_mirror, mirror, matrix.mirror)
+    return {"KMATRIX_SECURITY_MIRROR": security} if security else {}
 
 
 def run_cell_in_docker(
@@ -289,7 +294,7 @@ def run_cell_in_docker(
     cache.mkdir(parents=True, exist_ok=True)
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
-    gid = kvm_group(matrix, kernel, accel, mirror, cache)
+    gid = kvm_group(matrix, kernel, accel, cache)
     reports_dir.mkdir(parents=True, exist_ok=True)
     log(f"{kernel.name}: running in {image.tag} ({'TCG' if gid is None else 'KVM passed through'})")
     spec = RunnerSpec(
@@ -304,7 +309,7 @@ def run_cell_in_docker(
         name=f"kmatrix-runner-{kernel.name}-{secrets.token_hex(4)}",
         kvm_gid=gid,
         reports_dir=reports_dir.resolve(),
-        env=proxy_env(dict(os.environ)),
+        env=proxy_env(dict(os.environ)) | _security_env(matrix, mirror),
     )
     code = run_runner(client, runner_config(spec), timeout or runner_timeout(matrix), log)
     # The container printed its own mount points; these are the same files on this host.
