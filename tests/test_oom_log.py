@@ -115,3 +115,21 @@ def test_group_kill_and_rate_limited_lines() -> None:
     assert [k.pid for k in event.kills] == [5, 4]
     assert event.kills[1].reaped and event.kills[0].memcg
     assert parse_oom_log(text.split("\n")[0] + "\n" + text.split("\n")[0]).events[1].kills
+
+
+def test_many_kills_in_a_row_survive_the_rate_limited_headers() -> None:
+    """A real 6.1 console: three repeats of oom-global-memfd-growth (4 kills each) and the
+    first of -kill-allocating in ~5 s. mm/oom_kill.c oom_kill_process() prints
+    dump_header() only while __ratelimit(&oom_rs) allows (DEFAULT_RATELIMIT_BURST 10 per
+    DEFAULT_RATELIMIT_INTERVAL 5 s), so the 11th kill onwards has a Killed line alone; the
+    excerpt starts just after the header of the first kill (pid 179)."""
+    text = (FIXTURES / "6.1-growth-ratelimited.console.log").read_text()
+    log = parse_oom_log(text)
+    pids = [k.pid for e in log.events for k in e.kills]
+    assert pids == [179, 183, 182, 181, 184, 187, 186, 185, 188, 191, 190, 189, 192, 196]
+    headless = [e.kills[0].pid for e in log.events if not e.header]
+    assert headless == [179, 189, 192, 196]
+    assert sum(e.header for e in log.events) == text.count("invoked oom-killer") == 10
+    last = log.events[-1].kills[0]
+    assert last.comm == "kmx-writer" and not last.memcg and last.allocating_task
+    assert not any(k.allocating_task for e in log.events[:-1] for k in e.kills)

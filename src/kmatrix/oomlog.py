@@ -68,6 +68,7 @@ class Kill:
     pgtables: int
     oom_score_adj: int
     reaped: bool = False
+    allocating_task: bool = False  # vm.oom_kill_allocating_task chose it, not the badness
 
 
 @dataclass
@@ -169,6 +170,7 @@ def _kill(m: re.Match[str]) -> Kill:
         uid=int(m.group("uid")),
         pgtables=kb("pgtables"),
         oom_score_adj=int(m.group("adj")),
+        allocating_task="oom_kill_allocating_task" in m.group("msg"),
     )
 
 
