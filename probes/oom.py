@@ -50,10 +50,11 @@ MEMCG_LIMIT_FRACTION = 0.50
 HOG_CAP_FACTOR = 2  # the hog stops (and says so) after 2x MemTotal: no OOM happened
 SETTLE_S = 0.15  # after the hog died: time for group kills / reaping to finish
 #: A writer that has not reported progress for this long while alive is stalled: under
-#: TCG a 4 MiB step takes ~50 ms and a serial kill ~0.3 s. Seen on 6.12: a protected
-#: writer in a full memory cgroup with nothing killable re-enters the memcg OOM killer
-#: from every page fault (thousands of "no killable processes" reports) and never returns.
-STALL_S = 3.0
+#: TCG a 4 MiB step takes ~50 ms and a kill, reaper included, well under 0.5 s. Seen on
+#: 6.12: a protected writer in a full memory cgroup with nothing killable re-enters the
+#: memcg OOM killer from every page fault (thousands of "no killable processes" reports)
+#: and never returns.
+STALL_S = 1.5
 #: How long to wait for a role that died (pipe EOF) to become a zombie: its files,
 #: a memfd among them, are released before that (do_exit: exit_files, exit_task_work).
 REAP_S = 2.0

@@ -109,7 +109,7 @@ def _boot(
         "KMX_SWAP": "1" if matrix.guest.swap else "0",
     }
     initrd = workdir / f"oom-{index}.initrd"
-    swap = swap_image(matrix, workdir)
+    swap = swap_image(matrix, workdir, min(matrix.guest.swap, int(cfg.memory * OOM_SWAP_FRACTION)))
     write_initrd(userland, cell_archive(args, _boot_modules(kernel, swap is not None)), initrd)
     spec = QemuSpec(
         vmlinuz=kernel.vmlinuz,
@@ -132,12 +132,17 @@ def _boot(
     return BootOutput(index, units, probe, console, _boot_end(run, console))
 
 
-def swap_image(matrix: Matrix, workdir: Path) -> Path | None:
-    """A fresh swap disk for one boot (guest.swap), or None without one."""
+#: The OOM boots' swap disk, as a fraction of oom.memory: room for the swapped holder (half
+#: of MemAvailable) and little more, so the hog that fills RAM and swap is done quickly.
+OOM_SWAP_FRACTION = 1 / 3
+
+
+def swap_image(matrix: Matrix, workdir: Path, size: int | None = None) -> Path | None:
+    """A fresh swap disk for one boot (``size``, default guest.swap), or None without one."""
     if not matrix.guest.swap:
         return None
     path = workdir / "swap.img"
-    make_swap_image(path, matrix.guest.swap)
+    make_swap_image(path, size or matrix.guest.swap)
     return path
 
 
