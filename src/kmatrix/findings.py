@@ -197,6 +197,9 @@ QUESTIONS: tuple[Question, ...] = (
     Question("MFD_HUGETLB memfd usable (huge pages reserved)?", _reply(fm.hugetlb)),
     Question("MFD_HUGETLB + MFD_NOEXEC_SEAL: chmod +x refused?", _reply(fm.hugetlb_exec_seal)),
     Question("memfd capped at half of RAM?", _reply(fm.beyond_half)),
+    Question(
+        "mapped memfd in swap counted in VmSwap / oom_score?", _reply(fm.swapped_in_oom_score)
+    ),
     Question("memfd capped under vm.overcommit_memory=2?", _reply(fm.beyond_half_strict)),
     Question(
         "growing unmapped memfd fills RAM: kills in order, ending",

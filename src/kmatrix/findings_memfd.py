@@ -121,3 +121,23 @@ def hugetlb_exec_seal(cell: JSON) -> Reply:
     word = "yes" if refused else "no"
     return (f"{word}: fchmod 755 {chmod} (F_SEAL_EXEC {'set' if seal else 'not set'}, mode {mode})",
             f"{word}:{bool(seal)}")  # fmt: skip
+
+
+def swapped_in_oom_score(cell: JSON) -> Reply:
+    """memfd-mmap-swapped: once a mapped memfd is in swap, do VmSwap and oom_score see it?"""
+    sc = scenario(cell, "memfd-mmap-swapped")
+    if sc is None or sc.get("error"):
+        return NOTHING if sc is None else (f"— ({str(sc['error'])[:40]})", "")
+    m = sc.get("metrics") or {}
+    swapped, vmswap = m.get("smaps_Swap_delta"), m.get("VmSwap_delta")
+    score = m.get("oom_score_delta")
+    size = sc.get("size_bytes") or 0
+    if not isinstance(swapped, int) or not isinstance(vmswap, int) or not size:
+        return NOTHING
+    if swapped < size // 2:
+        return (f"— (only {mib(swapped)} MiB reached swap)", "")
+    word = "yes" if vmswap >= size // 2 else "no"
+    return (
+        f"{word}: smaps Swap {mib(swapped)}, VmSwap {mib(vmswap)} MiB, oom_score {score:+d}",
+        word,
+    )
