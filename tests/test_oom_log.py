@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix.oomlog import parse_constraint, parse_oom_log, parse_task_row, strip_prefix
+from kmatrix.oomlog import (
+    NO_KILLABLE,
+    condense_floods,
+    parse_constraint,
+    parse_oom_log,
+    parse_task_row,
+    strip_prefix,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oom"
 LOGS = sorted(FIXTURES.glob("*-oom.console.log"))
@@ -133,3 +140,21 @@ def test_many_kills_in_a_row_survive_the_rate_limited_headers() -> None:
     last = log.events[-1].kills[0]
     assert last.comm == "kmx-writer" and not last.memcg and last.allocating_task
     assert not any(k.allocating_task for e in log.events[:-1] for k in e.kills)
+
+
+def test_a_flood_of_kill_less_reports_is_cut_in_the_stored_console_only() -> None:
+    """A real 6.12 console of oom-memcg-v2-memfd-growth-protected: the writer (adj -1000)
+    re-enters mem_cgroup_out_of_memory() from every page fault of a full cgroup, and each
+    entry prints a report ending in "no killable processes". The stored copy keeps the
+    first and last reports of a run; kills and their order are untouched."""
+    text = (FIXTURES / "6.12-memcg-protected-flood.console.log").read_text()
+    short, cut = condense_floods(text)
+    assert cut > 0 and len(short) < len(text)
+    assert short.count(NO_KILLABLE) + cut == text.count(NO_KILLABLE)
+    assert f"[kmatrix: {cut} more OOM reports" in short
+
+    def kills(t: str) -> list[int]:
+        return [k.pid for e in parse_oom_log(t).events for k in e.kills]
+
+    assert kills(short) == kills(text) and kills(text)
+    assert condense_floods(short) == (short, 0)  # nothing left to cut

@@ -249,3 +249,51 @@ def parse_oom_log(text: str) -> OomLog:
     for lineno, raw in enumerate(text.splitlines(), 1):
         parser.feed(lineno, strip_prefix(raw))
     return parser.log
+
+
+#: OOM reports kept at each end of a flood of "no killable processes" reports.
+FLOOD_KEEP = 2
+
+
+def _report_blocks(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line indexes of every OOM report that killed nothing."""
+    blocks, start, killed = [], None, False
+    for i, raw in enumerate(lines):
+        line = strip_prefix(raw)
+        if _INVOKED.search(line):
+            start, killed = i, False
+        elif start is not None and _KILLED.search(line):
+            killed = True
+        elif start is not None and NO_KILLABLE in line:
+            if not killed:
+                blocks.append((start, i))
+            start = None
+    return blocks
+
+
+def condense_floods(text: str) -> tuple[str, int]:
+    """The console with long back-to-back runs of kill-less OOM reports cut in the middle.
+
+    A protected task that keeps faulting in a full memory cgroup re-enters the OOM killer
+    thousands of times a second ("Out of memory and no killable processes..."): the
+    stored log keeps the first and last FLOOD_KEEP reports of each run and one line saying
+    how many were left out. Parse the original, store this. Returns (text, reports cut).
+    """
+    lines = text.splitlines(keepends=True)
+    runs: list[list[tuple[int, int]]] = []
+    for block in _report_blocks(lines):
+        if runs and block[0] - runs[-1][-1][1] <= 2:  # adjacent (at most a blank line between)
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    cut_total, out, pos = 0, [], 0
+    for run in runs:
+        if len(run) <= 2 * FLOOD_KEEP:
+            continue
+        first_cut, last_cut = run[FLOOD_KEEP][0], run[-FLOOD_KEEP - 1][1]
+        n = len(run) - 2 * FLOOD_KEEP
+        out += lines[pos:first_cut]
+        out.append(f"[kmatrix: {n} more OOM reports like these, none killing anyone, left out]\n")
+        pos, cut_total = last_cut + 1, cut_total + n
+    out += lines[pos:]
+    return "".join(out), cut_total

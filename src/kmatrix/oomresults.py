@@ -119,6 +119,8 @@ def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> JSON:
     victims = _ordered_roles(kills)
     entry.update(kills=kills, constraint=_constraint(events))
     entry["no_killable"] = any(e.no_killable for e in events)
+    # A protected task faulting in a full memcg re-enters the OOM killer again and again.
+    entry["no_killable_reports"] = sum(e.no_killable for e in events)
     if result is not None:
         entry.update(_from_probe(result), status=result.get("status"), error=result.get("error"))
         if not victims and result.get("probe_victims"):

@@ -21,6 +21,7 @@ from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
 from kmatrix.oom_cell import run_oom_boots, swap_image
+from kmatrix.oomlog import condense_floods
 from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
 
 
@@ -157,7 +158,7 @@ def _run_oom(
     with console_dest.open("a") as f:
         for boot, text in zip(oom.boots, oom.consoles, strict=True):
             f.write(f"\n===== kmatrix OOM boot {boot['index']} ({boot['units']} repeats) =====\n")
-            f.write(text)
+            f.write(condense_floods(text)[0])  # parsed in full already (oomresults)
 
 
 # Where the kernel came from: the same for every run of one package, except the stale-pin
