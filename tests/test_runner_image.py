@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from kmatrix import runtime
-from kmatrix.backends import docker as engine
 from kmatrix.debian import default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError
 from kmatrix.runner_image import RunnerImage, ensure_runner_image
@@ -36,11 +35,8 @@ kernels:
 
 
 @pytest.fixture(scope="module")
-def client() -> Any:
-    try:
-        return engine.connect()
-    except engine.EngineUnavailable as exc:
-        pytest.fail(f"{exc} (or deselect these tests with -m 'not docker')")
+def client(docker_client: Any) -> Any:
+    return docker_client
 
 
 @pytest.fixture(scope="module")
