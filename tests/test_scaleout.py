@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -142,11 +143,15 @@ def test_merge_without_order_keeps_input_order_and_per_host() -> None:
 
 
 def test_workflow_passes_actionlint() -> None:
-    exe = shutil.which("actionlint")
+    # The venv's bin/ may not be on PATH (`.venv/bin/python -m pytest` without activating).
+    exe = shutil.which("actionlint") or shutil.which("actionlint", path=Path(sys.executable).parent)
     assert exe, "actionlint is missing: pip install -e '.[dev]' installs it"
+    # actionlint runs shellcheck on every run: step when it finds it on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     proc = subprocess.run(
-        [exe, "-no-color", str(WORKFLOW)], cwd=ROOT, capture_output=True, text=True
-    )
+        [exe, "-no-color", str(WORKFLOW)],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PATH": path},
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

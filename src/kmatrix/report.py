@@ -32,7 +32,8 @@ from kmatrix.view import (
 # Re-exported: older callers import these helpers from kmatrix.report.
 __all__ = ["cell_label", "fmt_metric", "mib", "render_report", "write_report"]
 
-REPORTS = Path(__file__).resolve().parents[2] / "reports"
+#: reports/ of the directory kmatrix runs in (relative: resolved when used, not at import).
+REPORTS = Path("reports")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 UNITS_NOTE = (
     "Values are before→after deltas measured around each scenario, in MiB "
