@@ -20,6 +20,7 @@ from kmatrix.check import check_file
 from kmatrix.diff import diff_files
 from kmatrix.errors import KmatrixError
 from kmatrix.images import build_images
+from kmatrix.matrix_docker import run_matrix_in_docker
 from kmatrix.merge import merge_files
 from kmatrix.report import report_from_file
 from kmatrix.runner import RunOptions, run_matrix, summarize
@@ -44,6 +45,7 @@ def kmatrix_errors() -> Iterator[None]:
         "matrix-file": "the matrix to run (default: matrix.yaml)",
         "jobs": "cells run in parallel (default: one per CPU core)",
         "force": "rerun cells even when the result cache has them",
+        "runtime": "host (default), or docker: every QEMU cell inside the runner image",
     }
 )
 def matrix(
@@ -53,17 +55,16 @@ def matrix(
     matrix_file: str = "matrix.yaml",
     jobs: int = 0,
     force: bool = False,
+    runtime: str = "host",
 ) -> None:
     """Boot every kernel in matrix.yaml, run the probe, write reports/NAME/."""
-    opts = RunOptions(
-        matrix_path=Path(matrix_file).resolve(),
-        name=name,
-        kernels=tuple(k for k in kernels.split(",") if k),
-        jobs=jobs,
-        force=force,
-    )
+    path, selected = Path(matrix_file).resolve(), tuple(k for k in kernels.split(",") if k)
+    opts = RunOptions(matrix_path=path, name=name, kernels=selected, jobs=jobs, force=force)
     with kmatrix_errors():
-        results = run_matrix(opts)
+        if check_runtime(runtime) == "docker":
+            results = run_matrix_in_docker(path, name, selected, jobs=jobs, force=force)
+        else:
+            results = run_matrix(opts)
     code, summary = summarize(results)
     print(summary)
     if code:
