@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cgroup-root", default="/sys/fs/cgroup")
     p.add_argument("--timeout", type=float, default=120.0, help="per-scenario timeout (s)")
     p.add_argument(
+        "--repeats", type=int, default=1, help="passes over the scenarios (default 1)"
+    )
+    p.add_argument(
         "--oom",
         default="",
         help="OOM experiments: all, or name[:first-last],... (repeat indexes); default none",
@@ -198,8 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     become_subreaper()
     hello = hello_record(settings, cgroups) | {"uptime": oom.uptime()}
     out.emit(hello)
-    for name in names:
-        out.emit(run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd))
+    emitted = 0
+    # Whole passes rather than each scenario N times in a row: slow drift in the system
+    # (page cache, per-cpu lists) then spreads over every scenario's repeats alike.
+    for repeat in range(max(1, args.repeats)):
+        for name in names:
+            record = run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd)
+            out.emit(record | {"repeat": repeat})
+            emitted += 1
     if cgroups.base_dir:
         system.remove_cgroup(cgroups.base_dir)
     env = oom.Env(
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         out_fd=out.fd,
         memcg=args.oom_memcg,
     )
-    done: dict[str, Any] = {"type": "done", "scenarios": len(names)}
+    done: dict[str, Any] = {"type": "done", "scenarios": emitted}
     if plan:
         done["oom"] = oom.run_plan(plan, env, out.emit)
     out.emit(done)

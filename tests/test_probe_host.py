@@ -238,8 +238,20 @@ def test_stream_has_hello_every_scenario_and_done(host_run: dict[str, Any]) -> N
         "error",
         "detail",
         "duration_s",
+        "repeat",
     }
     assert all(set(r) == keys for r in records[1:-1])
+    assert {r["repeat"] for r in records[1:-1]} == {0}
+
+
+@needs_root
+def test_repeats_are_whole_passes(tmp_path: Path) -> None:
+    out = tmp_path / "records.kmx"
+    args = ["--size-mib", "4", "--scenarios", "memfd-write,anon-private", "--repeats", "3"]
+    records = run_probe(*args, "--disk-dir", str(tmp_path), out=out)
+    runs = [(r["name"], r["repeat"]) for r in records if r["type"] == "scenario"]
+    assert runs == [(n, i) for i in range(3) for n in ("anon-private", "memfd-write")]
+    assert records[-1] == {"type": "done", "scenarios": 6}
 
 
 def test_runs_without_errors_except_refusals(host_run: dict[str, Any]) -> None:

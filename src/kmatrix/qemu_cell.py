@@ -13,7 +13,8 @@ from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
 from kmatrix.oom_cell import run_oom_boots
-from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
+from kmatrix.repeats import aggregate_scenarios
+from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output
 
 
 def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple[str, str]:
@@ -45,6 +46,7 @@ def cell_args(matrix: Matrix, shm_size: int) -> dict[str, str]:
         "KMX_SIZE_MIB": str(matrix.probe.size // (1024 * 1024)),
         "KMX_SHM_SIZE": str(shm_size),
         "KMX_SCENARIOS": scenarios if isinstance(scenarios, str) else ",".join(scenarios),
+        "KMX_REPEATS": str(matrix.probe.repeats),
     }
 
 
@@ -92,7 +94,7 @@ def run_qemu_cell(
     cell.update(status=status, reason=reason, duration_s=run.duration_s)
     if console.release:
         cell["kernel"]["release"] = console.release
-    cell["scenarios"] = [scenario_result(s) for s in probe.scenarios]
+    cell["scenarios"] = aggregate_scenarios(probe.scenarios)
     cell["probe"] = probe.hello or {}
     if status != "ok":
         cell["console_tail"] = console.tail
