@@ -16,6 +16,7 @@ from typing import Any
 from kmatrix.charts import planned_charts, write_charts
 from kmatrix.errors import UserError
 from kmatrix.findings import DISAGREE_MARK, answer_all, findings_table
+from kmatrix.findings_chart import FILENAME as FINDINGS_FILE
 from kmatrix.report_oom import oom_section
 from kmatrix.results import JSON, atomic_write_text, load_results
 from kmatrix.view import (
@@ -112,7 +113,8 @@ def _findings(cells: Sequence[JSON]) -> str:
         if differ
         else "All cells agree on every question they measured."
     )
-    return "\n\n".join(["## Findings", summary, findings_table(cells)])
+    picture = f"![Findings: questions by cells, coloured by answer]({FINDINGS_FILE})"
+    return "\n\n".join(["## Findings", picture, summary, findings_table(cells)])
 
 
 def _accounting(cells: Sequence[JSON]) -> str:
@@ -128,6 +130,9 @@ def _accounting(cells: Sequence[JSON]) -> str:
 
 def _charts(results: JSON) -> str:
     charts = planned_charts(results)
+    if not charts:
+        return ""
+    charts = [c for c in charts if c.kind != "findings"]  # drawn at the top of the report
     if not charts:
         return ""
     parts = ["## Charts"]
