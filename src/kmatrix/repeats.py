@@ -67,3 +67,32 @@ def spread_of(scenario: JSON, key: str) -> int:
 def repeat_count(scenario: JSON) -> int:
     """How many repeats a scenario's values come from (1 for results without repeats)."""
     return len(scenario.get("repeats") or []) or 1
+
+
+def value_range(scenario: JSON, key: str) -> tuple[int, int] | None:
+    """Lowest and highest value of ``key`` over the repeats and the median; None without repeats.
+
+    The median is included so that an edited or re-aggregated median still counts.
+    """
+    values = [
+        r["metrics"][key]
+        for r in scenario.get("repeats") or []
+        if isinstance((r.get("metrics") or {}).get(key), int)
+    ]
+    median = (scenario.get("metrics") or {}).get(key)
+    if len(values) < 2 or not isinstance(median, int):
+        return None
+    return min(*values, median), max(*values, median)
+
+
+def beyond_repeat_noise(old: JSON, new: JSON, key: str) -> bool:
+    """True unless both sides have repeats and their value ranges overlap.
+
+    Overlapping ranges mean the new median lies within what the old run itself produced
+    (or the reverse): the repeats cannot tell the two apart. Results without repeats leave
+    the decision to the fixed threshold.
+    """
+    a, b = value_range(old, key), value_range(new, key)
+    if a is None or b is None:
+        return True
+    return a[1] < b[0] or b[1] < a[0]
