@@ -17,6 +17,7 @@ from kmatrix.charts import planned_charts, write_charts
 from kmatrix.errors import UserError
 from kmatrix.findings import DISAGREE_MARK, answer_all, findings_table
 from kmatrix.findings_chart import FILENAME as FINDINGS_FILE
+from kmatrix.repeats import repeat_count
 from kmatrix.report_oom import oom_section
 from kmatrix.results import JSON, atomic_write_text, load_results
 from kmatrix.view import (
@@ -121,11 +122,20 @@ def _accounting(cells: Sequence[JSON]) -> str:
     ok = [c for c in cells if c.get("scenarios")]
     if not ok:
         return "## Accounting\n\nNo cell measured any scenario."
-    parts = ["## Accounting", UNITS_NOTE]
+    parts = ["## Accounting", UNITS_NOTE + _repeats_note(ok)]
     for name in scenario_names(ok):
         size = next((s.get("size_bytes") for c in ok if (s := scenario(c, name))), None)
         parts += [f"### `{name}` ({mib(size)} MiB)", scenario_table(ok, name)]
     return "\n\n".join(parts)
+
+
+def _repeats_note(cells: Sequence[JSON]) -> str:
+    """How many repeats the values are medians of ('' for results without repeats)."""
+    counts = sorted({repeat_count(s) for c in cells for s in c.get("scenarios") or []})
+    if counts in ([], [1]):
+        return ""
+    shown = f"{counts[0]} to {counts[-1]}" if len(counts) > 1 else str(counts[0])
+    return f" Each value is the median of {shown} repeats; every repeat and the spread are kept."
 
 
 def _charts(results: JSON) -> str:
