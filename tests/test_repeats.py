@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kmatrix.diff import Threshold, render_diff
-from kmatrix.repeats import aggregate_scenarios, beyond_repeat_noise, value_range
+from kmatrix.repeats import aggregate_scenarios, beyond_repeat_noise, repeat_noise
 from kmatrix.results import parse_probe_output
 
 RESULTS = Path(__file__).resolve().parent / "fixtures" / "results"
@@ -78,16 +78,16 @@ def test_the_probes_done_count_covers_every_repeat() -> None:
     assert out.complete and len(out.scenarios) == 3
 
 
-def test_ranges_decide_what_is_noise() -> None:
+def test_the_spreads_decide_what_is_noise() -> None:
     (a,) = aggregate_scenarios([record("x", i, v * MIB) for i, v in enumerate((-40, -20, -30))])
     (b,) = aggregate_scenarios([record("x", i, v * MIB) for i, v in enumerate((-25, -10, -12))])
-    (c,) = aggregate_scenarios([record("x", i, v * MIB) for i, v in enumerate((-9, -8, -10))])
+    (c,) = aggregate_scenarios([record("x", i, v * MIB) for i, v in enumerate((-2, -1, -3))])
     key = "meminfo_MemAvailable_delta"
-    assert value_range(a, key) == (-40 * MIB, -20 * MIB)
-    assert not beyond_repeat_noise(a, b, key)  # overlapping: the repeats cannot tell them apart
-    assert beyond_repeat_noise(a, c, key)  # c sits above everything a produced
+    assert repeat_noise(a, b, key) == (20 + 15) * MIB
+    assert not beyond_repeat_noise(a, b, key)  # medians 18 MiB apart, within the noise
+    assert beyond_repeat_noise(a, c, key)  # 28 MiB apart, noise 20 + 2 MiB
     no_repeats = {"metrics": {key: 0}}
-    assert value_range(no_repeats, key) is None and beyond_repeat_noise(a, no_repeats, key)
+    assert repeat_noise(a, no_repeats, key) is None and beyond_repeat_noise(a, no_repeats, key)
 
 
 def test_two_runs_of_the_same_commit_diff_as_no_changes() -> None:

@@ -5,9 +5,10 @@ metric deltas that moved more than the noise threshold, changed errnos, and chan
 victim distributions. A metric change is noise unless it exceeds both the absolute
 threshold (default 1 MiB) and the relative one (default 5 % of the base value): a 64 MiB
 delta wobbling by 2 MiB is noise, a 0.3 MiB delta becoming 512 MiB is not. When both runs
-repeated the scenario, the medians are compared and the change must also leave the range the
-repeats spanned (kmatrix.repeats): meminfo_MemAvailable, which moves by tens of MiB between
-identical runs on 6.12 and later, then stays out of the pull request unless it really moved.
+repeated the scenario, the medians are compared and the change must also exceed the sum of
+both runs' spreads across their repeats (kmatrix.repeats): meminfo_MemAvailable, which moves
+by tens of MiB between identical runs on 6.12 and later, then stays out of the pull request
+unless it really moved.
 """
 
 from __future__ import annotations
@@ -154,12 +155,12 @@ def render_diff(base: JSON, new: JSON, threshold: Threshold, base_name: str, new
     if not (cell_lines or metric_rows or oom_rows):
         return (
             f"No changes between `{base_name}` and `{new_name}` beyond the noise threshold "
-            f"({threshold.describe()}) and the repeats' range.\n"
+            f"({threshold.describe()}) and the repeats' spread.\n"
         )
     parts = [
         f"## kmatrix diff: `{base_name}` → `{new_name}`",
         f"Metric changes (medians of the repeats) are listed when they exceed "
-        f"{threshold.describe()} and leave the range the repeats spanned; values in MiB.",
+        f"{threshold.describe()} and the sum of both runs' spreads; values in MiB.",
     ]
     if cell_lines:
         parts += ["### Cells", "\n".join(f"- {line}" for line in cell_lines)]

@@ -69,30 +69,22 @@ def repeat_count(scenario: JSON) -> int:
     return len(scenario.get("repeats") or []) or 1
 
 
-def value_range(scenario: JSON, key: str) -> tuple[int, int] | None:
-    """Lowest and highest value of ``key`` over the repeats and the median; None without repeats.
+def repeat_noise(old: JSON, new: JSON, key: str) -> int | None:
+    """What the repeats show as noise for ``key``: the sum of both runs' spreads.
 
-    The median is included so that an edited or re-aggregated median still counts.
+    Two medians whose distance is within the sum of the ranges could come from runs whose
+    repeats overlap, so the repeats cannot tell them apart. None when either run has no
+    repeats (results from before repeats): the fixed threshold alone decides then.
     """
-    values = [
-        r["metrics"][key]
-        for r in scenario.get("repeats") or []
-        if isinstance((r.get("metrics") or {}).get(key), int)
-    ]
-    median = (scenario.get("metrics") or {}).get(key)
-    if len(values) < 2 or not isinstance(median, int):
+    if repeat_count(old) < 2 or repeat_count(new) < 2:
         return None
-    return min(*values, median), max(*values, median)
+    return spread_of(old, key) + spread_of(new, key)
 
 
 def beyond_repeat_noise(old: JSON, new: JSON, key: str) -> bool:
-    """True unless both sides have repeats and their value ranges overlap.
-
-    Overlapping ranges mean the new median lies within what the old run itself produced
-    (or the reverse): the repeats cannot tell the two apart. Results without repeats leave
-    the decision to the fixed threshold.
-    """
-    a, b = value_range(old, key), value_range(new, key)
-    if a is None or b is None:
+    """True when the median of ``key`` moved by more than :func:`repeat_noise` (or no repeats)."""
+    noise = repeat_noise(old, new, key)
+    x, y = (old.get("metrics") or {}).get(key), (new.get("metrics") or {}).get(key)
+    if noise is None or not isinstance(x, int) or not isinstance(y, int):
         return True
-    return a[1] < b[0] or b[1] < a[0]
+    return abs(y - x) > noise
