@@ -23,7 +23,7 @@ TASKS = ("bench", "cell", "check", "ci-matrix", "diff", "images", "matrix", "mer
 MATRIX = """
 check_valid_until: false
 guest: {suite: bookworm, memory: 256M, shm_size: 32M, disk_size: 64M}
-probe: {size: 16M, scenarios: [memfd-write], cell_timeout: 600}
+probe: {size: 16M, scenarios: [memfd-write], repeats: 1, cell_timeout: 600}
 oom: {experiments: []}
 kernels:
   - {name: "6.1", suite: bookworm, package: linux-image-cloud-amd64}
