@@ -88,6 +88,15 @@ def test_data_comes_from_the_package(venv: Path, tmp_path: Path) -> None:
     assert Path(where).is_relative_to(venv) and Path(where, "probes", "probe.py").is_file()
 
 
+def test_runtime_docker_outside_a_checkout_says_what_to_do(venv: Path, tmp_path: Path) -> None:
+    (tmp_path / "my.yaml").write_text(MATRIX)
+    argv = [venv / "bin" / "kmatrix", "matrix", "--matrix-file", "my.yaml", "--runtime", "docker"]
+    run = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "from a clone of the kmatrix repository" in run.stderr
+    assert not (tmp_path / "reports").exists()
+
+
 @pytest.mark.qemu
 def test_one_kernel_matrix_from_an_empty_directory(venv: Path, tmp_path: Path) -> None:
     (tmp_path / "my.yaml").write_text(MATRIX)

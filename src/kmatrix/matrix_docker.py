@@ -23,7 +23,7 @@ from kmatrix.errors import ExpectationFailed, InfraError
 from kmatrix.merge import merge_files
 from kmatrix.report import REPORTS
 from kmatrix.results import JSON, load_results
-from kmatrix.runner_image import ensure_runner_image
+from kmatrix.runner_image import ensure_runner_image, require_checkout
 from kmatrix.runtime import run_cell_in_docker, stop_runners
 from kmatrix.scaleout import run_cell
 
@@ -105,6 +105,7 @@ def run_matrix_in_docker(
     """
     matrix = load_matrix(matrix_path)
     selected = matrix.select(list(kernels))
+    require_checkout()
     parts_dir = reports_dir / name / "cells"
     parts_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_cells(selected, parts_dir)

@@ -31,7 +31,7 @@ from kmatrix.interrupt import sigterm_as_interrupt
 from kmatrix.kernels import prepare_debian, resolve_debian
 from kmatrix.oom_cell import plan_units
 from kmatrix.report import REPORTS
-from kmatrix.runner_image import BaseChoice, ensure_runner_image
+from kmatrix.runner_image import BaseChoice, ensure_runner_image, require_checkout
 
 CONTAINER_CACHE = "/cache"
 CONTAINER_OUT = "/out"
@@ -302,6 +302,7 @@ def run_cell_in_docker(
     matrix = load_matrix(matrix_path)
     (kernel,) = matrix.select([kernel_name])
     check_runnable(kernel)
+    require_checkout()
     mirror, cache = resolve_mirror(matrix.mirror), default_cache_dir()
     client = connect()
     image = ensure_runner_image(client, mirror, cache, base, log)
