@@ -26,6 +26,7 @@ MIXED = "#d9b3e6"  # more than one role across repeats
 DISAGREE = "#d62728"
 LABEL_WIDTH = 30  # characters per line of a question
 BOX_WIDTH = 14  # characters per line of an answer
+MIN_WIDTH = 6.4  # inches
 
 
 def answer_fill(key: str) -> str:
@@ -59,7 +60,8 @@ def findings_figure(cells: Sequence[JSON]) -> Figure:
     """The picture: one row per question (disagreements first), one column per cell."""
     rows = answer_all(cells)
     ncols, nrows = max(len(cells), 1), len(rows)
-    fig = Figure(figsize=(2.6 + 1.25 * ncols, 1.3 + 0.52 * nrows))
+    # At least as wide as the four-column legend, which a one-cell picture would clip.
+    fig = Figure(figsize=(max(MIN_WIDTH, 2.6 + 1.25 * ncols), 1.3 + 0.52 * nrows))
     ax = fig.subplots()
     for y, row in enumerate(rows):
         for x, answer in enumerate(row.answers):
