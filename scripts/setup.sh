@@ -75,6 +75,10 @@ start_docker() {
     done
     echo "setup: no Docker engine answers (log: $DOCKERD_LOG):" >&2
     tail -5 "$DOCKERD_LOG" 2>/dev/null >&2 || true
+    if [ "$(id -u)" != 0 ]; then
+        # The engine may run while this user may not use its socket.
+        echo "setup: if dockerd runs, add yourself to the docker group: sudo adduser $USER docker" >&2
+    fi
     return 1
 }
 
