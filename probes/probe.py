@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import accounting
 import knobs
 import oom
+import swap
 import system
 from protocol import run_scenario, write_all
 from scenarios import MIB, SCENARIOS, Settings
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--swap-dev", default="", help="a swap device the swap scenarios may swap on (default none)"
     )
     p.add_argument("--timeout", type=float, default=120.0, help="per-scenario timeout (s)")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the scenarios (default 1)")
     p.add_argument(
         "--oom",
         default="",
@@ -204,8 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     become_subreaper()
     hello = hello_record(settings, cgroups) | {"uptime": oom.uptime()}
     out.emit(hello)
-    for name in names:
-        out.emit(run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd))
+    emitted = 0
+    # Whole passes rather than each scenario N times in a row: slow drift in the system
+    # (page cache, per-cpu lists) then spreads over every scenario's repeats alike.
+    for repeat in range(max(1, args.repeats)):
+        for name in names:
+            record = run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd)
+            # A swap scenario swapped the swap disk on: off again before the next pass, so
+            # no other scenario (strict overcommit's CommitLimit counts swap) runs with it.
+            problem = swap.swapoff(settings.swap_dev)
+            if problem:
+                record.setdefault("detail", {})["swapoff_error"] = problem
+            out.emit(record | {"repeat": repeat})
+            emitted += 1
     if cgroups.base_dir:
         system.remove_cgroup(cgroups.base_dir)
     env = oom.Env(
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         memcg=args.oom_memcg,
         swap_dev=args.swap_dev or None,
     )
-    done: dict[str, Any] = {"type": "done", "scenarios": len(names)}
+    done: dict[str, Any] = {"type": "done", "scenarios": emitted}
     if plan:
         done["oom"] = oom.run_plan(plan, env, out.emit)
     out.emit(done)

@@ -471,7 +471,7 @@ _LIST = [
         "memfd-beyond-half-ram-strict", act_beyond_half_strict, prep_memfd, beyond_half_size,
         need_sysctl_writable,
     ),
-    # Last: they swap the guest's swap disk on, and it stays on for the rest of the boot.
+    # Last: they swap the guest's swap disk on (the probe swaps it off after each one).
     Scenario("memfd-write-swapped", act_write_swapped, prep_memfd, check=need_swap),
     Scenario("memfd-mmap-swapped", act_map_swapped, prep_memfd, check=need_swap),
 ]  # fmt: skip

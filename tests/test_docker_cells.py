@@ -42,11 +42,8 @@ pytestmark = pytest.mark.docker
 
 
 @pytest.fixture(scope="module")
-def client() -> Any:
-    try:
-        return engine.connect()
-    except engine.EngineUnavailable as exc:
-        pytest.fail(f"{exc} (or deselect these tests with -m 'not docker')")
+def client(docker_client: Any) -> Any:
+    return docker_client
 
 
 @pytest.fixture(scope="module")

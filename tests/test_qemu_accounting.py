@@ -50,6 +50,17 @@ def _m(cell: dict[str, Any], scenario: str) -> dict[str, int]:
     return dict(sc["metrics"])
 
 
+def test_every_scenario_ran_three_times_and_reports_the_median(cell: dict[str, Any]) -> None:
+    assert len(cell["scenarios"]) == 15  # one entry per scenario, not per repeat
+    for sc in cell["scenarios"]:
+        repeats = sc["repeats"]
+        assert len(repeats) == 3, sc["name"]  # probe.repeats defaults to 3
+        for key, median in sc["metrics"].items():
+            values = sorted(r["metrics"][key] for r in repeats)
+            assert median == values[1], (sc["name"], key)
+            assert sc["spread"][key] == values[-1] - values[0]
+
+
 def test_cell_provenance(cell: dict[str, Any]) -> None:
     k = cell["kernel"]
     assert k["release"].startswith("6.1.")

@@ -17,7 +17,8 @@ import pytest
 
 from kmatrix.charts import planned_charts, write_charts
 from kmatrix.errors import UserError
-from kmatrix.findings import DISAGREE_MARK, answer_all
+from kmatrix.findings import DISAGREE_MARK, Answer, answer_all
+from kmatrix.findings_chart import answer_fill, short_answer
 from kmatrix.report import render_report, report_from_file, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +63,9 @@ def test_report_matches_golden(name: str) -> None:
 def test_sections_in_order_findings_first() -> None:
     text = render_report(load("partial-5.10-6.1.json"))
     headings = re.findall(r"^## (.+)$", text, re.M)
-    assert headings == ["Findings", "Cells", "Accounting", "Charts", "Provenance"]
+    # No Charts section: 5.10 and 6.1 agree everywhere, so only the findings picture is drawn.
+    assert headings == ["Findings", "Cells", "Accounting", "Provenance"]
+    assert text.index("](chart-findings.svg)") < text.index("| question")
 
 
 def test_kernel_names_are_not_parsed_as_numbers() -> None:
@@ -163,7 +166,9 @@ def test_write_report_links_only_charts_that_exist(tmp_path: Path) -> None:
     write_report(results, tmp_path)
     text = (tmp_path / "report.md").read_text()
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
-    assert len(links) == 15 + 2  # every accounting scenario and OOM experiment
+    # The findings picture, and the one experiment whose victims differ between the cells:
+    # charts of equal bars would only repeat the tables.
+    assert links == ["chart-findings.svg", "chart-oom-global-memfd-unmapped.svg"]
     assert all((tmp_path / link).is_file() for link in links)
     assert sorted(p.name for p in tmp_path.glob("chart-*.svg")) == sorted(links)
 
@@ -175,8 +180,8 @@ def test_charts_are_deterministic_and_stale_ones_removed(tmp_path: Path) -> None
     second = {p.name: p.read_bytes() for p in write_charts(results, tmp_path)}
     assert first == second
     assert not (tmp_path / "chart-gone.svg").exists()
-    svg = first["chart-memfd-write.svg"].decode()
-    assert "<dc:date>" not in svg and "memfd-write" in svg
+    svg = first["chart-findings.svg"].decode()
+    assert "<dc:date>" not in svg and "MFD_NOEXEC_SEAL supported?" in svg
 
 
 def test_no_charts_without_measurements() -> None:
@@ -210,4 +215,23 @@ def test_refused_oom_experiments_are_not_answers_or_charts() -> None:
     answer = rows["first OOM victim, holder's memfd unmapped"].answers[0]
     assert (answer.text, answer.key) == ("— (refused)", "")
     assert rows["panic when nothing is killable?"].answers[0].text == "— (refused)"
-    assert all(c.kind == "scenario" for c in planned_charts(results))
+    assert not [c for c in planned_charts(results) if c.kind == "oom"]
+
+
+def test_a_scenario_chart_only_where_cells_disagree() -> None:
+    results = load("partial-5.10-6.1.json")
+    assert not [c for c in planned_charts(results) if c.kind == "scenario"]
+    changed = copy.deepcopy(results)
+    memfd = next(s for s in changed["cells"][1]["scenarios"] if s["name"] == "memfd-write")
+    memfd["metrics"]["VmRSS_delta"] = memfd["size_bytes"]  # 6.1 suddenly counts it in RSS
+    assert [c.name for c in planned_charts(changed) if c.kind == "scenario"] == ["memfd-write"]
+
+
+def test_findings_picture_colours_equal_answers_alike() -> None:
+    assert answer_fill("yes") == answer_fill("yes:RssShmem") == answer_fill("True")
+    assert answer_fill("no:EINVAL") == answer_fill("no") != answer_fill("yes")
+    assert answer_fill("hog 3/3") != answer_fill("holder 3/3")
+    assert answer_fill("hog 2/3, holder 1/3") not in (answer_fill("hog 3/3"), answer_fill(""))
+    assert short_answer(Answer("yes, as RssShmem (+64.0 MiB, oom_score +12)", "x")) == (
+        "yes, as\nRssShmem"
+    )

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from kmatrix import runtime
-from kmatrix.backends import docker as engine
 from kmatrix.debian import default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError
+from kmatrix.matrix_docker import run_matrix_in_docker
 from kmatrix.runner_image import RunnerImage, ensure_runner_image
 
 pytestmark = pytest.mark.docker
@@ -36,11 +36,8 @@ kernels:
 
 
 @pytest.fixture(scope="module")
-def client() -> Any:
-    try:
-        return engine.connect()
-    except engine.EngineUnavailable as exc:
-        pytest.fail(f"{exc} (or deselect these tests with -m 'not docker')")
+def client(docker_client: Any) -> Any:
+    return docker_client
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +82,23 @@ def test_one_cell_runs_in_the_runner_image(client: Any, image: RunnerImage, tmp_
     # The cell's console log and report came back through the mount.
     assert (reports / "cell-runner-6.1" / "console" / "runner-6.1.log").stat().st_size > 0
     assert (reports / "cell-runner-6.1" / "report.md").exists()
+    assert _leftovers(client) == []
+
+
+def test_matrix_runtime_docker_runs_every_qemu_cell_in_the_image(
+    client: Any, image: RunnerImage, tmp_path: Path
+) -> None:
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(MATRIX)
+    reports = tmp_path / "reports"
+    results = run_matrix_in_docker(matrix, "in-docker", force=True, reports_dir=reports)
+    (cell,) = results["cells"]
+    assert cell["id"] == "runner-6.1" and cell["status"] == "ok", cell.get("reason")
+    assert cell["cached"] is False
+    qemu = _in_image(client, image.tag, ["qemu-system-x86_64", "--version"]).splitlines()[0]
+    assert results["run"]["host"]["qemu"] == qemu.strip()  # the image's QEMU, not the host's
+    assert json.loads((reports / "in-docker" / "results.json").read_text()) == results
+    assert (reports / "in-docker" / "report.md").read_text().startswith("# kmatrix report")
     assert _leftovers(client) == []
 
 

@@ -11,6 +11,7 @@ import pytest
 from kmatrix import runner_image, runtime
 from kmatrix.config import parse_matrix
 from kmatrix.errors import UserError
+from kmatrix.matrix_docker import plan_cells
 
 MIB = 1 << 20
 
@@ -183,3 +184,13 @@ def test_cli_refuses_an_unknown_runtime() -> None:
 def test_reports_dir_is_mounted_over_the_images_reports() -> None:
     config = runtime.runner_config(spec(reports_dir=Path("/p/reports")))
     assert config["volumes"]["/p/reports"] == {"bind": "/src/reports", "mode": "rw"}
+
+
+def test_matrix_runtime_docker_plans_qemu_cells_into_the_runner(tmp_path: Path) -> None:
+    kernels = parse_matrix(MATRIX).kernels
+    plan = plan_cells(kernels, tmp_path)
+    # Debian kernels under QEMU in the runner; a local build and a docker cell on the host.
+    assert [(c.kernel, c.where) for c in plan] == [
+        ("6.1", "runner"), ("big", "runner"), ("mine", "host"), ("host", "host")
+    ]  # fmt: skip
+    assert [c.output for c in plan] == [tmp_path / f"{k.name}.json" for k in kernels]

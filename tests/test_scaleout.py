@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -142,11 +143,15 @@ def test_merge_without_order_keeps_input_order_and_per_host() -> None:
 
 
 def test_workflow_passes_actionlint() -> None:
-    exe = shutil.which("actionlint")
+    # The venv's bin/ may not be on PATH (`.venv/bin/python -m pytest` without activating).
+    exe = shutil.which("actionlint") or shutil.which("actionlint", path=Path(sys.executable).parent)
     assert exe, "actionlint is missing: pip install -e '.[dev]' installs it"
+    # actionlint runs shellcheck on every run: step when it finds it on PATH.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     proc = subprocess.run(
-        [exe, "-no-color", str(WORKFLOW)], cwd=ROOT, capture_output=True, text=True
-    )
+        [exe, "-no-color", str(WORKFLOW)],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PATH": path},
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -211,3 +216,49 @@ def test_two_cells_merged_equal_one_run_of_both(tmp_path: Path) -> None:
         assert _mask(got) == _mask(want), got["id"]
     reports = [(tmp_path / d / "both" / "report.md").read_text() for d in ("merged", "single")]
     assert _TIME_RE.sub("T", reports[0]) == _TIME_RE.sub("T", reports[1])
+
+
+def _readme_caller() -> str:
+    """The caller workflow the README shows (the fenced yaml block naming the workflow)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    (caller,) = [b for b in blocks if "kernel-matrix.yml@" in b]
+    return caller
+
+
+def test_workflow_is_callable_with_the_documented_inputs() -> None:
+    doc = yaml.safe_load(WORKFLOW.read_text())
+    inputs = doc[True]["workflow_call"]["inputs"]  # YAML 1.1 reads the key `on` as True
+    assert {"matrix-file", "kmatrix-version", "kmatrix-ref", "runner"} <= set(inputs)
+    assert doc["jobs"]["cell"]["needs"] == "plan" and doc["jobs"]["merge"]["needs"] == [
+        "plan",
+        "cell",
+    ]
+    # Every job installs kmatrix the same way and then uses the `kmatrix` command.
+    assert "invoke " not in json.dumps(doc["jobs"])
+
+
+def test_readme_caller_passes_actionlint_against_the_workflow(tmp_path: Path) -> None:
+    """actionlint checks a local reusable workflow's inputs: the README's `with:` must fit."""
+    workflows = tmp_path / ".github" / "workflows"
+    workflows.mkdir(parents=True)
+    (tmp_path / ".git").mkdir()  # actionlint resolves ./.github/... from the repository root
+    shutil.copy(WORKFLOW, workflows / "kernel-matrix.yml")
+    caller = _readme_caller()
+    assert len(caller.strip().splitlines()) <= 14
+    local = re.sub(r"OWNER/kmatrix/(\.github/workflows/kernel-matrix\.yml)@\S+", r"./\1", caller)
+    (workflows / "caller.yml").write_text(local)
+    exe = shutil.which("actionlint") or shutil.which("actionlint", path=Path(sys.executable).parent)
+    assert exe
+    proc = subprocess.run(
+        [exe, "-no-color", "-shellcheck=", str(workflows / "caller.yml")],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # A wrong input name is caught, so the check above means something.
+    (workflows / "caller.yml").write_text(local.replace("matrix-file:", "matrix-fil:"))
+    bad = subprocess.run(
+        [exe, "-no-color", "-shellcheck=", str(workflows / "caller.yml")],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "matrix-fil" in bad.stdout

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     ValidationError,
     model_validator,
 )
@@ -124,6 +125,8 @@ class ProbeConfig(_Strict):
     size: Size = 64 * MIB
     scenarios: list[str] | Literal["all"] = "all"
     cell_timeout: int = 900
+    # Passes over the scenarios in one boot: the median is the value, the spread its noise.
+    repeats: int = Field(default=3, ge=1, le=20)
 
     @model_validator(mode="after")
     def _check(self) -> ProbeConfig:

@@ -24,7 +24,8 @@ from kmatrix.guest import PROBES_DIR, Userland
 from kmatrix.images import ensure_probe_image
 from kmatrix.kernels import parse_kconfig, recorded_config
 from kmatrix.oomresults import entries_from_probe
-from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
+from kmatrix.repeats import aggregate_scenarios
+from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output
 
 MIB = 1024 * 1024
 
@@ -110,7 +111,11 @@ def refused_record(name: str) -> JSON:
 
 
 def probe_command(
-    names: list[str], size_bytes: int, timeout: float, oom: OomConfig | None = None
+    names: list[str],
+    size_bytes: int,
+    timeout: float,
+    oom: OomConfig | None = None,
+    repeats: int = 1,
 ) -> list[str]:
     """Arguments after the image's entrypoint (python3 /probe/probe.py).
 
@@ -124,6 +129,7 @@ def probe_command(
         "--disk-dir", "/mnt/disk",
         "--scenarios", ",".join(names),
         "--timeout", str(int(timeout)),
+        "--repeats", str(repeats),
     ]  # fmt: skip
     if oom is not None:
         argv += ["--oom-memcg", "container", "--oom-repeats", str(oom.repeats)]
@@ -254,7 +260,7 @@ def _fill(cell: JSON, results: list[tuple[list[str], engine.ContainerRun, ProbeO
             cell.setdefault("console_tail", run.stderr.strip().splitlines()[-20:])
             if not is_oom and status == "ok":
                 status, reason = part_status, part_reason
-        cell["scenarios"] += [scenario_result(s) for s in probe.scenarios]
+        cell["scenarios"] += aggregate_scenarios(probe.scenarios)
         # The host's kernel log is not ours to read: victims come from the probe's records.
         entries = entries_from_probe(probe)
         cell["oom"] += entries
@@ -297,6 +303,7 @@ def _run_probe(
                 matrix.probe.size,
                 timeout=120,
                 oom=matrix.oom if names[0].startswith("oom-") else None,
+                repeats=matrix.probe.repeats,
             ),
             memory_bytes=memory,
             shm_size=shm_size,

@@ -31,9 +31,11 @@ from kmatrix.debian import Archive, extract_deb
 from kmatrix.errors import UserError
 from kmatrix.initramfs import CpioWriter
 from kmatrix.kmods import Module
+from kmatrix.resources import data_root
 from kmatrix.results import atomic_write_bytes
 
-ROOT = Path(__file__).resolve().parents[2]
+#: The checkout's root, or the package data of an installed kmatrix (see kmatrix.resources).
+ROOT = data_root()
 IMAGES_DIR = ROOT / "images"
 PROBES_DIR = ROOT / "probes"
 PACKAGES_FILE = IMAGES_DIR / "guest" / "packages.txt"

@@ -22,7 +22,8 @@ from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
 from kmatrix.oom_cell import run_oom_boots, swap_image
 from kmatrix.oomlog import condense_floods
-from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output, scenario_result
+from kmatrix.repeats import aggregate_scenarios
+from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output
 
 
 class QemuFailedToStart(InfraError):
@@ -59,6 +60,7 @@ def cell_args(matrix: Matrix, shm_size: int) -> dict[str, str]:
         "KMX_SHM_SIZE": str(shm_size),
         "KMX_SCENARIOS": scenarios if isinstance(scenarios, str) else ",".join(scenarios),
         "KMX_SWAP": "1" if matrix.guest.swap else "0",
+        "KMX_REPEATS": str(matrix.probe.repeats),
     }
 
 
@@ -113,7 +115,7 @@ def run_qemu_cell(
     cell.update(status=status, reason=reason, duration_s=run.duration_s)
     if console.release:
         cell["kernel"]["release"] = console.release
-    cell["scenarios"] = [scenario_result(s) for s in probe.scenarios]
+    cell["scenarios"] = aggregate_scenarios(probe.scenarios)
     cell["probe"] = probe.hello or {}
     if status != "ok":
         cell["console_tail"] = console.tail

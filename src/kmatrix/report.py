@@ -16,6 +16,8 @@ from typing import Any
 from kmatrix.charts import planned_charts, write_charts
 from kmatrix.errors import UserError
 from kmatrix.findings import DISAGREE_MARK, answer_all, findings_table
+from kmatrix.findings_chart import FILENAME as FINDINGS_FILE
+from kmatrix.repeats import repeat_count
 from kmatrix.report_oom import oom_section
 from kmatrix.results import JSON, atomic_write_text, load_results
 from kmatrix.view import (
@@ -33,7 +35,8 @@ from kmatrix.view import (
 # Re-exported: older callers import these helpers from kmatrix.report.
 __all__ = ["cell_label", "fmt_metric", "mib", "render_report", "write_report"]
 
-REPORTS = Path(__file__).resolve().parents[2] / "reports"
+#: reports/ of the directory kmatrix runs in (relative: resolved when used, not at import).
+REPORTS = Path("reports")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 UNITS_NOTE = (
     "Values are before→after deltas measured around each scenario, in MiB "
@@ -126,22 +129,35 @@ def _findings(cells: Sequence[JSON]) -> str:
         if differ
         else "All cells agree on every question they measured."
     )
-    return "\n\n".join(["## Findings", summary, findings_table(cells)])
+    picture = f"![Findings: questions by cells, coloured by answer]({FINDINGS_FILE})"
+    return "\n\n".join(["## Findings", picture, summary, findings_table(cells)])
 
 
 def _accounting(cells: Sequence[JSON]) -> str:
     ok = [c for c in cells if c.get("scenarios")]
     if not ok:
         return "## Accounting\n\nNo cell measured any scenario."
-    parts = ["## Accounting", UNITS_NOTE]
+    parts = ["## Accounting", UNITS_NOTE + _repeats_note(ok)]
     for name in scenario_names(ok):
         size = next((s.get("size_bytes") for c in ok if (s := scenario(c, name))), None)
         parts += [f"### `{name}` ({mib(size)} MiB)", scenario_table(ok, name)]
     return "\n\n".join(parts)
 
 
+def _repeats_note(cells: Sequence[JSON]) -> str:
+    """How many repeats the values are medians of ('' for results without repeats)."""
+    counts = sorted({repeat_count(s) for c in cells for s in c.get("scenarios") or []})
+    if counts in ([], [1]):
+        return ""
+    shown = f"{counts[0]} to {counts[-1]}" if len(counts) > 1 else str(counts[0])
+    return f" Each value is the median of {shown} repeats; every repeat and the spread are kept."
+
+
 def _charts(results: JSON) -> str:
     charts = planned_charts(results)
+    if not charts:
+        return ""
+    charts = [c for c in charts if c.kind != "findings"]  # drawn at the top of the report
     if not charts:
         return ""
     parts = ["## Charts"]

@@ -28,7 +28,7 @@ from kmatrix.config import KernelConfig, Matrix, check_local_paths, load_matrix
 from kmatrix.debian import Archive, default_cache_dir
 from kmatrix.docker_cell import run_docker_cell
 from kmatrix.errors import InfraError, KmatrixError, UserError
-from kmatrix.guest import INIT_FILE, ROOT, Userland, build_userland, probe_sha256
+from kmatrix.guest import INIT_FILE, Userland, build_userland, probe_sha256
 from kmatrix.interrupt import sigterm_as_interrupt
 from kmatrix.kernels import PreparedKernel, prepare_debian, prepare_local
 from kmatrix.progress import Progress
@@ -54,10 +54,10 @@ Resolution = ResolvedKernel | InfraError
 class RunOptions:
     """What `invoke matrix` was asked to do."""
 
-    matrix_path: Path = ROOT / "matrix.yaml"
+    matrix_path: Path = Path("matrix.yaml")  # of the working directory, like reports/
     name: str = "latest"
     kernels: tuple[str, ...] = ()
-    reports_dir: Path = ROOT / "reports"
+    reports_dir: Path = Path("reports")
     jobs: int = 0  # 0: one per CPU core
     force: bool = False  # rerun cells even when the result cache has them
     accel: Literal["tcg", "kvm", "auto"] | None = None  # overrides matrix.yaml's accel

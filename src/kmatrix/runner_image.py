@@ -38,6 +38,7 @@ from kmatrix.debian import default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError, UserError
 from kmatrix.guest import IMAGES_DIR, ROOT
 from kmatrix.images import docker_build
+from kmatrix.resources import is_checkout
 
 DOCKERFILE = IMAGES_DIR / "runner" / "Dockerfile"
 IMAGE_REPO = "kmatrix-runner"
@@ -321,6 +322,18 @@ def ensure_base(
     return debootstrap_base(client, mirror, cache, log)
 
 
+def require_checkout() -> None:
+    """Refuse to build the runner image outside a kmatrix checkout, saying what to do.
+
+    The image carries the project tree (tasks.py, src/, pyproject.toml), not a wheel.
+    """
+    if not is_checkout():  # the data root being package data means: no checkout
+        raise UserError(
+            "--runtime docker and `images --runner` build the runner image from a kmatrix "
+            "checkout; run them from a clone of the kmatrix repository"
+        )
+
+
 def ensure_runner_image(
     client: Any,
     mirror: str,
@@ -329,6 +342,7 @@ def ensure_runner_image(
     log: Callable[[str], None] = print,
 ) -> RunnerImage:
     """The runner image for this project, built only when its content-hash tag is missing."""
+    require_checkout()
     wheels = ensure_wheels(cache, log)
     base_ref = ensure_base(client, mirror, cache, base, log)
     base_id = _image_id(client, base_ref) or base_ref

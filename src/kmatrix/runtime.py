@@ -10,6 +10,7 @@ or SIGTERM, and always removed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
@@ -32,7 +33,7 @@ from kmatrix.interrupt import sigterm_as_interrupt
 from kmatrix.kernels import prepare_debian
 from kmatrix.oom_cell import plan_units
 from kmatrix.report import REPORTS
-from kmatrix.runner_image import BaseChoice, ensure_runner_image
+from kmatrix.runner_image import BaseChoice, ensure_runner_image, require_checkout
 from kmatrix.suites import Resolver
 
 CONTAINER_CACHE = "/cache"
@@ -51,6 +52,9 @@ PIDS_LIMIT = 512
 #: a stuck boot first; this one only catches a runner that hangs as a whole.
 OOM_BOOT_ALLOWANCE_S = 120
 OOM_UNIT_SLACK_S = 10
+#: Runner containers of this process, by name, for :func:`stop_runners`.
+_RUNNING: dict[str, Any] = {}
+_RUNNING_LOCK = threading.Lock()
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 
@@ -197,6 +201,8 @@ def run_runner(
     try:
         with sigterm_as_interrupt():
             container = client.containers.create(**config)
+            with _RUNNING_LOCK:
+                _RUNNING[container.name] = container
             # Removed by the reaper if kmatrix dies (kill -9 included) or overruns.
             with lifeline.reaper(["docker", "rm", "-f", container.id], timeout + 60):
                 container.start()
@@ -215,7 +221,23 @@ def run_runner(
         raise InfraError(f"runner container {config['name']}: {str(exc)[:300]}") from None
     finally:
         if container is not None:
+            with _RUNNING_LOCK:
+                _RUNNING.pop(container.name, None)
             _remove(container)
+
+
+def stop_runners() -> int:
+    """Remove every runner container this process started; how many there were.
+
+    For runs with cells in worker threads: Ctrl-C reaches only the main thread, so it stops
+    the workers' containers through this (only ours, by name: the engine may be shared).
+    """
+    with _RUNNING_LOCK:
+        running = list(_RUNNING.values())
+    for container in running:
+        with contextlib.suppress(InfraError):
+            _remove(container)
+    return len(running)
 
 
 def _wait(container: Any, timeout: float) -> int:
@@ -288,6 +310,7 @@ def run_cell_in_docker(
     matrix = load_matrix(matrix_path)
     (kernel,) = matrix.select([kernel_name])
     check_runnable(kernel)
+    require_checkout()
     mirror, cache = resolve_mirror(matrix.mirror), default_cache_dir()
     client = connect()
     image = ensure_runner_image(client, mirror, cache, base, log)
