@@ -12,12 +12,13 @@ from __future__ import annotations
 import difflib
 import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
 
-#: The same directory as kmatrix.guest.PROBES_DIR (kept here so that loading the names
-#: imports nothing that builds guests).
-PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
+from kmatrix.resources import data_root
+
+#: The same directory as kmatrix.guest.PROBES_DIR: the checkout's probes/ or the installed
+#: package's copy (kmatrix.resources imports nothing that builds guests).
+PROBES_DIR = data_root() / "probes"
 
 
 def _load() -> ModuleType:
