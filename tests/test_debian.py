@@ -330,6 +330,18 @@ def test_resolve_kernel_sid_split() -> None:
     ]
     assert len(set(names(k.records))) == len(k.records)
     assert all(r.version == "7.2.13-1" for r in k.records)
+    # Flavour metapackages are followed, recorded, but never downloaded (docs only).
+    assert sorted(names(k.payload())) == [
+        "linux-base-7.2.13+deb14-cloud-amd64",
+        "linux-binary-7.2.13+deb14-cloud-amd64",
+        "linux-image-7.2.13+deb14-cloud-amd64",
+        "linux-modules-7.2.13+deb14-cloud-amd64",
+    ]
+
+
+def test_the_metapackage_is_not_downloaded() -> None:
+    k = resolve_kernel(fixture_index("bookworm"), "linux-image-cloud-amd64")
+    assert names(k.payload()) == ["linux-image-6.1.0-50-cloud-amd64"]
 
 
 def test_resolve_kernel_experimental_by_versioned_name() -> None:

@@ -119,6 +119,16 @@ class KernelPackages:
     primary: PackageRecord
     records: list[PackageRecord]
 
+    def payload(self) -> list[PackageRecord]:
+        """The records to download and extract: all but flavour metapackages.
+
+        ``linux-image-cloud-amd64`` holds nothing but documentation and is only followed to
+        its Depends; its version and SHA256 come from the signed index. Fetching it would
+        make a cell depend on a file no kernel needs: on a security mirror the metapackage
+        can be in the index yet missing from the pool (seen for bullseye-security 5.10.262-1).
+        """
+        return [r for r in self.records if r is self.primary or _names_a_version(r.name)]
+
 
 @dataclass(frozen=True)
 class Dependency:
@@ -332,6 +342,12 @@ def is_kernel_part(name: str) -> bool:
     return (
         name.startswith(KERNEL_PREFIXES) and not name.endswith("-dbg") and "-unsigned" not in name
     )
+
+
+def _names_a_version(name: str) -> bool:
+    """A kernel part with its ABI in the name (linux-image-6.1.0-50-..., linux-modules-7.3-...)."""
+    prefixes = ("linux-image-", "linux-binary-", "linux-modules-", "linux-base-")
+    return any(_is_versioned(name, p) for p in prefixes) or not name.startswith("linux-")
 
 
 def _is_versioned(name: str, prefix: str) -> bool:

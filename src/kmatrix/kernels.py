@@ -101,7 +101,7 @@ def locate_kernel_tree(root: Path) -> tuple[Path, Path | None, Path | None]:
 
 
 def _extract_packages(archive: Archive, pkgs: KernelPackages, dest: Path) -> None:
-    debs = archive.fetch_all(pkgs.records)
+    debs = archive.fetch_all(pkgs.payload())
     # A private temporary name: two runs sharing the cache may extract the same kernel.
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial."))
