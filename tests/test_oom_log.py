@@ -158,3 +158,15 @@ def test_a_flood_of_kill_less_reports_is_cut_in_the_stored_console_only() -> Non
 
     assert kills(short) == kills(text) and kills(text)
     assert condense_floods(short) == (short, 0)  # nothing left to cut
+
+
+def test_a_kill_after_a_no_killable_report_is_an_event_of_its_own() -> None:
+    """Real 6.12 arm64 console: the protected writer's last report ("no killable
+    processes", trigger pid 277) is followed, a repeat later, by a rate-limited Killed line
+    for pid 280 with no header of its own. Attached to the report before it, the kill
+    would be counted for both repeats."""
+    log = parse_oom_log((FIXTURES / "6.12-arm64-kill-after-no-killable.console.log").read_text())
+    first, *rest = log.events
+    assert first.no_killable and first.trigger_pid == 277 and not first.kills
+    assert [(e.header, [k.pid for k in e.kills]) for e in rest] == [(False, [280]), (False, [279])]
+    assert 277 not in rest[0].pids()

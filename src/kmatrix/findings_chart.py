@@ -44,10 +44,16 @@ def answer_fill(key: str) -> str:
     return MIXED if roles <= set(ROLE_FILLS) else OTHER
 
 
+#: Kill orders written short enough for a box: bystander-3 → writer becomes b3→writer.
+_COMPACT = (("bystander-", "b"), (" → ", "→"), ("ended: ", ""), (" 3/3", ""))
+
+
 def short_answer(answer: Answer) -> str:
     """The box text (pure): the answer without its parenthesised numbers, wrapped."""
-    text = answer.text.split(" (", 1)[0].strip() or "—"
-    return "\n".join(textwrap.wrap(text, BOX_WIDTH, max_lines=2, placeholder="…"))
+    text = answer.text.split(" (", 1)[0].split("; memfd freed", 1)[0].strip() or "—"
+    for long, short in _COMPACT:
+        text = text.replace(long, short)
+    return "\n".join(textwrap.wrap(text, BOX_WIDTH, max_lines=3, placeholder="…"))
 
 
 def question_label(row: Row) -> str:

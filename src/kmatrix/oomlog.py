@@ -206,8 +206,9 @@ class _Parser:
             self._current().constraint = parse_constraint(line)
         elif m := _KILLED.search(line):
             event = self._current()
-            if event.kills and not event.group_memcg:
-                # A second Killed line without a new header: a rate-limited next OOM.
+            if (event.kills and not event.group_memcg) or event.no_killable:
+                # A Killed line after an event that already ended (it killed, or found
+                # nothing killable) without a new header: a rate-limited next OOM.
                 event = self.event = OomEvent(header=False)
                 self.log.events.append(event)
             event.kills.append(_kill(m))
