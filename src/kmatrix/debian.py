@@ -45,6 +45,7 @@ from kmatrix.apt_sources import parse_deb822_sources as parse_deb822_sources
 from kmatrix.apt_sources import parse_one_line_sources as parse_one_line_sources
 from kmatrix.apt_sources import pick_main_mirror as pick_main_mirror
 from kmatrix.apt_sources import resolve_mirror as resolve_mirror
+from kmatrix.artifacts import sha256_of
 from kmatrix.deb822 import parse_deb822 as parse_deb822
 from kmatrix.errors import InfraError, UserError, VerificationError
 
@@ -570,15 +571,6 @@ class SuiteNotFound(UserError):
     """The archive answered, but has no such suite (its InRelease is not there)."""
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download_once(url: str, dest: Path, timeout: float) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "kmatrix"})
     try:
@@ -789,7 +781,7 @@ class Archive:
         rel_path, sha, size = self._packages_path(suite, rel)
         cached = self.cache_dir / "indices" / "packages" / f"{sha}{Path(rel_path).suffix}"
         if cached.is_file():
-            if cached.stat().st_size == size and sha256_file(cached) == sha:
+            if cached.stat().st_size == size and sha256_of(cached) == sha:
                 return cached
             self.log(f"cached {cached} is corrupt; fetching it again")
             cached.unlink()
@@ -808,7 +800,7 @@ class Archive:
             raise InfraError(
                 f"{urls[-1]} is listed in InRelease of {suite} but missing; retry later"
             )
-        actual_size, actual = cached.stat().st_size, sha256_file(cached)
+        actual_size, actual = cached.stat().st_size, sha256_of(cached)
         if actual_size != size or actual != sha:
             cached.unlink()
             raise VerificationError(
@@ -882,7 +874,7 @@ class Archive:
         """Download ``rec`` (or reuse the cache) and return the path of the verified .deb."""
         path = self.cache_dir / "debs" / f"{rec.sha256}.deb"
         if path.is_file():
-            if path.stat().st_size == rec.size and sha256_file(path) == rec.sha256:
+            if path.stat().st_size == rec.size and sha256_of(path) == rec.sha256:
                 return path
             self.log(f"cached {path} ({rec.name} {rec.version}) is corrupt; fetching it again")
             path.unlink()
@@ -896,7 +888,7 @@ class Archive:
                 f"{rec.name} {rec.version} is in the {rec.suite} index but {url} is missing "
                 "(the mirror may be mid-sync); retry later"
             ) from None
-        actual_size, actual = path.stat().st_size, sha256_file(path)
+        actual_size, actual = path.stat().st_size, sha256_of(path)
         if actual_size != rec.size or actual != rec.sha256:
             path.unlink()
             raise VerificationError(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmatrix.artifacts import tree_problem, write_manifest
+from kmatrix.artifacts import sha256_of, tree_problem, write_manifest
 from kmatrix.config import KernelConfig
 from kmatrix.debian import Archive, KernelPackages, extract_deb
 from kmatrix.errors import InfraError, UserError
@@ -65,15 +65,6 @@ ABSENT = "absent"
 def recorded_config(values: dict[str, str]) -> dict[str, str]:
     """The subset of config values recorded in results; options not in the file: ABSENT."""
     return {key: values.get(key, ABSENT) for key in RECORDED_CONFIG}
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _find_one(root: Path, patterns: tuple[str, ...]) -> Path | None:
@@ -170,7 +161,7 @@ def tree_sha256(root: Path) -> str:
             if path.is_symlink():
                 h.update(f"L {rel}/{name} {os.readlink(path)}\n".encode())
             elif path.is_file():
-                h.update(f"F {rel}/{name} {sha256_file(path)}\n".encode())
+                h.update(f"F {rel}/{name} {sha256_of(path)}\n".encode())
             else:
                 h.update(f"D {rel}/{name}\n".encode())
         dirnames[:] = [d for d in dirnames if not (here / d).is_symlink()]
@@ -209,9 +200,9 @@ def prepare_local(kernel: KernelConfig) -> PreparedKernel:
     """
     vmlinuz, modules, cfg = _local_inputs(kernel)
     config = recorded_config(parse_kconfig(cfg.read_text())) if cfg else {}
-    image_sha = sha256_file(vmlinuz)
+    image_sha = sha256_of(vmlinuz)
     modules_sha = tree_sha256(modules) if modules else None
-    config_sha = sha256_file(cfg) if cfg else None
+    config_sha = sha256_of(cfg) if cfg else None
     build = hashlib.sha256(f"{image_sha}\n{modules_sha}\n{config_sha}".encode()).hexdigest()
     return PreparedKernel(
         name=kernel.name,
