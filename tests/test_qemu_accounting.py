@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from kmatrix import catalog
 from kmatrix.progress import Progress
 from kmatrix.runner import RunOptions, run_matrix
 
@@ -51,7 +52,7 @@ def _m(cell: dict[str, Any], scenario: str) -> dict[str, int]:
 
 
 def test_every_scenario_ran_three_times_and_reports_the_median(cell: dict[str, Any]) -> None:
-    assert len(cell["scenarios"]) == 15  # one entry per scenario, not per repeat
+    assert len(cell["scenarios"]) == len(catalog.SCENARIOS)  # one per scenario, not per repeat
     for sc in cell["scenarios"]:
         repeats = sc["repeats"]
         assert len(repeats) == 3, sc["name"]  # probe.repeats defaults to 3

@@ -145,6 +145,8 @@ class _Run:
         """
         with self._lock:
             order = {k.name: i for i, k in enumerate(self.kernels)}
+            # In place: the results run_matrix returns are in matrix order too.
+            self.results["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
             done = {c["id"] for c in self.results["cells"]}
             old = [] if final else [c for c in self.carried if c["id"] not in done]
             doc = self.results | {"cells": [*self.results["cells"], *old]}
