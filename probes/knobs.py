@@ -85,3 +85,26 @@ def set_sysctl(path: str, value: object) -> None:
         return
     with open(os.path.join(SYSCTL, path), "w", encoding="ascii") as f:
         f.write(str(value))
+
+
+#: sysctls an accounting scenario sets for itself (memfd-hugetlb, memfd-beyond-half-ram-strict).
+SCENARIO_SYSCTLS = ("vm/nr_hugepages", "vm/overcommit_memory")
+
+
+def snapshot(paths: tuple[str, ...]) -> dict[str, int | None]:
+    """The values of some sysctls (``vm/overcommit_memory``) now."""
+    return {path: _int(os.path.join(SYSCTL, path)) for path in paths}
+
+
+def restore(saved: dict[str, int | None]) -> dict[str, int]:
+    """Put back every sysctl that differs from ``saved``; returns the ones it had to."""
+    changed = {}
+    for path, value in saved.items():
+        now = _int(os.path.join(SYSCTL, path))
+        if value is not None and now != value:
+            try:
+                set_sysctl(path, value)
+                changed[path] = now if now is not None else -1
+            except OSError:
+                changed[path] = -1
+    return changed

@@ -126,8 +126,15 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 #: Bystanders of the memfd-growth experiments: anon memory, as fractions of MemAvailable
-#: (global) or of the limit (memcg), each far above the writer's own RSS (~10 MiB).
+#: (global) or of the limit (memcg). Every role shares the interpreter's pages with the
+#: harness (in its RSS, not charged to its cgroup); beyond them the writer holds only its
+#: 2 MiB write buffer, so each bystander's anon memory must clearly exceed that: in a
+#: 192M guest 8-16 MiB globally, 7-12 MiB in the memory cgroup.
 GROWTH_BYSTANDERS = {"bystander-1": 0.10, "bystander-2": 0.15, "bystander-3": 0.20}
+GROWTH_BYSTANDERS_MEMCG = {"bystander-1": 0.15, "bystander-2": 0.20, "bystander-3": 0.25}
+#: memory.max of the memcg growth experiments, of MemAvailable: room for the bystanders,
+#: the roles' own pages and some memfd before the first OOM.
+GROWTH_LIMIT_FRACTION = 0.60
 
 
 @dataclass(frozen=True)
@@ -190,10 +197,12 @@ def _sizes(exp: Experiment, env: Env) -> dict[str, int]:
     if limit is not None:
         return container_sizes(limit)
     available = read_meminfo().get("meminfo_MemAvailable", env.mem_total // 2)
-    base = available if exp.scope == "global" else int(available * MEMCG_LIMIT_FRACTION)
+    limit_fraction = GROWTH_LIMIT_FRACTION if exp.growth else MEMCG_LIMIT_FRACTION
+    base = available if exp.scope == "global" else int(available * limit_fraction)
     sizes = {"mem_available": available}
     if exp.growth:
-        sizes |= {role: int(base * f) for role, f in GROWTH_BYSTANDERS.items()}
+        fractions = GROWTH_BYSTANDERS if exp.scope == "global" else GROWTH_BYSTANDERS_MEMCG
+        sizes |= {role: int(base * f) for role, f in fractions.items()}
         sizes["writer"] = HOG_CAP_FACTOR * (env.mem_total if exp.scope == "global" else base)
     else:
         sizes |= {
@@ -286,18 +295,24 @@ def _spawn_all(specs: list[RoleSpec], env: Env, deadline: float) -> list[Role]:
     """
     roles: list[Role] = []
     pgid = 0
-    for spec in specs:
-        inherited = [env.out_fd] + [fd for r in roles for fd in (r.cmd_w, r.channel.fd)]
-        inherited += [s.sock.fileno() for s in specs if s.sock is not None and s is not spec]
-        roles.append(_fork(spec, pgid, inherited))
-        pgid = pgid or roles[0].pid
-    for spec in specs:
-        if spec.sock is not None:
-            spec.sock.close()
-    for role in roles:
-        role.ready = role.channel.receive(deadline, f"{role.name} ready")
-        if not role.ready.get("ready"):
-            raise ProtocolError(str(role.ready.get("error") or f"{role.name} failed to start"))
+    try:
+        for spec in specs:
+            inherited = [env.out_fd] + [fd for r in roles for fd in (r.cmd_w, r.channel.fd)]
+            inherited += [s.sock.fileno() for s in specs if s.sock is not None and s is not spec]
+            roles.append(_fork(spec, pgid, inherited))
+            pgid = pgid or roles[0].pid
+        for spec in specs:
+            if spec.sock is not None:
+                spec.sock.close()
+        for role in roles:
+            role.ready = role.channel.receive(deadline, f"{role.name} ready")
+            if not role.ready.get("ready"):
+                raise ProtocolError(str(role.ready.get("error") or f"{role.name} failed to start"))
+    except BaseException:
+        # The caller never sees these roles: kill them here, or they keep their memory (and
+        # the cgroup) for the rest of the boot.
+        _kill_all(roles)
+        raise
     return roles
 
 
@@ -615,7 +630,12 @@ def _finish(
     if scope.path:
         cg["current_after_exit"] = scope.current()
     if exp.kill_allocating:
-        knobs.set_sysctl("vm/oom_kill_allocating_task", rec["knobs"]["oom_kill_allocating_task"])
+        try:
+            knobs.set_sysctl(
+                "vm/oom_kill_allocating_task", rec["knobs"]["oom_kill_allocating_task"]
+            )
+        except OSError as exc:
+            rec["restore_error"] = f"vm.oom_kill_allocating_task: {exc}"
     if exp.holder == "shm-named":
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(env.shm_dir, f"kmx-{exp.name}-{os.getpid()}"))
@@ -674,11 +694,14 @@ def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
         rec = _new_record(exp, repeat, env)
         rec.update(status="not available", error=problem)
         return rec
+    rec: Record = {}
     try:
-        return _run_repeat(exp, repeat, env, emit)
+        rec = _run_repeat(exp, repeat, env, emit)
+        return rec
     finally:
-        if exp.swapped:
-            swap.swapoff(env.swap_dev)
+        problem = swap.swapoff(env.swap_dev) if exp.swapped else None
+        if problem:  # swap left on would change every later experiment: say so
+            rec["swapoff_error"] = problem
 
 
 def _run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:

@@ -57,9 +57,12 @@ def _write_proc(path: str, text: str) -> None:
         f.write(text)
 
 
+_BUFFER = memoryview(b"\xa5" * WRITE_CHUNK)  # made once: every fill() writes from it
+
+
 def fill(fd: int, total: int) -> int:
     """write() ``total`` bytes to ``fd`` from one preallocated buffer; returns bytes written."""
-    view = memoryview(b"\xa5" * min(WRITE_CHUNK, max(total, 1)))
+    view = _BUFFER
     written = 0
     while written < total:
         written += os.write(fd, view[: min(len(view), total - written)])

@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     hello = hello_record(settings, cgroups) | {"uptime": oom.uptime()}
     out.emit(hello)
     emitted = 0
+    sysctls = knobs.snapshot(knobs.SCENARIO_SYSCTLS)
     # Whole passes rather than each scenario N times in a row: slow drift in the system
     # (page cache, per-cpu lists) then spreads over every scenario's repeats alike.
     for repeat in range(max(1, args.repeats)):
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             problem = swap.swapoff(settings.swap_dev)
             if problem:
                 record.setdefault("detail", {})["swapoff_error"] = problem
+            # A scenario child killed at its timeout never ran its own clean-up.
+            if restored := knobs.restore(sysctls):
+                record.setdefault("detail", {})["sysctl_restored_by_probe"] = restored
             out.emit(record | {"repeat": repeat})
             emitted += 1
     if cgroups.base_dir:

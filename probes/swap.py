@@ -60,29 +60,30 @@ def own_cgroup_reclaim() -> str | None:
 
 
 def push_out(fd: int, size: int, mapping: mmap.mmap | None = None) -> str:
-    """Move a memfd's pages to swap; returns how.
+    """Move a memfd's pages to swap with MADV_PAGEOUT; returns how.
 
-    memory.reclaim (cgroup v2, 5.19+) asks the kernel to reclaim ``size`` from our own
-    cgroup, which swaps shmem out like anon; where it does not exist (5.10) MADV_PAGEOUT
-    (5.4+) reclaims exactly the pages of a mapping -- a temporary one for a memfd that is
-    otherwise never mapped (mm/madvise.c madvise_pageout: pages mapped only by us, so a
-    mapped memfd is paged out through its own ``mapping``).
+    MADV_PAGEOUT (5.4+: every kernel of the default matrix) reclaims exactly the pages of
+    one mapping that only this process maps (mm/madvise.c madvise_cold_or_pageout_pte_range),
+    so nothing else of the process is swapped: the mapped memfd's own ``mapping``, or a
+    temporary populated one for a memfd that is otherwise never mapped. memory.reclaim of
+    our cgroup (5.19+) is only the fallback: it reclaims the whole cgroup, the
+    interpreter's anon pages too, which would make kernels differ by method, not behaviour.
     """
-    reclaim = own_cgroup_reclaim()
-    if reclaim is not None:
-        try:
-            with open(reclaim, "w", encoding="ascii") as f:
-                f.write(str(size))
-            return "memory.reclaim"
-        except OSError:
-            pass  # EAGAIN when it could not reclaim all of it: fall back to the mapping
-    if mapping is not None:
-        mapping.madvise(MADV_PAGEOUT)
-        return "MADV_PAGEOUT"
-    # MADV_PAGEOUT walks page tables: the temporary mapping must have the pages mapped.
-    m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     try:
-        m.madvise(MADV_PAGEOUT)
-    finally:
-        m.close()
-    return "MADV_PAGEOUT"
+        if mapping is not None:
+            mapping.madvise(MADV_PAGEOUT)
+            return "MADV_PAGEOUT"
+        # MADV_PAGEOUT walks page tables: the temporary mapping must have the pages mapped.
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        try:
+            m.madvise(MADV_PAGEOUT)
+        finally:
+            m.close()
+        return "MADV_PAGEOUT"
+    except OSError:
+        reclaim = own_cgroup_reclaim()
+        if reclaim is None:
+            raise
+        with open(reclaim, "w", encoding="ascii") as f:
+            f.write(str(size))
+        return "memory.reclaim"

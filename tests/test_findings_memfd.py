@@ -28,7 +28,7 @@ def test_serial_kills_list_the_victims_in_order_and_the_ending() -> None:
 
 def test_beyond_half_of_ram_answers_with_the_evidence() -> None:
     assert all(
-        t == "no: wrote 65% of RAM (f_blocks 0 = no size limit)"
+        t == "no: wrote all 65% of RAM asked for (f_blocks 0 = no size limit)"
         for t in _texts("memfd capped at half of RAM?")
     )
     strict = _texts("memfd capped under vm.overcommit_memory=2?")

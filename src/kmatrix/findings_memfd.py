@@ -40,7 +40,12 @@ def serial_kills(name: str) -> Callable[[JSON], Reply]:
             return exp
         order = fmt_distribution(_orders(exp))
         ended = fmt_distribution(Counter(str(e) for e in exp.get("ended") or []))
-        back = [b for b in exp.get("shmem_freed") or [] if b is not None]
+        # Only where the writer died: a stalled or erroring writer still holds its memfd
+        # when the harness ends the repeat, so "not freed" there says nothing.
+        back = [
+            b for b, e in zip(exp.get("shmem_freed") or [], exp.get("ended") or [], strict=False)
+            if b is not None and str(e).endswith("-died")
+        ]  # fmt: skip
         freed = f"; memfd freed {sum(back)}/{len(back)}" if back else ""
         return (f"{order}; ended: {ended}{freed}", f"{order}|{ended}")
 
@@ -72,11 +77,13 @@ def beyond_half(cell: JSON) -> Reply:
     if sc is None or sc.get("error"):
         return NOTHING if sc is None else (f"— ({str(sc['error'])[:40]})", "")
     share = get_path(sc, "detail", "written_of_mem_total")
+    if not isinstance(share, float | int):
+        return NOTHING
     blocks = get_path(sc, "detail", "f_blocks")
     evidence = f"f_blocks {blocks}" + (" = no size limit" if blocks == 0 else "")
     if sc.get("errno"):
-        return (f"yes: {sc['errno']} at {share:.0%} of RAM ({evidence})", "yes")
-    return (f"no: wrote {share:.0%} of RAM ({evidence})", "no")
+        return (f"stopped: {sc['errno']} at {share:.0%} of RAM ({evidence})", f"yes:{sc['errno']}")
+    return (f"no: wrote all {share:.0%} of RAM asked for ({evidence})", "no")
 
 
 def beyond_half_strict(cell: JSON) -> Reply:
@@ -85,8 +92,10 @@ def beyond_half_strict(cell: JSON) -> Reply:
     if sc is None or sc.get("error"):
         return NOTHING if sc is None else (f"— ({str(sc['error'])[:40]})", "")
     share = get_path(sc, "detail", "written_of_mem_total")
+    if not isinstance(share, float | int):
+        return NOTHING
     limit = get_path(sc, "detail", "commit_before", "CommitLimit")
-    where = f"at {share:.0%} of RAM" if isinstance(share, float) else ""
+    where = f"at {share:.0%} of RAM"
     ctx = f"CommitLimit {mib(limit)} MiB"
     if sc.get("errno"):
         return (f"yes: {sc['errno']} {where} ({ctx})", f"yes:{sc['errno']}")

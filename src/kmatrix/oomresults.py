@@ -174,8 +174,8 @@ def ending(run: JSON) -> str:
 def _survived(run: JSON) -> bool | None:
     """Did the role holding the memory outlive the OOM? (the writer, in growth experiments)"""
     holder = str(run.get("holder_role") or "holder")
-    if run.get("panic") and holder == "writer":
-        return None  # the machine died under it: neither
+    if run.get("panic") or run.get("status") != "ok":
+        return None  # the machine died under it, or the repeat did not finish: neither
     return holder not in run.get("victims", [])
 
 

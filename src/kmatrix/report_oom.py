@@ -110,7 +110,7 @@ def _agree(entry: JSON) -> str:
         for p, f in zip(
             entry.get("predicted_victim", []), entry.get("first_victim", []), strict=False
         )
-        if p is not None or f is not None
+        if p is not None  # no prediction (no snapshot before a panic): nothing to compare
     ]
     return f"{sum(1 for p, f in pairs if p == f)}/{len(pairs)}" if pairs else "—"
 

@@ -190,6 +190,8 @@ def _cache_key(
             "userland": userland.key,
             "probe": run.results["run"]["probe_sha256"],
             "init": hashlib.sha256(INIT_FILE.read_bytes()).hexdigest(),
+            # The host turns the consoles into results: a parser change re-measures.
+            "parsers": _parsers_digest(),
             # What is measured, not how the run is checked or where packages come from.
             "matrix": run.matrix.model_dump(mode="json", include={"guest", "probe", "oom"}),
             "memory": k.memory,
@@ -200,6 +202,17 @@ def _cache_key(
             "arch": k.arch,
         }
     )
+
+
+#: Host-side code that builds a QEMU cell's results from what the guest printed.
+_PARSERS = ("oomlog.py", "oomresults.py", "console.py", "results.py", "qemu_cell.py", "oom_cell.py")
+
+
+def _parsers_digest() -> str:
+    h = hashlib.sha256()
+    for name in _PARSERS:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
 
 
 def _qemu_version_of(host: JSON, arch: str) -> str | None:
