@@ -191,3 +191,18 @@ def test_a_swapped_file_is_not_taken_for_freed() -> None:
     blind["shmem"]["swap_after_oom"] = blind["shmem"]["swap_baseline"]
     assert _rejudge(blind)["shmem"]["freed_by_oom"] is True
     assert _rejudge(run)["shmem"]["freed_by_oom"] is False
+
+
+def test_a_boot_that_panics_before_the_probe_is_booted_again() -> None:
+    """Real console: Debian 7.3-rc under TCG with 2 vCPUs, an int3 Oops in sched_clock_cpu
+    during early boot ("Fatal exception in interrupt"). Nothing was measured, so the OOM
+    boots (and the accounting boot) boot again instead of giving up on the cell."""
+    from kmatrix.console import analyze_console
+    from kmatrix.oom_cell import crashed_early
+
+    text = (FIXTURES.parent / "guest" / "7.3-rc-early-oops.console.log").read_text()
+    summary = analyze_console(text)
+    assert summary.panic == "Fatal exception in interrupt" and not summary.reached_init
+    assert crashed_early(None, summary.panic)
+    assert not crashed_early({"type": "hello"}, summary.panic)  # the probe ran: a result
+    assert not crashed_early(None, None)  # no panic (a hang): not retried

@@ -20,7 +20,7 @@ from kmatrix.errors import InfraError
 from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
-from kmatrix.oom_cell import run_oom_boots, swap_image
+from kmatrix.oom_cell import EARLY_CRASH_RETRIES, crashed_early, run_oom_boots, swap_image
 from kmatrix.oomlog import condense_floods
 from kmatrix.repeats import aggregate_scenarios
 from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output
@@ -101,16 +101,14 @@ def run_qemu_cell(
         append=kernel.cmdline,
         arch=arch,
     )
-    run = run_qemu(build_argv(spec), timeout=matrix.probe.cell_timeout)
-    console_text = _read(spec.console_log)
-    _check_started(run, console_text, spec)
+    run, console_text, earlier = _boot_until_probe(spec, matrix.probe.cell_timeout)
     console = analyze_console(console_text)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
     console_dest.parent.mkdir(parents=True, exist_ok=True)
-    if spec.console_log.exists():
-        shutil.copyfile(spec.console_log, console_dest)
-    else:  # QEMU was killed before it opened its console: an empty log, not a crash
-        console_dest.write_bytes(b"")
+    # QEMU killed before it opened its console: an empty log, not a crash.
+    console_dest.write_text(earlier + console_text)
+    if earlier:
+        cell["early_crashes"] = earlier.count(EARLY_CRASH_MARK)
     status, reason = classify(run, console, probe)
     cell.update(status=status, reason=reason, duration_s=run.duration_s)
     if console.release:
@@ -170,6 +168,32 @@ PROVENANCE_KEYS = (
     "archive", "archive_url", "suites", "skipped_suites", "stale_pin",
     "path", "modules", "modules_sha256", "config_file", "config_sha256", "build_sha256",
 )  # fmt: skip
+
+
+EARLY_CRASH_MARK = "===== kmatrix: this boot panicked before the probe started; booted again"
+
+
+def _boot_until_probe(spec: QemuSpec, timeout: float) -> tuple[QemuRun, str, str]:
+    """Boot; again (EARLY_CRASH_RETRIES times at most) while it panics before the probe.
+
+    Returns the last run, its console and the consoles of the boots that crashed early.
+    """
+    earlier = ""
+    for _ in range(EARLY_CRASH_RETRIES):
+        run, console_text = _boot_once(spec, timeout)
+        hello = parse_probe_output(_read(spec.result_log).splitlines()).hello
+        if not crashed_early(hello, analyze_console(console_text).panic):
+            return run, console_text, earlier
+        earlier += f"{console_text}\n{EARLY_CRASH_MARK} =====\n"
+    run, console_text = _boot_once(spec, timeout)
+    return run, console_text, earlier
+
+
+def _boot_once(spec: QemuSpec, timeout: float) -> tuple[QemuRun, str]:
+    run = run_qemu(build_argv(spec), timeout=timeout)
+    console_text = _read(spec.console_log)
+    _check_started(run, console_text, spec)
+    return run, console_text
 
 
 def kernel_info(kernel: PreparedKernel) -> dict[str, Any]:

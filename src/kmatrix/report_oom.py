@@ -56,7 +56,7 @@ NOTES = (
     "memory.stat shmem still holds at least half of it after the OOM. The harness keeps no "
     "reference to any file: both can come out either way. With swap on "
     "(`oom-global-memfd-swapped`) swap used counts as the file's too, so other roles' "
-    "swapped pages lean it towards \"not freed\".",
+    'swapped pages lean it towards "not freed".',
     "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
     "`writer-stalled` (alive, no progress for 1.5 s: see the repeat's `stall` record), "
     "`panic` (the boot ended: the next boot ran the remaining repeats).",
