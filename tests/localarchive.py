@@ -9,10 +9,11 @@ import lzma
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,30 @@ def build_deb(work: Path, name: str, version: str, files: dict[str, bytes],
     return out.read_bytes()
 
 
+class _Deb(Protocol):
+    name: str
+    version: str
+    depends: str
+    filename: str
+    deb: bytes
+
+
+def write_pool(root: Path, pkgs: Sequence[_Deb]) -> bytes:
+    """Put each .deb at its Filename under ``root``; the Packages text that lists them."""
+    stanzas = []
+    for p in pkgs:
+        path = root / p.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(p.deb)
+        stanzas.append(
+            f"Package: {p.name}\nVersion: {p.version}\nArchitecture: amd64\n"
+            + (f"Depends: {p.depends}\n" if p.depends else "")
+            + f"Filename: {p.filename}\nSize: {len(p.deb)}\n"
+            + f"SHA256: {hashlib.sha256(p.deb).hexdigest()}\n"
+        )
+    return "\n".join(stanzas).encode()
+
+
 @dataclass
 class Pkg:
     """One binary package of the test archive."""
@@ -107,18 +132,7 @@ class LocalArchive:
         dists = self.root / "dists" / suite
         sums = []
         for component, pkgs in components.items():
-            stanzas = []
-            for p in pkgs:
-                path = self.root / p.filename
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(p.deb)
-                stanzas.append(
-                    f"Package: {p.name}\nVersion: {p.version}\nArchitecture: amd64\n"
-                    + (f"Depends: {p.depends}\n" if p.depends else "")
-                    + f"Filename: {p.filename}\nSize: {len(p.deb)}\n"
-                    + f"SHA256: {hashlib.sha256(p.deb).hexdigest()}\n"
-                )
-            plain = "\n".join(stanzas).encode()
+            plain = write_pool(self.root, pkgs)
             binary = dists / component / "binary-amd64"
             binary.mkdir(parents=True, exist_ok=True)
             for fname, blob in (("Packages", plain), ("Packages.xz", lzma.compress(plain))):

@@ -46,6 +46,7 @@ from kmatrix.debian import (
     resolve_mirror,
 )
 from kmatrix.errors import InfraError, UserError, VerificationError
+from localarchive import write_pool
 
 FIXTURES = Path(__file__).parent / "fixtures" / "debian"
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -609,18 +610,7 @@ class FakeArchive:
         return self.root / "dists" / self.suite
 
     def publish(self, pkgs: list[FakePkg], signer: Signer | None = None) -> None:
-        stanzas = []
-        for p in pkgs:
-            path = self.root / p.filename
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(p.deb)
-            stanzas.append(
-                f"Package: {p.name}\nVersion: {p.version}\nArchitecture: amd64\n"
-                + (f"Depends: {p.depends}\n" if p.depends else "")
-                + f"Filename: {p.filename}\nSize: {len(p.deb)}\n"
-                + f"SHA256: {hashlib.sha256(p.deb).hexdigest()}\n"
-            )
-        plain = "\n".join(stanzas).encode()
+        plain = write_pool(self.root, pkgs)
         binary = self.dists / "main" / "binary-amd64"
         binary.mkdir(parents=True, exist_ok=True)
         blobs = {"Packages": plain, "Packages.xz": lzma.compress(plain)}
