@@ -170,3 +170,16 @@ def test_a_kill_after_a_no_killable_report_is_an_event_of_its_own() -> None:
     assert first.no_killable and first.trigger_pid == 277 and not first.kills
     assert [(e.header, [k.pid for k in e.kills]) for e in rest] == [(False, [280]), (False, [279])]
     assert 277 not in rest[0].pids()
+
+
+def test_a_headless_kill_after_a_group_kill_is_another_oom() -> None:
+    """Real 6.12 lines: a memory.oom.group kill (the hog, then the whole group, the hog
+    again) and the next experiment's first kill 0.9 s later, its header removed as the
+    dump_header() rate limit removes it. The group's Killed lines come in one burst
+    (mm/oom_kill.c oom_kill_process: mem_cgroup_scan_tasks(oom_group, ...)), so a Killed
+    line long after it belongs to another OOM, not to the group."""
+    log = parse_oom_log((FIXTURES / "6.12-group-then-headless-kill.console.log").read_text())
+    group, later = log.events
+    assert group.group_memcg == "/kmx-oom-memcg-v2-group"
+    assert [k.pid for k in group.kills] == [267, 265, 266, 267]
+    assert [k.pid for k in later.kills] == [270] and not later.header
