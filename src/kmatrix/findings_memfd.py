@@ -47,9 +47,19 @@ def serial_kills(name: str) -> Callable[[JSON], Reply]:
             if b is not None and str(e).endswith("-died")
         ]  # fmt: skip
         freed = f"; memfd freed {sum(back)}/{len(back)}" if back else ""
-        return (f"{order}; ended: {ended}{freed}", f"{order}|{ended}")
+        return (f"{order}; ended: {ended}{_flood(exp)}{freed}", f"{order}|{ended}")
 
     return answer
+
+
+def _flood(exp: JSON) -> str:
+    """For stalled writers, the evidence: how often the kernel found nothing to kill."""
+    counts = sorted(
+        int(r["no_killable_reports"])
+        for r in exp.get("runs") or []
+        if str(r.get("outcome", "")).endswith("-stalled") and r.get("no_killable_reports")
+    )
+    return f" (median {counts[len(counts) // 2]} 'no killable' reports a repeat)" if counts else ""
 
 
 def cross_charge(cell: JSON) -> Reply:
