@@ -81,14 +81,30 @@ def cross_charge(cell: JSON) -> Reply:
     return (f"{word} {sum(known)}/{len(known)} ({shares}); A's OOM killed {victims}", word)
 
 
+def _measured(cell: JSON, name: str) -> JSON | Reply:
+    """The scenario record when it ran; a Reply (its error, or nothing) when it did not."""
+    sc = scenario(cell, name)
+    if sc is None:
+        return NOTHING
+    return (f"— ({str(sc['error'])[:40]})", "") if sc.get("error") else sc
+
+
+def _written(cell: JSON, name: str) -> JSON | Reply:
+    """A beyond-half-RAM scenario that recorded the share of MemTotal it wrote."""
+    sc = _measured(cell, name)
+    if isinstance(sc, dict) and not isinstance(
+        get_path(sc, "detail", "written_of_mem_total"), float | int
+    ):
+        return NOTHING
+    return sc
+
+
 def beyond_half(cell: JSON) -> Reply:
     """memfd-beyond-half-ram: how far past 50 % of RAM a memfd went, with statfs evidence."""
-    sc = scenario(cell, "memfd-beyond-half-ram")
-    if sc is None or sc.get("error"):
-        return NOTHING if sc is None else (f"— ({str(sc['error'])[:40]})", "")
-    share = get_path(sc, "detail", "written_of_mem_total")
-    if not isinstance(share, float | int):
-        return NOTHING
+    sc = _written(cell, "memfd-beyond-half-ram")
+    if not isinstance(sc, dict):
+        return sc
+    share = float(sc["detail"]["written_of_mem_total"])
     blocks = get_path(sc, "detail", "f_blocks")
     evidence = f"f_blocks {blocks}" + (" = no size limit" if blocks == 0 else "")
     if sc.get("errno"):
@@ -98,12 +114,10 @@ def beyond_half(cell: JSON) -> Reply:
 
 def beyond_half_strict(cell: JSON) -> Reply:
     """The same under vm.overcommit_memory=2: where the write stops, and CommitLimit."""
-    sc = scenario(cell, "memfd-beyond-half-ram-strict")
-    if sc is None or sc.get("error"):
-        return NOTHING if sc is None else (f"— ({str(sc['error'])[:40]})", "")
-    share = get_path(sc, "detail", "written_of_mem_total")
-    if not isinstance(share, float | int):
-        return NOTHING
+    sc = _written(cell, "memfd-beyond-half-ram-strict")
+    if not isinstance(sc, dict):
+        return sc
+    share = float(sc["detail"]["written_of_mem_total"])
     limit = get_path(sc, "detail", "commit_before", "CommitLimit")
     where = f"at {share:.0%} of RAM"
     ctx = f"CommitLimit {mib(limit)} MiB"
@@ -114,8 +128,8 @@ def beyond_half_strict(cell: JSON) -> Reply:
 
 def hugetlb(cell: JSON) -> Reply:
     """MFD_HUGETLB usable -- asked only where huge pages were reserved first."""
-    sc = scenario(cell, "memfd-hugetlb")
-    if sc is None or sc.get("error"):
+    sc = _measured(cell, "memfd-hugetlb")
+    if not isinstance(sc, dict):
         return NOTHING
     pages = get_path(sc, "detail", "nr_hugepages")
     if not pages:
@@ -128,8 +142,8 @@ def hugetlb(cell: JSON) -> Reply:
 
 def hugetlb_exec_seal(cell: JSON) -> Reply:
     """MFD_HUGETLB|MFD_NOEXEC_SEAL: is the exec seal set, and is chmod +x refused?"""
-    sc = scenario(cell, "memfd-hugetlb-noexec-seal")
-    if sc is None or sc.get("error"):
+    sc = _measured(cell, "memfd-hugetlb-noexec-seal")
+    if not isinstance(sc, dict):
         return NOTHING
     if sc.get("errno"):
         return (f"— (memfd_create: {sc['errno']})", f"unsupported:{sc['errno']}")
@@ -144,9 +158,9 @@ def hugetlb_exec_seal(cell: JSON) -> Reply:
 
 def swapped_in_oom_score(cell: JSON) -> Reply:
     """memfd-mmap-swapped: once a mapped memfd is in swap, do VmSwap and oom_score see it?"""
-    sc = scenario(cell, "memfd-mmap-swapped")
-    if sc is None or sc.get("error"):
-        return NOTHING if sc is None else (f"— ({str(sc['error'])[:40]})", "")
+    sc = _measured(cell, "memfd-mmap-swapped")
+    if not isinstance(sc, dict):
+        return sc
     m = sc.get("metrics") or {}
     swapped, vmswap = m.get("smaps_Swap_delta"), m.get("VmSwap_delta")
     score = m.get("oom_score_delta")
