@@ -201,26 +201,7 @@ QUESTIONS: tuple[Question, ...] = (
         "mapped memfd in swap counted in VmSwap / oom_score?", _reply(fm.swapped_in_oom_score)
     ),
     Question("memfd capped under vm.overcommit_memory=2?", _reply(fm.beyond_half_strict)),
-    Question(
-        "growing unmapped memfd fills RAM: kills in order, ending",
-        _reply(fm.serial_kills("oom-global-memfd-growth")),
-    ),
-    Question(
-        "growing memfd, writer at oom_score_adj -1000: kills, ending",
-        _reply(fm.serial_kills("oom-global-memfd-growth-protected")),
-    ),
-    Question(
-        "growing memfd, vm.oom_kill_allocating_task=1: kills, ending",
-        _reply(fm.serial_kills("oom-global-memfd-growth-kill-allocating")),
-    ),
-    Question(
-        "growing memfd in a memory cgroup: kills, ending",
-        _reply(fm.serial_kills("oom-memcg-v2-memfd-growth")),
-    ),
-    Question(
-        "growing memfd in a memory cgroup, writer protected: kills, ending",
-        _reply(fm.serial_kills("oom-memcg-v2-memfd-growth-protected")),
-    ),
+    *(Question(text, _reply(fm.serial_kills(name))) for text, name in fm.SERIAL_KILLS),
     Question(
         "memfd charge stays with the creator's cgroup after it exits?", _reply(fm.cross_charge)
     ),

@@ -31,6 +31,25 @@ def _orders(exp: JSON) -> Counter[str]:
     return Counter(" → ".join(v) if v else "nobody" for v in exp.get("victims") or [])
 
 
+#: The memfd-growth questions: (question, experiment), in report order.
+SERIAL_KILLS = (
+    ("growing unmapped memfd fills RAM: kills in order, ending", "oom-global-memfd-growth"),
+    (
+        "growing memfd, writer at oom_score_adj -1000: kills, ending",
+        "oom-global-memfd-growth-protected",
+    ),
+    (
+        "growing memfd, vm.oom_kill_allocating_task=1: kills, ending",
+        "oom-global-memfd-growth-kill-allocating",
+    ),
+    ("growing memfd in a memory cgroup: kills, ending", "oom-memcg-v2-memfd-growth"),
+    (
+        "growing memfd in a memory cgroup, writer protected: kills, ending",
+        "oom-memcg-v2-memfd-growth-protected",
+    ),
+)
+
+
 def serial_kills(name: str) -> Callable[[JSON], Reply]:
     """Victims in kill order and how the repeat ended, as distributions over repeats."""
 
