@@ -537,6 +537,9 @@ def _predict(
 def _armed(rec: Record, roles: list[Role], scope: oom_scope.Scope, emit: Emit, env: Env) -> None:
     """Record the set-up and tell the host the pids before anything can go wrong."""
     rec["pids"] = {r.name: r.pid for r in roles}
+    # The knobs in force while the driver runs ("knobs" is what they were before the repeat
+    # set any: the kill-allocating experiment sets vm.oom_kill_allocating_task=1 here).
+    rec["knobs_during"] = knobs.oom_knobs()
     rec["shmem"]["armed"] = shmem()
     rec["cgroup"]["current_armed"] = scope.current()
     rec["cgroup"]["shmem_armed"] = scope.stat("shmem")
