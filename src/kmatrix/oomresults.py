@@ -92,7 +92,8 @@ def _from_probe(result: JSON) -> JSON:
     keep = (
         *("pids", "sizes", "mem_total", "pre_oom", "model_points", "predicted_by_oom_score"),
         *("died", "exit", "probe_victims", "hog_bytes", "outcome", "duration_s"),
-        *("t_ready", "t_watched", "memcg", "oom_score_adj", "knobs", "knobs_during", "writer_protected"),
+        *("t_ready", "t_watched", "memcg", "oom_score_adj", "knobs", "knobs_during"),
+        *("writer_protected",),
         *("write_error", "stall", "cross", "holder_role"),
     )
     return {k: result.get(k) for k in keep} | {
