@@ -29,6 +29,18 @@ SCENARIOS = (
     "memfd-mmap-swapped",
 )
 
+#: Scenarios run in the first pass only (``--repeats`` passes repeat the others): each one
+#: writes most of RAM, fills a size limit or goes through swap, 0.5-3 s per pass under TCG,
+#: while what it answers (an errno, a limit, where the pages went) needs no spread.
+FIRST_PASS_ONLY = (
+    "memfd-over-shm-limit",
+    "tmpfile-over-shm-limit",
+    "memfd-beyond-half-ram",
+    "memfd-beyond-half-ram-strict",
+    "memfd-write-swapped",
+    "memfd-mmap-swapped",
+)
+
 #: OOM experiments in report order (the probe runs them in its own order: oom.EXPERIMENTS).
 EXPERIMENTS = (
     "oom-global-memfd-unmapped",
@@ -51,6 +63,15 @@ EXPERIMENTS = (
 
 #: Experiments whose expected outcome is a kernel panic.
 EXPECTED_PANIC = ("oom-no-killable",)
+
+#: Experiments that end their boot: a global OOM left with no killable process panics
+#: ("System is deadlocked on memory", mm/oom_kill.c out_of_memory). The probe runs them
+#: last and the host gives each further repeat a boot of its own, started alongside the
+#: others. Only a schedule: whether a repeat panicked is read from its console.
+ENDS_BOOT = ("oom-global-memfd-growth-protected", "oom-no-killable")
+
+#: Experiments that swap the guest's swap disk on: only boots running them get the disk.
+NEEDS_SWAP = ("oom-global-memfd-swapped",)
 
 #: The processes of the OOM experiments (oom_roles.py), and "none" for a repeat that
 #: killed nobody.

@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accounting
+import catalog
 import knobs
 import oom
 import swap
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     # (page cache, per-cpu lists) then spreads over every scenario's repeats alike.
     for repeat in range(max(1, args.repeats)):
         for name in names:
+            if repeat and name in catalog.FIRST_PASS_ONLY:
+                continue
             record = run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd)
             # A swap scenario swapped the swap disk on: off again before the next pass, so
             # no other scenario (strict overcommit's CommitLimit counts swap) runs with it.

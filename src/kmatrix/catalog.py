@@ -36,6 +36,8 @@ SCENARIOS: tuple[str, ...] = tuple(_CATALOG.SCENARIOS)
 EXPERIMENTS: tuple[str, ...] = tuple(_CATALOG.EXPERIMENTS)
 EXPECTED_PANIC: frozenset[str] = frozenset(_CATALOG.EXPECTED_PANIC)
 ROLES: tuple[str, ...] = tuple(_CATALOG.ROLES)
+ENDS_BOOT: frozenset[str] = frozenset(_CATALOG.ENDS_BOOT)
+NEEDS_SWAP: frozenset[str] = frozenset(_CATALOG.NEEDS_SWAP)
 
 
 def scenarios() -> tuple[str, ...]:

@@ -1,16 +1,21 @@
 """The OOM boots of a QEMU cell: run every (experiment, repeat) unit in as few boots as can be.
 
-One boot runs the units in the probe's order (oom-memcg-v1 first, oom-no-killable last).
-A boot that ends early — the expected panic of oom-no-killable, or an unexpected panic
-or hang — costs only the unit that was running (the probe announced it with a ``start``
-record): that unit is recorded from the console and the next boot runs what is left.
-The OOM boots use their own guest memory (``oom.memory``), never the accounting boot's.
+One boot runs the units in the probe's order (oom-memcg-v1 first, oom-no-killable last);
+the repeats that end their boot in a panic after the first get boots of their own, run
+alongside it (plan_lanes). A boot that ends early — the expected panic of oom-no-killable,
+or an unexpected panic or hang — costs only the unit that was running (the probe announced
+it with a ``start`` record): that unit is recorded from the console and the next boot runs
+what is left. The OOM boots use their own guest memory (``oom.memory``), not the accounting
+boot's.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kmatrix.backends.qemu import (
@@ -21,6 +26,7 @@ from kmatrix.backends.qemu import (
     make_swap_image,
     run_qemu,
 )
+from kmatrix.catalog import ENDS_BOOT, NEEDS_SWAP
 from kmatrix.config import Matrix
 from kmatrix.console import analyze_console
 from kmatrix.errors import UserError
@@ -117,10 +123,15 @@ def _boot(
         "KMX_SHM_SIZE": str(int(cfg.memory * SHM_FRACTION)),
         "KMX_SIZE_MIB": "0",
         "KMX_SCENARIOS": "",
-        "KMX_SWAP": "1" if matrix.guest.swap else "0",
     }
     initrd = workdir / f"oom-{index}.initrd"
-    swap = swap_image(matrix, workdir, min(matrix.guest.swap, int(cfg.memory * OOM_SWAP_FRACTION)))
+    swap = (
+        swap_image(matrix, workdir, min(matrix.guest.swap, int(cfg.memory * OOM_SWAP_FRACTION)),
+                   name=f"oom-{index}.swap.img")
+        if any(u.name in NEEDS_SWAP for u in units)
+        else None
+    )  # fmt: skip
+    args["KMX_SWAP"] = "1" if swap is not None else "0"
     write_initrd(userland, cell_archive(args, _boot_modules(kernel, swap is not None)), initrd)
     spec = QemuSpec(
         vmlinuz=kernel.vmlinuz,
@@ -148,11 +159,13 @@ def _boot(
 OOM_SWAP_FRACTION = 1 / 3
 
 
-def swap_image(matrix: Matrix, workdir: Path, size: int | None = None) -> Path | None:
+def swap_image(
+    matrix: Matrix, workdir: Path, size: int | None = None, name: str = "swap.img"
+) -> Path | None:
     """A fresh swap disk for one boot (``size``, default guest.swap), or None without one."""
     if not matrix.guest.swap:
         return None
-    path = workdir / "swap.img"
+    path = workdir / name
     make_swap_image(path, size or matrix.guest.swap)
     return path
 
@@ -179,6 +192,18 @@ def _boot_end(run: QemuRun, console: str) -> JSON:
     }
 
 
+def plan_lanes(units: list[Unit]) -> list[list[Unit]]:
+    """The units split into boots that can run side by side (each lane a boot, at first).
+
+    The first lane runs everything up to and including the first repeat that ends its boot
+    (catalog.ENDS_BOOT, which the probe runs last); every further such repeat gets a lane of
+    its own, so a cell's panics cost one boot each in parallel instead of in a row.
+    """
+    ending = [u for u in units if u.name in ENDS_BOOT]
+    first = [u for u in units if u.name not in ENDS_BOOT] + ending[:1]
+    return [lane for lane in (first, *([u] for u in ending[1:])) if lane]
+
+
 def run_oom_boots(
     kernel: PreparedKernel,
     userland: Userland,
@@ -187,7 +212,8 @@ def run_oom_boots(
     accel: str,
     keep_workdir: bool = False,
 ) -> OomRun:
-    """Run every OOM unit of the matrix on ``kernel``; one boot, plus one per early end.
+    """Run every OOM unit of the matrix on ``kernel``: its lanes side by side, each one boot
+    plus one per early end. QEMU's slots (backends.qemu) bound how many run at once.
 
     ``keep_workdir`` keeps each boot's raw console and result logs (for fixtures).
     """
@@ -195,11 +221,35 @@ def run_oom_boots(
     if not units:
         return OomRun([])
     workdir.mkdir(parents=True, exist_ok=True)
+    lanes = plan_lanes(units)
+    counter = itertools.count(1)
+
+    def run_lane(lane: list[Unit]) -> list[BootOutput]:
+        return _run_lane(lane, lambda rest: _boot(
+            kernel, userland, matrix, workdir, accel, rest, next(counter)))  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="oom-lane") as pool:
+        per_lane = list(pool.map(run_lane, lanes))
+    # Numbered in lane order, whatever order the lanes finished in.
+    boots = [replace(b, index=i) for i, b in enumerate(itertools.chain(*per_lane), 1)]
+    result = OomRun(assemble(units, boots))
+    for boot in boots:
+        result.boots.append(boot.summary())
+        result.consoles.append(boot.console)
+    if not keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _run_lane(
+    units: list[Unit], boot_units: Callable[[list[Unit]], BootOutput]
+) -> list[BootOutput]:
+    """Boot ``units``, and again for what is left after each boot that ended early."""
     boots: list[BootOutput] = []
     remaining = units
     retries = EARLY_CRASH_RETRIES
     while remaining:
-        boot = _boot(kernel, userland, matrix, workdir, accel, remaining, len(boots) + 1)
+        boot = boot_units(remaining)
         boots.append(boot)
         covered = boot.covered()
         if not covered:
@@ -208,13 +258,7 @@ def run_oom_boots(
                 continue
             break  # no unit even started: another boot would fail the same way
         remaining = [u for u in remaining if u not in covered]
-    result = OomRun(assemble(units, boots))
-    for boot in boots:
-        result.boots.append(boot.summary())
-        result.consoles.append(boot.console)
-    if not keep_workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return result
+    return boots
 
 
 def _read(path: Path) -> str:

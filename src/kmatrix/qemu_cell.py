@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,13 @@ from kmatrix.errors import InfraError
 from kmatrix.guest import Userland, cell_archive, write_initrd
 from kmatrix.kernels import PreparedKernel
 from kmatrix.kmods import modules_to_load
-from kmatrix.oom_cell import EARLY_CRASH_RETRIES, crashed_early, run_oom_boots, swap_image
+from kmatrix.oom_cell import (
+    EARLY_CRASH_RETRIES,
+    OomRun,
+    crashed_early,
+    run_oom_boots,
+    swap_image,
+)
 from kmatrix.oomlog import condense_floods
 from kmatrix.repeats import aggregate_scenarios
 from kmatrix.results import JSON, ProbeOutput, new_cell, parse_probe_output
@@ -77,7 +86,8 @@ def run_qemu_cell(
     """Boot one kernel with the probe and return its results.json cell (any status)."""
     cell = new_cell(kernel.name, "qemu")
     arch = arch_for(kernel.arch)
-    cell.update(accel=accel, memory_bytes=memory_bytes, arch=arch.name)
+    cpu = arch.tcg_cpu if accel == "tcg" else "host"
+    cell.update(accel=accel, memory_bytes=memory_bytes, arch=arch.name, cpu=cpu)
     cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -101,7 +111,18 @@ def run_qemu_cell(
         append=kernel.cmdline,
         arch=arch,
     )
-    run, console_text, earlier = _boot_until_probe(spec, matrix.probe.cell_timeout)
+    started = time.monotonic()
+    booted = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oom") as pool:
+        oom_future = pool.submit(
+            _oom_once_booted, spec.console_log, booted, kernel, userland, matrix,
+            workdir / "oom", accel,
+        )  # fmt: skip
+        try:
+            run, console_text, earlier = _boot_until_probe(spec, matrix.probe.cell_timeout)
+        finally:
+            booted.set()
+        oom = oom_future.result()
     console = analyze_console(console_text)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
     console_dest.parent.mkdir(parents=True, exist_ok=True)
@@ -121,9 +142,28 @@ def run_qemu_cell(
     initrd.unlink(missing_ok=True)
     if swap is not None:
         swap.unlink(missing_ok=True)
-    if console.reached_init:  # a kernel that cannot boot our init cannot run OOM boots either
-        _run_oom(cell, kernel, userland, matrix, workdir / "oom", accel, console_dest)
+    if oom is not None:
+        _record_oom(cell, oom, matrix, console_dest)
+    cell["wall_s"] = round(time.monotonic() - started, 2)
     return cell
+
+
+def _oom_once_booted(
+    console_log: Path, accounting_ended: threading.Event, kernel: PreparedKernel,
+    userland: Userland, matrix: Matrix, workdir: Path, accel: str,
+) -> OomRun | None:  # fmt: skip
+    """The OOM boots, started alongside the accounting boot once its init has printed (a
+    kernel that cannot boot our init cannot run OOM boots either: None then)."""
+    while not _init_started(console_log):
+        if accounting_ended.wait(0.25):
+            if not _init_started(console_log):
+                return None
+            break
+    return run_oom_boots(kernel, userland, matrix, workdir, accel)
+
+
+def _init_started(console_log: Path) -> bool:
+    return analyze_console(_read(console_log)).reached_init
 
 
 def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
@@ -142,17 +182,14 @@ def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
     )
 
 
-def _run_oom(
-    cell: JSON, kernel: PreparedKernel, userland: Userland, matrix: Matrix, workdir: Path,
-    accel: str, console_dest: Path,
-) -> None:  # fmt: skip
-    """The OOM boots (kmatrix.oom_cell): results in cell["oom"], consoles appended."""
-    oom = run_oom_boots(kernel, userland, matrix, workdir, accel)
+def _record_oom(cell: JSON, oom: OomRun, matrix: Matrix, console_dest: Path) -> None:
+    """The OOM boots' results in cell["oom"], their consoles appended to the cell's."""
     if not oom.boots:
         return
     cell["oom"] = oom.experiments
     cell["oom_boots"] = oom.boots
     cell["oom_memory_bytes"] = matrix.oom.memory
+    # Boot time summed: the boots run side by side, so this is more than the wall time.
     cell["oom_duration_s"] = round(sum(b["duration_s"] for b in oom.boots), 2)
     cell["duration_s"] = round(cell["duration_s"] + cell["oom_duration_s"], 2)
     with console_dest.open("a") as f:

@@ -140,7 +140,9 @@ def _accounting(cells: Sequence[JSON]) -> str:
     parts = ["## Accounting", UNITS_NOTE + _repeats_note(ok)]
     for name in scenario_names(ok):
         size = next((s.get("size_bytes") for c in ok if (s := scenario(c, name))), None)
-        parts += [f"### `{name}` ({mib(size)} MiB)", scenario_table(ok, name)]
+        counts = {repeat_count(s) for c in ok if (s := scenario(c, name))}
+        once = ", run once" if counts == {1} and _repeats_note(ok) else ""
+        parts += [f"### `{name}` ({mib(size)} MiB{once})", scenario_table(ok, name)]
     return "\n\n".join(parts)
 
 
@@ -149,6 +151,12 @@ def _repeats_note(cells: Sequence[JSON]) -> str:
     counts = sorted({repeat_count(s) for c in cells for s in c.get("scenarios") or []})
     if counts in ([], [1]):
         return ""
+    if counts[0] == 1 and len(counts) > 1:  # the probe's FIRST_PASS_ONLY scenarios
+        return (
+            f' Each value is the median of {counts[-1]} repeats (scenarios marked "run once" '
+            "fill a limit, most of RAM or swap, and run in the first pass only); every repeat "
+            "and the spread are kept."
+        )
     shown = f"{counts[0]} to {counts[-1]}" if len(counts) > 1 else str(counts[0])
     return f" Each value is the median of {shown} repeats; every repeat and the spread are kept."
 
@@ -228,6 +236,7 @@ def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
         rows.append(["arch", *(_arch(c, run) for c in cells)])
     rows += [
         ["accel", *(c.get("accel") or "—" for c in cells)],
+        ["CPU model", *(str(c.get("cpu") or "—") for c in cells)],
         ["emulator / engine", *(_engine(c, run) for c in cells)],
         ["guest memory MiB", *(mib(c.get("memory_bytes")) for c in cells)],
         ["MemTotal seen MiB", *(mib(get_path(c, "probe", "mem_total")) for c in cells)],

@@ -200,6 +200,7 @@ def _cache_key(
             "accel": accel,
             "qemu": _qemu_version_of(run.results["run"]["host"], k.arch),
             "arch": k.arch,
+            "cpu": qemu.arch_for(k.arch).tcg_cpu if accel == "tcg" else "host",
         }
     )
 
@@ -328,6 +329,8 @@ def _run_cells(
     run: _Run, archive: Archive, resolved: dict[str, Resolution], userland: Userland
 ) -> None:
     jobs = run.opts.jobs or os.cpu_count() or 1
+    # A cell alone (a CI job runs one) still boots its OOM lanes side by side on every core.
+    qemu.set_parallel(max(jobs, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
     try:
         futures = [pool.submit(_run_one, run, archive, k, resolved, userland) for k in run.kernels]
