@@ -36,6 +36,7 @@ SCENARIOS: tuple[str, ...] = tuple(_CATALOG.SCENARIOS)
 EXPERIMENTS: tuple[str, ...] = tuple(_CATALOG.EXPERIMENTS)
 EXPECTED_PANIC: frozenset[str] = frozenset(_CATALOG.EXPECTED_PANIC)
 ROLES: tuple[str, ...] = tuple(_CATALOG.ROLES)
+FIRST_PASS_ONLY: frozenset[str] = frozenset(_CATALOG.FIRST_PASS_ONLY)
 ENDS_BOOT: frozenset[str] = frozenset(_CATALOG.ENDS_BOOT)
 NEEDS_SWAP: frozenset[str] = frozenset(_CATALOG.NEEDS_SWAP)
 

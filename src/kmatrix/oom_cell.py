@@ -109,7 +109,7 @@ def _boot_timeout(matrix: Matrix, units: list[Unit]) -> float:
 
 def _boot(
     kernel: PreparedKernel, userland: Userland, matrix: Matrix, workdir: Path, accel: str,
-    units: list[Unit], index: int,
+    units: list[Unit], index: int, image: Path,
 ) -> BootOutput:  # fmt: skip
     """One OOM boot running ``units``; returns what came back (never raises on a panic)."""
     cfg = matrix.oom
@@ -134,7 +134,7 @@ def _boot(
     args["KMX_SWAP"] = "1" if swap is not None else "0"
     write_initrd(userland, cell_archive(args, _boot_modules(kernel, swap is not None)), initrd)
     spec = QemuSpec(
-        vmlinuz=kernel.vmlinuz,
+        vmlinuz=image,
         initrd=initrd,
         console_log=workdir / f"oom-{index}.console.log",
         result_log=workdir / f"oom-{index}.results.log",
@@ -211,11 +211,13 @@ def run_oom_boots(
     workdir: Path,
     accel: str,
     keep_workdir: bool = False,
+    image: Path | None = None,
 ) -> OomRun:
     """Run every OOM unit of the matrix on ``kernel``: its lanes side by side, each one boot
     plus one per early end. QEMU's slots (backends.qemu) bound how many run at once.
 
-    ``keep_workdir`` keeps each boot's raw console and result logs (for fixtures).
+    ``keep_workdir`` keeps each boot's raw console and result logs (for fixtures); ``image``
+    is what QEMU boots (kmatrix.bootimage), the kernel's vmlinuz by default.
     """
     units = plan_units(matrix)
     if not units:
@@ -226,7 +228,8 @@ def run_oom_boots(
 
     def run_lane(lane: list[Unit]) -> list[BootOutput]:
         return _run_lane(lane, lambda rest: _boot(
-            kernel, userland, matrix, workdir, accel, rest, next(counter)))  # fmt: skip
+            kernel, userland, matrix, workdir, accel, rest, next(counter),
+            image or kernel.vmlinuz))  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="oom-lane") as pool:
         per_lane = list(pool.map(run_lane, lanes))

@@ -17,6 +17,7 @@ from kmatrix.backends.qemu import (
     make_disk,
     run_qemu,
 )
+from kmatrix.bootimage import boot_file
 from kmatrix.config import Matrix
 from kmatrix.console import ConsoleSummary, analyze_console
 from kmatrix.errors import InfraError
@@ -91,6 +92,8 @@ def run_qemu_cell(
     cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    image, entry = boot_file(kernel.vmlinuz, arch.name, workdir / "vmlinux")
+    cell["boot"] = entry
     modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
     args = cell_args(matrix, shm_size) | {"KMX_RESULT_DEV": arch.result_device}
     initrd = workdir / "initrd.cpio"
@@ -99,7 +102,7 @@ def run_qemu_cell(
     make_disk(disk, matrix.guest.disk_size)
     swap = swap_image(matrix, workdir)
     spec = QemuSpec(
-        vmlinuz=kernel.vmlinuz,
+        vmlinuz=image,
         initrd=initrd,
         console_log=workdir / "console.log",
         result_log=workdir / "results.log",
@@ -116,7 +119,7 @@ def run_qemu_cell(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oom") as pool:
         oom_future = pool.submit(
             _oom_once_booted, spec.console_log, booted, kernel, userland, matrix,
-            workdir / "oom", accel,
+            workdir / "oom", accel, image,
         )  # fmt: skip
         try:
             run, console_text, earlier = _boot_until_probe(spec, matrix.probe.cell_timeout)
@@ -144,13 +147,15 @@ def run_qemu_cell(
         swap.unlink(missing_ok=True)
     if oom is not None:
         _record_oom(cell, oom, matrix, console_dest)
+    if image != kernel.vmlinuz:
+        image.unlink(missing_ok=True)
     cell["wall_s"] = round(time.monotonic() - started, 2)
     return cell
 
 
 def _oom_once_booted(
     console_log: Path, accounting_ended: threading.Event, kernel: PreparedKernel,
-    userland: Userland, matrix: Matrix, workdir: Path, accel: str,
+    userland: Userland, matrix: Matrix, workdir: Path, accel: str, image: Path,
 ) -> OomRun | None:  # fmt: skip
     """The OOM boots, started alongside the accounting boot once its init has printed (a
     kernel that cannot boot our init cannot run OOM boots either: None then)."""
@@ -159,7 +164,7 @@ def _oom_once_booted(
             if not _init_started(console_log):
                 return None
             break
-    return run_oom_boots(kernel, userland, matrix, workdir, accel)
+    return run_oom_boots(kernel, userland, matrix, workdir, accel, image=image)
 
 
 def _init_started(console_log: Path) -> bool:
