@@ -237,6 +237,7 @@ def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
     rows += [
         ["accel", *(c.get("accel") or "—" for c in cells)],
         ["CPU model", *(str(c.get("cpu") or "—") for c in cells)],
+        ["boot entry", *(str(c.get("boot") or "—") for c in cells)],
         ["emulator / engine", *(_engine(c, run) for c in cells)],
         ["guest memory MiB", *(mib(c.get("memory_bytes")) for c in cells)],
         ["MemTotal seen MiB", *(mib(get_path(c, "probe", "mem_total")) for c in cells)],
