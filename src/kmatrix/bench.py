@@ -90,8 +90,10 @@ def run_bench(
     work = Path(tempfile.mkdtemp(prefix="kmatrix-bench-"))
     quiet = Progress(io.StringIO(), live=False)
 
-    def run(name: str, force: bool) -> tuple[float, JSON]:
-        opts = RunOptions(matrix_path=matrix_path, name=name, reports_dir=work, force=force)
+    def run(name: str, force: bool, kernels: tuple[str, ...] = ()) -> tuple[float, JSON]:
+        opts = RunOptions(
+            matrix_path=matrix_path, name=name, reports_dir=work, force=force, kernels=kernels
+        )
         start = time.monotonic()
         results = run_matrix(opts, quiet)
         return time.monotonic() - start, results
@@ -109,18 +111,26 @@ def run_bench(
                 seconds, _ = run("cold", force=True)
             add("whole matrix, cold (download + build + boot)", seconds)
             shutil.rmtree(work / "cold-cache", ignore_errors=True)
+        results: JSON = {"cells": []}
         for i in range(repeats):
             log(f"warm run {i + 1}/{repeats}: downloads cached, every cell booted")
             seconds, results = run(f"warm{i}", force=True)
             add("whole matrix, warm (every cell booted)", seconds)
             for cell in results["cells"]:
-                add(f"cell {cell['id']} ({cell['backend']})", cell.get("duration_s"))
+                # wall_s: a cell's boots run side by side; duration_s sums them.
+                wall = cell.get("wall_s") or cell.get("duration_s")
+                add(f"cell {cell['id']} ({cell['backend']}), in the matrix", wall)
                 console = work / f"warm{i}" / "console" / f"{cell['id']}.log"
                 if console.exists():
                     add(
                         f"boot to init {cell['id']}",
                         boot_to_init_seconds(console.read_text(errors="replace")),
                     )
+        alone = next((c["id"] for c in results["cells"] if c["backend"] == "qemu"), None)
+        for i in range(repeats if alone else 0):
+            log(f"one cell alone {i + 1}/{repeats}: {alone}")
+            seconds, _ = run(f"alone{i}", force=True, kernels=(str(alone),))
+            add(f"one cell alone ({alone}: accounting + OOM boots)", seconds)
         for i in range(repeats):
             seconds, _ = run(f"cached{i}", force=False)
             add("unchanged rerun (all cells from cache)", seconds)
