@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmatrix import lifeline
+from kmatrix.backends import lifeline
 from kmatrix.errors import InfraError
 
 QEMU_BINARY = "qemu-system-x86_64"
