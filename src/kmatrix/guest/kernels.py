@@ -17,7 +17,7 @@ from kmatrix.debian.archive import Archive, KernelPackages, extract_deb
 from kmatrix.debian.suites import ResolvedKernel
 from kmatrix.errors import InfraError, UserError
 
-# The config values the results record (DESIGN.md, "Kernels and guests").
+# The config values the results record (docs/architecture.md, "Kernels and guests").
 RECORDED_CONFIG = (
     "CONFIG_MEMCG",
     "CONFIG_MEMCG_V1",

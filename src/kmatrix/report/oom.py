@@ -17,7 +17,7 @@ from kmatrix.results.oom import experiment_names
 JSON = dict[str, Any]
 MIB = 1024 * 1024
 
-#: One line per experiment: what its holder does (DESIGN.md).
+#: One line per experiment: what its holder does (docs/architecture.md, "OOM experiments").
 SETUPS = {
     "oom-global-memfd-unmapped": "holder keeps a memfd filled by write(), never mapped",
     "oom-global-memfd-mapped": "holder maps and touches its memfd",

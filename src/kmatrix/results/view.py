@@ -17,7 +17,7 @@ from kmatrix.results.schema import JSON
 
 MIB = 1024 * 1024
 
-# Row order of the per-scenario tables (DESIGN.md metric names).
+# Row order of the per-scenario tables (metric names: docs/architecture.md, "Metrics").
 METRICS = (
     "VmRSS",
     "RssAnon",
