@@ -2,7 +2,7 @@
 
 Everything here is stdlib-only and side-effect free apart from reading files. A reader
 returns only the metrics it could actually read; a missing file or field is left out,
-never replaced by a guessed number. Metric names are the ones in DESIGN.md.
+never replaced by a guessed number. Metric names: docs/architecture.md, "Metrics".
 """
 
 from __future__ import annotations

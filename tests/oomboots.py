@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kmatrix.cells.oom_boots import OomRun, run_oom_boots
 from kmatrix.config import parse_matrix
-from kmatrix.debian import default_cache_dir
-from kmatrix.guest import build_userland
-from kmatrix.kernels import prepare_debian
-from kmatrix.oom_cell import OomRun, run_oom_boots
-from kmatrix.suites import Resolver
+from kmatrix.debian.archive import default_cache_dir
+from kmatrix.debian.suites import Resolver
+from kmatrix.guest.kernels import prepare_debian
+from kmatrix.guest.userland import build_userland
 
 
 def run_oom_matrix(text: str, workdir: Path) -> OomRun:

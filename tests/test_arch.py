@@ -10,8 +10,8 @@ import pytest
 from kmatrix.backends.qemu import AMD64, ARM64, QemuSpec, arch_for, build_argv
 from kmatrix.config import parse_matrix
 from kmatrix.errors import InfraError
-from kmatrix.report import render_report
-from kmatrix.view import cell_label
+from kmatrix.report.markdown import render_report
+from kmatrix.results.view import cell_label
 
 SPEC = QemuSpec(
     vmlinuz=Path("/k/vmlinuz"),

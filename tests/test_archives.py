@@ -2,7 +2,7 @@
 
 Each test builds a small archive with dpkg-deb, signs its InRelease with a throwaway gpg key,
 serves it on 127.0.0.1 with http.server and resolves, downloads and extracts a kernel from
-it through kmatrix.suites.Resolver: the same code path `invoke matrix` takes.
+it through kmatrix.debian.suites.Resolver: the same code path `invoke matrix` takes.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix import debian, runner
 from kmatrix.config import Matrix, parse_matrix
+from kmatrix.debian import archive as debian
+from kmatrix.debian.suites import Resolver
 from kmatrix.errors import InfraError, UserError, VerificationError
-from kmatrix.kernels import prepare_debian
-from kmatrix.progress import Progress
-from kmatrix.suites import Resolver
+from kmatrix.guest.kernels import prepare_debian
+from kmatrix.run import matrix as runner
+from kmatrix.run.progress import Progress
 from localarchive import Key, LocalArchive, Pkg, build_deb, make_key, serve
 
 RELEASE = "9.9.0-1-team-amd64"

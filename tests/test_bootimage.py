@@ -1,4 +1,4 @@
-"""kmatrix.bootimage on Debian's real amd64 kernels: the vmlinux inside each bzImage.
+"""kmatrix.guest.bootimage on Debian's real amd64 kernels: the vmlinux inside each bzImage.
 
 Debian's 6.1 kernel is LZ4-compressed (the kernel's legacy LZ4 frame, lib/decompress_unlz4.c)
 and 6.12's zstd; both carry Xen's PVH entry note (arch/x86/platform/pvh/head.S), which is what
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix import bootimage
 from kmatrix.config import parse_matrix
-from kmatrix.debian import default_cache_dir
-from kmatrix.kernels import prepare_debian
-from kmatrix.suites import Resolver
+from kmatrix.debian.archive import default_cache_dir
+from kmatrix.debian.suites import Resolver
+from kmatrix.guest import bootimage
+from kmatrix.guest.kernels import prepare_debian
 
 pytestmark = pytest.mark.qemu  # downloads kernels
 

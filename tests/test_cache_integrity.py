@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix import cellcache
 from kmatrix.artifacts import (
     CacheCorrupted,
     file_digest,
@@ -21,10 +20,11 @@ from kmatrix.artifacts import (
     write_file_digest,
     write_manifest,
 )
-from kmatrix.cellcache import CellCache
-from kmatrix.guest import Userland, write_initrd
-from kmatrix.lifeline import guarded
-from kmatrix.results import mark_incomplete
+from kmatrix.backends.lifeline import guarded
+from kmatrix.guest.userland import Userland, write_initrd
+from kmatrix.results import cache as cellcache
+from kmatrix.results.cache import CellCache
+from kmatrix.results.schema import mark_incomplete
 
 CELL = {
     "id": "6.1",

@@ -1,4 +1,4 @@
-"""Tests of kmatrix.debian: parsers, kernel resolution, extraction and the verification chain.
+"""Tests of kmatrix.debian.archive: parsers, kernel resolution, extraction, the verification chain.
 
 The chain tests build a tiny signed archive in tmp_path with a throwaway GPG key and serve it
 through a file:// mirror; only the test marked ``qemu`` talks to the real mirror.
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from kmatrix import apt_sources, debian
-from kmatrix.debian import (
+from kmatrix.debian import archive as debian
+from kmatrix.debian import sources as apt_sources
+from kmatrix.debian.archive import (
     Archive,
     Dependency,
     PackageRecord,

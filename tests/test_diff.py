@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from kmatrix.diff import Threshold, diff_files, parse_threshold, render_diff
 from kmatrix.errors import UserError
+from kmatrix.report.diff import Threshold, diff_files, parse_threshold, render_diff
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results" / "partial-5.10-6.1.json"
 MIB = 1024 * 1024

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from kmatrix import docker_cell
 from kmatrix.backends import docker as engine
+from kmatrix.cells import docker as docker_cell
 from kmatrix.config import parse_matrix
-from kmatrix.debian import Archive, default_cache_dir, resolve_mirror
-from kmatrix.guest import Userland, build_userland
-from kmatrix.images import ProbeImage, ensure_probe_image
-from kmatrix.progress import Progress
-from kmatrix.runner import RunOptions, run_matrix
+from kmatrix.debian.archive import Archive, default_cache_dir, resolve_mirror
+from kmatrix.guest.probe_image import ProbeImage, ensure_probe_image
+from kmatrix.guest.userland import Userland, build_userland
+from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.progress import Progress
 
 MIB = 1 << 20
 SIZE = 32 * MIB

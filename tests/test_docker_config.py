@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix import docker_cell
 from kmatrix.backends import docker as engine
+from kmatrix.cells import docker as docker_cell
 from kmatrix.config import parse_matrix
 from kmatrix.errors import UserError
-from kmatrix.guest import Userland
-from kmatrix.images import content_hash, image_tag
-from kmatrix.results import ProbeOutput
+from kmatrix.guest.probe_image import content_hash, image_tag
+from kmatrix.guest.userland import Userland
+from kmatrix.results.schema import ProbeOutput
 
 MIB = 1 << 20
 

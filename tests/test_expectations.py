@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from kmatrix.check import check_file, enforce, junit_xml
 from kmatrix.config import load_matrix, parse_matrix
 from kmatrix.errors import ExpectationFailed, UserError
-from kmatrix.expectations import (
+from kmatrix.gate.check import check_file, enforce, junit_xml
+from kmatrix.gate.expectations import (
     ExpectationSyntaxError,
     evaluate,
     evaluate_cell,

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 
 from kmatrix.errors import InfraError
-from kmatrix.progress import Progress
-from kmatrix.reportdir import RunLocked, run_lock
-from kmatrix.results import load_results
-from kmatrix.runner import RunOptions, run_matrix
+from kmatrix.report.dirs import RunLocked, run_lock
+from kmatrix.results.schema import load_results
+from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.progress import Progress
 
 pytestmark = pytest.mark.qemu
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kmatrix.findings import answer_all
+from kmatrix.report.findings import answer_all
 
 RESULTS = json.loads(
     (Path(__file__).parent / "fixtures" / "results" / "memfd-pressure-5.10-6.12.json").read_text()

@@ -7,8 +7,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmatrix.console import analyze_console
-from kmatrix.results import parse_probe_output
+from kmatrix.cells.console import analyze_console
+from kmatrix.results.schema import parse_probe_output
 
 FIXTURES = Path(__file__).parent / "fixtures" / "guest"
 RESULTS_LOG = (FIXTURES / "6.1-results.log").read_text()

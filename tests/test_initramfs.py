@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix.initramfs import CpioWriter, read_cpio
+from kmatrix.guest.cpio import CpioWriter, read_cpio
 
 
 def _archive(build: object) -> bytes:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix import runner
 from kmatrix.config import load_matrix, parse_matrix
-from kmatrix.debian import default_cache_dir
-from kmatrix.guest import Userland
-from kmatrix.kernels import prepare_debian, prepare_local
-from kmatrix.progress import Progress
-from kmatrix.runner import RunOptions, run_matrix
-from kmatrix.suites import Resolver
+from kmatrix.debian.archive import default_cache_dir
+from kmatrix.debian.suites import Resolver
+from kmatrix.guest.kernels import prepare_debian, prepare_local
+from kmatrix.guest.userland import Userland
+from kmatrix.run import matrix as runner
+from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.progress import Progress
 
 pytestmark = pytest.mark.qemu
 

@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
 import oom
 import oom_model
 import oom_scope
-from kmatrix import docker_cell
+from kmatrix.cells import docker as docker_cell
 from kmatrix.config import OomConfig
-from kmatrix.oomresults import entries_from_probe
-from kmatrix.report_oom import oom_section
-from kmatrix.results import parse_probe_output
+from kmatrix.report.oom import oom_section
+from kmatrix.results.oom import entries_from_probe
+from kmatrix.results.schema import parse_probe_output
 
 MIB = 1 << 20
 PAGE = 4096

@@ -1,4 +1,4 @@
-"""kmatrix.oomlog on real console logs recorded from every kernel of the default matrix.
+"""kmatrix.results.oomlog on real console logs recorded from every kernel of the default matrix.
 
 Each fixture is one OOM boot's console (ttyS0) from a real TCG run, trimmed to the OOM
 reports of its first experiments and the final panic (oom-no-killable). The probe names
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix.oomlog import (
+from kmatrix.results.oomlog import (
     NO_KILLABLE,
     condense_floods,
     parse_constraint,

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
 
 import oom
 import oom_model
-from kmatrix.oom_cell import plan_arg
-from kmatrix.oomresults import EXPERIMENTS, Unit
+from kmatrix.cells.oom_boots import plan_arg
+from kmatrix.results.oom import EXPERIMENTS, Unit
 
 PAGE = 4096
 MIB = 1 << 20

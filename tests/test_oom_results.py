@@ -1,4 +1,4 @@
-"""kmatrix.oomresults on real OOM boots of Debian's 6.12 kernel (probe records + console).
+"""kmatrix.results.oom on real OOM boots of Debian's 6.12 kernel (probe records + console).
 
 Boot 1 ran the whole plan (27 units, 3 repeats) and ended in the oom-no-killable panic
 after 24 finished repeats; boot 2 ran the remaining no-killable repeats and panicked in
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kmatrix.oomresults import (
+from kmatrix.report.oom import distribution, oom_section
+from kmatrix.results.oom import (
     EXPERIMENTS,
     BootOutput,
     Unit,
@@ -21,8 +22,7 @@ from kmatrix.oomresults import (
     entries_from_probe,
     summarize,
 )
-from kmatrix.report_oom import distribution, oom_section
-from kmatrix.results import parse_probe_output
+from kmatrix.results.schema import parse_probe_output
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oom"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
@@ -197,8 +197,8 @@ def test_a_boot_that_panics_before_the_probe_is_booted_again() -> None:
     """Real console: Debian 7.3-rc under TCG with 2 vCPUs, an int3 Oops in sched_clock_cpu
     during early boot ("Fatal exception in interrupt"). Nothing was measured, so the OOM
     boots (and the accounting boot) boot again instead of giving up on the cell."""
-    from kmatrix.console import analyze_console
-    from kmatrix.oom_cell import crashed_early
+    from kmatrix.cells.console import analyze_console
+    from kmatrix.cells.oom_boots import crashed_early
 
     text = (FIXTURES.parent / "guest" / "7.3-rc-early-oops.console.log").read_text()
     summary = analyze_console(text)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kmatrix.progress import Progress
-from kmatrix.runner import RunOptions, run_matrix
+from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.progress import Progress
 
 MIB = 1 << 20
 SIZE = 8 * MIB

@@ -13,9 +13,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from kmatrix.diff import Threshold, render_diff
-from kmatrix.repeats import aggregate_scenarios, beyond_repeat_noise, repeat_noise
-from kmatrix.results import parse_probe_output
+from kmatrix.report.diff import Threshold, render_diff
+from kmatrix.results.repeats import aggregate_scenarios, beyond_repeat_noise, repeat_noise
+from kmatrix.results.schema import parse_probe_output
 
 RESULTS = Path(__file__).resolve().parent / "fixtures" / "results"
 MIB = 1024 * 1024

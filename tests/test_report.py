@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from kmatrix.charts import planned_charts, write_charts
 from kmatrix.errors import UserError
-from kmatrix.findings import DISAGREE_MARK, Answer, answer_all
-from kmatrix.findings_chart import answer_fill, short_answer
-from kmatrix.report import render_report, report_from_file, write_report
+from kmatrix.report.charts import planned_charts, write_charts
+from kmatrix.report.findings import DISAGREE_MARK, Answer, answer_all
+from kmatrix.report.findings_chart import answer_fill, short_answer
+from kmatrix.report.markdown import render_report, report_from_file, write_report
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "results"

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from kmatrix.progress import Progress
-from kmatrix.runner import RunOptions, run_matrix
+from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.progress import Progress
 
 pytestmark = pytest.mark.qemu
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +108,8 @@ SIGINT_SCRIPT = """
 import io, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from kmatrix.progress import Progress
-from kmatrix.runner import RunOptions, run_matrix
+from kmatrix.run.progress import Progress
+from kmatrix.run.matrix import RunOptions, run_matrix
 from kmatrix.errors import KmatrixError
 opts = RunOptions(matrix_path=Path(sys.argv[2]), name=Path(sys.argv[3]).name,
                   reports_dir=Path(sys.argv[3]), jobs=1,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from kmatrix.backends.qemu import QemuRun
-from kmatrix.console import analyze_console
-from kmatrix.qemu_cell import classify
-from kmatrix.results import ProbeOutput, parse_probe_output
+from kmatrix.cells.console import analyze_console
+from kmatrix.cells.qemu import classify
+from kmatrix.results.schema import ProbeOutput, parse_probe_output
 
 FIXTURES = Path(__file__).parent / "fixtures" / "guest"
 RESULTS_LOG = (FIXTURES / "6.1-results.log").read_text()

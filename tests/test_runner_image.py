@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from kmatrix import runtime
-from kmatrix.debian import default_cache_dir, resolve_mirror
+from kmatrix.debian.archive import default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError
-from kmatrix.matrix_docker import run_matrix_in_docker
-from kmatrix.runner_image import RunnerImage, ensure_runner_image
+from kmatrix.run import in_docker
+from kmatrix.run.matrix_in_docker import run_matrix_in_docker
+from kmatrix.run.runner_image import RunnerImage, ensure_runner_image
 
 pytestmark = pytest.mark.docker
 
@@ -63,7 +63,7 @@ def test_one_cell_runs_in_the_runner_image(client: Any, image: RunnerImage, tmp_
     matrix.write_text(MATRIX)
     output = tmp_path / "out" / "cell.json"
     reports = tmp_path / "reports"
-    code = runtime.run_cell_in_docker(
+    code = in_docker.run_cell_in_docker(
         matrix, "runner-6.1", output, force=True, reports_dir=reports, log=print
     )
     assert code == 0
@@ -105,7 +105,7 @@ def test_matrix_runtime_docker_runs_every_qemu_cell_in_the_image(
 def test_runner_container_is_removed_after_a_timeout(
     client: Any, image: RunnerImage, tmp_path: Path
 ) -> None:
-    spec = runtime.RunnerSpec(
+    spec = in_docker.RunnerSpec(
         image=image.tag,
         command=["600"],
         cache_dir=tmp_path,
@@ -116,9 +116,9 @@ def test_runner_container_is_removed_after_a_timeout(
         user="0:0",
         name=f"kmatrix-runner-timeout-{time.monotonic_ns()}",
     )
-    config = runtime.runner_config(spec) | {"entrypoint": ["sleep"]}
+    config = in_docker.runner_config(spec) | {"entrypoint": ["sleep"]}
     start = time.monotonic()
     with pytest.raises(InfraError, match="did not finish within 3 s"):
-        runtime.run_runner(client, config, timeout=3, log=print)
+        in_docker.run_runner(client, config, timeout=3, log=print)
     assert time.monotonic() - start < 60
     assert _leftovers(client) == []

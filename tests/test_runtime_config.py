@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix import runner_image, runtime
 from kmatrix.config import parse_matrix
 from kmatrix.errors import UserError
-from kmatrix.matrix_docker import plan_cells
+from kmatrix.run import in_docker, runner_image
+from kmatrix.run.matrix_in_docker import plan_cells
 
 MIB = 1 << 20
 
@@ -27,10 +27,10 @@ kernels:
 """
 
 
-def spec(**changes: object) -> runtime.RunnerSpec:
-    base = runtime.RunnerSpec(
+def spec(**changes: object) -> in_docker.RunnerSpec:
+    base = in_docker.RunnerSpec(
         image="kmatrix-runner:0123456789abcdef",
-        command=runtime.cell_command("6.1", "cell.json"),
+        command=in_docker.cell_command("6.1", "cell.json"),
         cache_dir=Path("/home/u/.cache/kmatrix"),
         out_dir=Path("/tmp/out"),
         matrix_file=Path("/tmp/m/matrix.yaml"),
@@ -39,11 +39,11 @@ def spec(**changes: object) -> runtime.RunnerSpec:
         user="1000:1000",
         name="kmatrix-runner-6.1-abcd",
     )
-    return runtime.RunnerSpec(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+    return in_docker.RunnerSpec(**{**base.__dict__, **changes})  # type: ignore[arg-type]
 
 
 def test_config_mounts_cache_output_and_matrix() -> None:
-    config = runtime.runner_config(spec())
+    config = in_docker.runner_config(spec())
     assert config["volumes"] == {
         "/home/u/.cache/kmatrix": {"bind": "/cache", "mode": "rw"},
         "/tmp/out": {"bind": "/out", "mode": "rw"},
@@ -58,9 +58,9 @@ def test_config_mounts_cache_output_and_matrix() -> None:
 
 
 def test_config_limits_and_no_privileges() -> None:
-    config = runtime.runner_config(spec())
+    config = in_docker.runner_config(spec())
     assert config["mem_limit"] == config["memswap_limit"] == 1280 * MIB
-    assert config["pids_limit"] == runtime.PIDS_LIMIT
+    assert config["pids_limit"] == in_docker.PIDS_LIMIT
     assert config["cap_drop"] == ["ALL"]
     assert config["privileged"] is False
     assert config["user"] == "1000:1000"
@@ -68,22 +68,22 @@ def test_config_limits_and_no_privileges() -> None:
 
 
 def test_kvm_only_when_given() -> None:
-    assert "devices" not in runtime.runner_config(spec())
-    assert "group_add" not in runtime.runner_config(spec())
-    config = runtime.runner_config(spec(kvm_gid=0))  # gid 0 (root) is a group like any other
+    assert "devices" not in in_docker.runner_config(spec())
+    assert "group_add" not in in_docker.runner_config(spec())
+    config = in_docker.runner_config(spec(kvm_gid=0))  # gid 0 (root) is a group like any other
     assert config["devices"] == ["/dev/kvm:/dev/kvm:rwm"]
     assert config["group_add"] == ["0"]
 
 
 def test_env_cannot_override_cache_or_mirror() -> None:
     env = {"KMATRIX_MIRROR": "http://other.invalid", "http_proxy": "http://proxy:3128"}
-    config = runtime.runner_config(spec(env=env))
+    config = in_docker.runner_config(spec(env=env))
     assert config["environment"]["KMATRIX_MIRROR"] == "http://mirror.invalid/debian"
     assert config["environment"]["http_proxy"] == "http://proxy:3128"
 
 
 def test_proxy_env_picks_only_proxies() -> None:
-    assert runtime.proxy_env({"http_proxy": "x", "HOME": "/root", "NO_PROXY": ""}) == {
+    assert in_docker.proxy_env({"http_proxy": "x", "HOME": "/root", "NO_PROXY": ""}) == {
         "http_proxy": "x"
     }
 
@@ -91,21 +91,21 @@ def test_proxy_env_picks_only_proxies() -> None:
 def test_memory_and_timeout_follow_the_matrix() -> None:
     matrix = parse_matrix(MATRIX)
     small, big = matrix.kernels[0], matrix.kernels[1]
-    assert runtime.runner_memory(matrix, small) == 256 * MIB + runtime.RUNNER_OVERHEAD
-    assert runtime.runner_memory(matrix, big) == 1024 * MIB + runtime.RUNNER_OVERHEAD
+    assert in_docker.runner_memory(matrix, small) == 256 * MIB + in_docker.RUNNER_OVERHEAD
+    assert in_docker.runner_memory(matrix, big) == 1024 * MIB + in_docker.RUNNER_OVERHEAD
     # No OOM experiments: the download allowance plus the accounting boot.
-    assert runtime.runner_timeout(matrix) == runtime.DOWNLOAD_ALLOWANCE_S + 120
+    assert in_docker.runner_timeout(matrix) == in_docker.DOWNLOAD_ALLOWANCE_S + 120
     with_oom = parse_matrix(MATRIX.replace("experiments: []", "experiments: all"))
-    assert runtime.runner_timeout(with_oom) > runtime.runner_timeout(matrix) + 300
+    assert in_docker.runner_timeout(with_oom) > in_docker.runner_timeout(matrix) + 300
 
 
 def test_local_builds_and_docker_cells_are_refused() -> None:
     matrix = parse_matrix(MATRIX)
-    runtime.check_runnable(matrix.kernels[0])
+    in_docker.check_runnable(matrix.kernels[0])
     with pytest.raises(UserError, match="local build"):
-        runtime.check_runnable(matrix.kernels[2])
+        in_docker.check_runnable(matrix.kernels[2])
     with pytest.raises(UserError, match="docker cell"):
-        runtime.check_runnable(matrix.kernels[3])
+        in_docker.check_runnable(matrix.kernels[3])
 
 
 def test_requirements_are_the_runtime_dependencies() -> None:
@@ -182,7 +182,7 @@ def test_cli_refuses_an_unknown_runtime() -> None:
 
 
 def test_reports_dir_is_mounted_over_the_images_reports() -> None:
-    config = runtime.runner_config(spec(reports_dir=Path("/p/reports")))
+    config = in_docker.runner_config(spec(reports_dir=Path("/p/reports")))
     assert config["volumes"]["/p/reports"] == {"bind": "/src/reports", "mode": "rw"}
 
 

@@ -22,12 +22,12 @@ import yaml
 
 from kmatrix.config import load_matrix
 from kmatrix.errors import UserError
-from kmatrix.merge import merge_files, merge_results
-from kmatrix.progress import Progress
-from kmatrix.report import render_report
-from kmatrix.results import load_results, write_results
-from kmatrix.runner import RunOptions, run_matrix
-from kmatrix.scaleout import ci_matrix, run_cell
+from kmatrix.report.markdown import render_report
+from kmatrix.results.schema import load_results, write_results
+from kmatrix.run.ci import ci_matrix, run_cell
+from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.merge import merge_files, merge_results
+from kmatrix.run.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tests" / "fixtures" / "results"

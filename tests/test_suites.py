@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from kmatrix.apt_sources import parse_deb822_sources, pick_security_mirror, resolve_security_mirror
-from kmatrix.check import check_file
 from kmatrix.config import parse_matrix
-from kmatrix.debian import SuiteIndex, parse_packages, resolve_kernel
-from kmatrix.errors import ExpectationFailed, UserError
-from kmatrix.report import render_report
-from kmatrix.suites import (
+from kmatrix.debian.archive import SuiteIndex, parse_packages, resolve_kernel
+from kmatrix.debian.sources import (
+    parse_deb822_sources,
+    pick_security_mirror,
+    resolve_security_mirror,
+)
+from kmatrix.debian.suites import (
     Mirrors,
     ResolvedKernel,
     find_stale_pin,
@@ -24,6 +25,9 @@ from kmatrix.suites import (
     plan_sources,
     release_suites,
 )
+from kmatrix.errors import ExpectationFailed, UserError
+from kmatrix.gate.check import check_file
+from kmatrix.report.markdown import render_report
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

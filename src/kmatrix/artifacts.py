@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from kmatrix.errors import InfraError
-from kmatrix.results import atomic_write_text
+from kmatrix.results.schema import atomic_write_text
 
 MANIFEST = ".kmatrix-manifest.json"
 #: Files in a tree that are bookkeeping, not content.

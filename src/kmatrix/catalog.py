@@ -16,7 +16,7 @@ from types import ModuleType
 
 from kmatrix.resources import data_root
 
-#: The same directory as kmatrix.guest.PROBES_DIR: the checkout's probes/ or the installed
+#: The same directory as kmatrix.guest.userland.PROBES_DIR: the checkout's probes/ or the installed
 #: package's copy (kmatrix.resources imports nothing that builds guests).
 PROBES_DIR = data_root() / "probes"
 

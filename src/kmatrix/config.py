@@ -25,7 +25,7 @@ from pydantic import (
 from kmatrix import catalog
 from kmatrix.catalog import unknown_names
 from kmatrix.errors import UserError
-from kmatrix.expectations import ExpectationSyntaxError, parse_expectation
+from kmatrix.gate.expectations import ExpectationSyntaxError, parse_expectation
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
@@ -319,7 +319,7 @@ class Matrix(_Strict):
     probe: ProbeConfig = ProbeConfig()
     oom: OomConfig = OomConfig()
     kernels: list[KernelConfig]
-    # Facts a release relies on, one line each (grammar in kmatrix/expectations.py);
+    # Facts a release relies on, one line each (grammar in kmatrix/gate/expectations.py);
     # `invoke check` and the end of `invoke matrix` evaluate them.
     expectations: list[ExpectationText] = []
 

@@ -15,18 +15,18 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from kmatrix.bench import run_bench
-from kmatrix.check import check_file
-from kmatrix.diff import diff_files
 from kmatrix.errors import KmatrixError
-from kmatrix.images import build_images
-from kmatrix.matrix_docker import run_matrix_in_docker
-from kmatrix.merge import merge_files
-from kmatrix.report import report_from_file
-from kmatrix.runner import RunOptions, run_matrix, summarize
-from kmatrix.runner_image import build_runner_image
-from kmatrix.runtime import check_runtime, run_cell_in_docker
-from kmatrix.scaleout import cell_report_dir, ci_matrix, run_cell
+from kmatrix.gate.check import check_file
+from kmatrix.guest.probe_image import build_images
+from kmatrix.report.diff import diff_files
+from kmatrix.report.markdown import report_from_file
+from kmatrix.run.bench import run_bench
+from kmatrix.run.ci import cell_report_dir, ci_matrix, run_cell
+from kmatrix.run.in_docker import check_runtime, run_cell_in_docker
+from kmatrix.run.matrix import RunOptions, run_matrix, summarize
+from kmatrix.run.matrix_in_docker import run_matrix_in_docker
+from kmatrix.run.merge import merge_files
+from kmatrix.run.runner_image import build_runner_image
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from kmatrix import lifeline
+from kmatrix.backends import lifeline
 from kmatrix.errors import InfraError, UserError
 
 #: Seconds for ordinary engine API calls (ping, info, create, remove).

@@ -1,8 +1,9 @@
 """The QEMU backend: build a QEMU command line (pure) and run it (always with a timeout).
 
-Facts about QEMU on our machines (DESIGN.md): TCG needs ``-cpu max`` (Debian's 7.3 kernel
-prints nothing and never boots on QEMU's default CPU model); ``/dev/kvm`` may exist while
-nested KVM hangs forever, so KVM is used only after a smoke boot proves it works.
+Facts about QEMU on our machines (docs/architecture.md, "QEMU facts"): TCG needs ``-cpu max``
+(Debian's 7.3 kernel prints nothing and never boots on QEMU's default CPU model); ``/dev/kvm``
+may exist while nested KVM hangs forever, so KVM is used only after a smoke boot proves it
+works.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kmatrix import lifeline
+from kmatrix.backends import lifeline
 from kmatrix.errors import InfraError
 
 QEMU_BINARY = "qemu-system-x86_64"

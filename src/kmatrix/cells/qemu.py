@@ -1,0 +1,253 @@
+"""One QEMU cell: build its initrd and disk, boot it, and turn what came back into a result."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kmatrix.backends.qemu import (
+    QemuRun,
+    QemuSpec,
+    arch_for,
+    build_argv,
+    make_disk,
+    run_qemu,
+)
+from kmatrix.cells.console import ConsoleSummary, analyze_console
+from kmatrix.cells.oom_boots import (
+    EARLY_CRASH_RETRIES,
+    OomRun,
+    crashed_early,
+    run_oom_boots,
+    swap_image,
+)
+from kmatrix.config import Matrix
+from kmatrix.errors import InfraError
+from kmatrix.guest.bootimage import boot_file
+from kmatrix.guest.kernels import PreparedKernel
+from kmatrix.guest.kmods import modules_to_load
+from kmatrix.guest.userland import Userland, cell_archive, write_initrd
+from kmatrix.results.oomlog import condense_floods
+from kmatrix.results.repeats import aggregate_scenarios
+from kmatrix.results.schema import JSON, ProbeOutput, new_cell, parse_probe_output
+
+
+class QemuFailedToStart(InfraError):
+    """QEMU exited with an error before the guest printed anything (its stderr says why)."""
+
+
+def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple[str, str]:
+    """Decide a cell's status and reason from how QEMU ended and what came back.
+
+    A complete probe report is ``ok`` whatever happened after it; otherwise a panic wins
+    over a timeout (a panicked guest may also hang), and anything else is an ``error``.
+    """
+    if probe.complete:
+        return "ok", ""
+    if console.panic:
+        return "panic", f"kernel panic: {console.panic}"
+    if run.timed_out:
+        where = console.init_marks[-1] if console.init_marks else "before init started"
+        return "timeout", f"no complete result before the timeout; last init step: {where}"
+    if probe.problems:
+        return "error", "probe output unusable: " + "; ".join(probe.problems[:3])
+    if probe.hello is None:
+        tail = run.stderr.strip().splitlines()[-1:] or ["no QEMU error output"]
+        return "error", f"no result from the guest (QEMU exit {run.returncode}: {tail[0]})"
+    return "error", f"probe stopped after {len(probe.scenarios)} scenarios without finishing"
+
+
+def cell_args(matrix: Matrix, shm_size: int) -> dict[str, str]:
+    """The parameters /init reads from /kmatrix/args."""
+    scenarios = matrix.probe.scenarios
+    return {
+        "KMX_MODE": "accounting",
+        "KMX_SIZE_MIB": str(matrix.probe.size // (1024 * 1024)),
+        "KMX_SHM_SIZE": str(shm_size),
+        "KMX_SCENARIOS": scenarios if isinstance(scenarios, str) else ",".join(scenarios),
+        "KMX_SWAP": "1" if matrix.guest.swap else "0",
+        "KMX_REPEATS": str(matrix.probe.repeats),
+    }
+
+
+def run_qemu_cell(
+    kernel: PreparedKernel,
+    userland: Userland,
+    matrix: Matrix,
+    workdir: Path,
+    console_dest: Path,
+    accel: str,
+    memory_bytes: int,
+    shm_size: int,
+) -> JSON:
+    """Boot one kernel with the probe and return its results.json cell (any status)."""
+    cell = new_cell(kernel.name, "qemu")
+    arch = arch_for(kernel.arch)
+    cpu = arch.tcg_cpu if accel == "tcg" else "host"
+    cell.update(accel=accel, memory_bytes=memory_bytes, arch=arch.name, cpu=cpu)
+    cell["kernel"] = kernel_info(kernel)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    image, entry = boot_file(kernel.vmlinuz, arch.name, workdir / "vmlinux")
+    cell["boot"] = entry
+    modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
+    args = cell_args(matrix, shm_size) | {"KMX_RESULT_DEV": arch.result_device}
+    initrd = workdir / "initrd.cpio"
+    write_initrd(userland, cell_archive(args, modules), initrd)
+    disk = workdir / "disk.img"
+    make_disk(disk, matrix.guest.disk_size)
+    swap = swap_image(matrix, workdir)
+    spec = QemuSpec(
+        vmlinuz=image,
+        initrd=initrd,
+        console_log=workdir / "console.log",
+        result_log=workdir / "results.log",
+        memory_bytes=memory_bytes,
+        accel=accel,
+        disk=disk,
+        swap=swap,
+        cpus=matrix.guest.cpus,
+        append=kernel.cmdline,
+        arch=arch,
+    )
+    started = time.monotonic()
+    booted = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oom") as pool:
+        oom_future = pool.submit(
+            _oom_once_booted, spec.console_log, booted, kernel, userland, matrix,
+            workdir / "oom", accel, image,
+        )  # fmt: skip
+        try:
+            run, console_text, earlier = _boot_until_probe(spec, matrix.probe.cell_timeout)
+        finally:
+            booted.set()
+        oom = oom_future.result()
+    console = analyze_console(console_text)
+    probe = parse_probe_output(_read(spec.result_log).splitlines())
+    console_dest.parent.mkdir(parents=True, exist_ok=True)
+    # QEMU killed before it opened its console: an empty log, not a crash.
+    console_dest.write_text(earlier + console_text)
+    if earlier:
+        cell["early_crashes"] = earlier.count(EARLY_CRASH_MARK)
+    status, reason = classify(run, console, probe)
+    cell.update(status=status, reason=reason, duration_s=run.duration_s)
+    if console.release:
+        cell["kernel"]["release"] = console.release
+    cell["scenarios"] = aggregate_scenarios(probe.scenarios)
+    cell["probe"] = probe.hello or {}
+    if status != "ok":
+        cell["console_tail"] = console.tail
+    disk.unlink(missing_ok=True)
+    initrd.unlink(missing_ok=True)
+    if swap is not None:
+        swap.unlink(missing_ok=True)
+    if oom is not None:
+        _record_oom(cell, oom, matrix, console_dest)
+    if image != kernel.vmlinuz:
+        image.unlink(missing_ok=True)
+    cell["wall_s"] = round(time.monotonic() - started, 2)
+    return cell
+
+
+def _oom_once_booted(
+    console_log: Path, accounting_ended: threading.Event, kernel: PreparedKernel,
+    userland: Userland, matrix: Matrix, workdir: Path, accel: str, image: Path,
+) -> OomRun | None:  # fmt: skip
+    """The OOM boots, started alongside the accounting boot once its init has printed (a
+    kernel that cannot boot our init cannot run OOM boots either: None then)."""
+    while not _init_started(console_log):
+        if accounting_ended.wait(0.25):
+            if not _init_started(console_log):
+                return None
+            break
+    return run_oom_boots(kernel, userland, matrix, workdir, accel, image=image)
+
+
+def _init_started(console_log: Path) -> bool:
+    return analyze_console(_read(console_log)).reached_init
+
+
+def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
+    """A QEMU that failed before the guest printed anything is kmatrix's error, not a result.
+
+    It is an InfraError carrying QEMU's own words, so the run stops with one clear line.
+    """
+    # A negative code is a signal from outside (someone killed QEMU): the cell's error.
+    if run.timed_out or run.returncode is None or run.returncode <= 0 or console_text.strip():
+        return
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    said = "; ".join(lines[-3:]) or "no error output"
+    raise QemuFailedToStart(
+        f"{spec.arch.binary} exited at once (status {run.returncode}) before the guest printed "
+        f"anything: {said[:500]}; check the kernel file {spec.vmlinuz} and the QEMU installation"
+    )
+
+
+def _record_oom(cell: JSON, oom: OomRun, matrix: Matrix, console_dest: Path) -> None:
+    """The OOM boots' results in cell["oom"], their consoles appended to the cell's."""
+    if not oom.boots:
+        return
+    cell["oom"] = oom.experiments
+    cell["oom_boots"] = oom.boots
+    cell["oom_memory_bytes"] = matrix.oom.memory
+    # Boot time summed: the boots run side by side, so this is more than the wall time.
+    cell["oom_duration_s"] = round(sum(b["duration_s"] for b in oom.boots), 2)
+    cell["duration_s"] = round(cell["duration_s"] + cell["oom_duration_s"], 2)
+    with console_dest.open("a") as f:
+        for boot, text in zip(oom.boots, oom.consoles, strict=True):
+            f.write(f"\n===== kmatrix OOM boot {boot['index']} ({boot['units']} repeats) =====\n")
+            f.write(condense_floods(text)[0])  # parsed in full already (results.oom)
+
+
+# Where the kernel came from: the same for every run of one package, except the stale-pin
+# note, which follows the archive; a cached cell gets these refreshed (kmatrix.run.matrix).
+PROVENANCE_KEYS = (
+    "package", "version", "sha256", "suite", "packages",
+    "archive", "archive_url", "suites", "skipped_suites", "stale_pin",
+    "path", "modules", "modules_sha256", "config_file", "config_sha256", "build_sha256",
+)  # fmt: skip
+
+
+EARLY_CRASH_MARK = "===== kmatrix: this boot panicked before the probe started; booted again"
+
+
+def _boot_until_probe(spec: QemuSpec, timeout: float) -> tuple[QemuRun, str, str]:
+    """Boot; again (EARLY_CRASH_RETRIES times at most) while it panics before the probe.
+
+    Returns the last run, its console and the consoles of the boots that crashed early.
+    """
+    earlier = ""
+    for _ in range(EARLY_CRASH_RETRIES):
+        run, console_text = _boot_once(spec, timeout)
+        hello = parse_probe_output(_read(spec.result_log).splitlines()).hello
+        if not crashed_early(hello, analyze_console(console_text).panic):
+            return run, console_text, earlier
+        earlier += f"{console_text}\n{EARLY_CRASH_MARK} =====\n"
+    run, console_text = _boot_once(spec, timeout)
+    return run, console_text, earlier
+
+
+def _boot_once(spec: QemuSpec, timeout: float) -> tuple[QemuRun, str]:
+    run = run_qemu(build_argv(spec), timeout=timeout)
+    console_text = _read(spec.console_log)
+    _check_started(run, console_text, spec)
+    return run, console_text
+
+
+def kernel_info(kernel: PreparedKernel) -> dict[str, Any]:
+    """The results' ``kernel`` entry of a cell: release, config and provenance."""
+    info = {"name": kernel.name, "release": kernel.release, "config": kernel.config}
+    # Keys a source does not have (a local build has no suite) are left out, not null,
+    # except the ones every cell has always had.
+    always = ("package", "version", "sha256", "suite", "packages")
+    info |= {k: kernel.provenance.get(k) for k in PROVENANCE_KEYS
+             if k in always or k in kernel.provenance}  # fmt: skip
+    return info | {"arch": kernel.arch}
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -1,0 +1,247 @@
+"""The OOM section of report.md: whom the OOM killer killed, per experiment and kernel.
+
+Reads results only (cell["oom"], see kmatrix.results.oom); never runs anything.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tabulate import tabulate
+
+from kmatrix.report.findings import DISAGREE_MARK
+from kmatrix.results.oom import experiment_names
+
+JSON = dict[str, Any]
+MIB = 1024 * 1024
+
+#: One line per experiment: what its holder does (docs/architecture.md, "OOM experiments").
+SETUPS = {
+    "oom-global-memfd-unmapped": "holder keeps a memfd filled by write(), never mapped",
+    "oom-global-memfd-mapped": "holder maps and touches its memfd",
+    "oom-global-tmpfile-shm": "holder keeps an unlinked O_TMPFILE on /dev/shm",
+    "oom-global-shm-named": "holder writes a named /dev/shm file (killing it frees nothing)",
+    "oom-global-fd-passed": "memfd passed over SCM_RIGHTS to the holder; its creator exits",
+    "oom-memcg-v2": "holder, bystander and hog in a v2 memory cgroup with memory.max",
+    "oom-memcg-v2-group": "as oom-memcg-v2 with memory.oom.group=1",
+    "oom-memcg-v1": "as oom-memcg-v2 in a v1 memory cgroup (memory.limit_in_bytes)",
+    "oom-global-memfd-swapped": "as oom-global-memfd-unmapped with swap on: the holder "
+    "pushes its memfd out to swap first",
+    "oom-global-memfd-growth": "a writer grows an unmapped memfd towards 2x RAM among three "
+    "bystanders holding 10, 15 and 20 % of MemAvailable in anon memory; no hog",
+    "oom-global-memfd-growth-protected": "as oom-global-memfd-growth, the writer at "
+    "oom_score_adj -1000",
+    "oom-global-memfd-growth-kill-allocating": "as oom-global-memfd-growth with "
+    "vm.oom_kill_allocating_task=1",
+    "oom-memcg-v2-memfd-growth": "as oom-global-memfd-growth inside a v2 memory cgroup "
+    "(bystanders are fractions of memory.max)",
+    "oom-memcg-v2-memfd-growth-protected": "as oom-memcg-v2-memfd-growth, the writer at "
+    "oom_score_adj -1000",
+    "oom-memcg-cross-charge": "a memfd written in cgroup A (half its limit) is passed to a "
+    "receiver in cgroup B, which appends, maps and touches it; the creator exits; a hog in A "
+    "then runs A out of memory",
+    "oom-no-killable": "every process is oom_score_adj -1000: nothing can be killed",
+}
+
+#: Printed under the OOM tables: what a number there does and does not mean.
+NOTES = (
+    "*memory.events oom_kill* counts a memory.oom.group victim twice: mm/oom_kill.c "
+    "oom_kill_process() kills the chosen task, then oom_kill_memcg_member() kills every "
+    "member of the group again, the chosen one included, and each __oom_kill_process() "
+    "counts MEMCG_OOM_KILL. A group of 3 therefore shows 4.",
+    "*Shmem freed by the OOM*: after the victims are reaped, meminfo Shmem is no longer up "
+    "by half of what the experiment's files held. *charge stayed*: the memory cgroup's "
+    "memory.stat shmem still holds at least half of it after the OOM. The harness keeps no "
+    "reference to any file: both can come out either way. With swap on "
+    "(`oom-global-memfd-swapped`) swap used counts as the file's too, so other roles' "
+    'swapped pages lean it towards "not freed".',
+    "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
+    "`writer-stalled` (alive, no progress for 1.5 s: see the repeat's `stall` record), "
+    "`panic` (the boot ended: the next boot ran the remaining repeats).",
+)
+
+
+def _label(cell: JSON) -> str:
+    return str(cell["id"])
+
+
+def _entry(cell: JSON, name: str) -> JSON | None:
+    return next((e for e in cell.get("oom", []) if e.get("name") == name), None)
+
+
+def distribution(outcomes: Sequence[str]) -> str:
+    """``["hog", "hog", "holder"]`` -> ``"hog 2/3, holder 1/3"`` (most frequent first)."""
+    if not outcomes:
+        return "—"
+    total = len(outcomes)
+    return ", ".join(f"{what} {n}/{total}" for what, n in Counter(outcomes).most_common())
+
+
+def _not_run(entry: JSON | None) -> str | None:
+    """The cell text for an experiment that has no repeats to show, else None."""
+    if entry is None:
+        return "—"
+    status = entry.get("status")
+    if status in ("refused", "not available"):
+        return "refused" if status == "refused" else "not available"
+    if not entry.get("repeats"):
+        return f"error: {str(entry.get('reason') or status)[:60]}"
+    return None
+
+
+def _victims(entry: JSON) -> str:
+    if entry.get("panic") and not any(entry.get("victims", [])):
+        return distribution(["panic"] * int(entry.get("repeats") or 0))
+    return distribution([" → ".join(v) if v else "nobody" for v in entry.get("victims", [])])
+
+
+def _count(entry: JSON, key: str) -> str:
+    values = [v for v in entry.get(key, []) if v is not None]
+    return f"{sum(1 for v in values if v)}/{len(values)}" if values else "—"
+
+
+def _model(entry: JSON) -> str:
+    return distribution([p or "—" for p in entry.get("predicted_victim", [])])
+
+
+def _agree(entry: JSON) -> str:
+    pairs = [
+        (p, f)
+        for p, f in zip(
+            entry.get("predicted_victim", []), entry.get("first_victim", []), strict=False
+        )
+        if p is not None  # no prediction (no snapshot before a panic): nothing to compare
+    ]
+    return f"{sum(1 for p, f in pairs if p == f)}/{len(pairs)}" if pairs else "—"
+
+
+def _memcg_kills(entry: JSON) -> str:
+    values = [v for v in entry.get("memory_events_oom_kill", []) if v is not None]
+    return ", ".join(str(v) for v in values) if values else "—"
+
+
+def _panic(entry: JSON) -> str:
+    text = "yes" if entry.get("panic") else "no"
+    if entry.get("panic_expected"):
+        text += " (expected)" if entry.get("panic") else " (panic expected!)"
+    return text
+
+
+ROWS: tuple[tuple[str, Callable[[JSON], str]], ...] = (
+    ("victims (kill order)", _victims),
+    ("model predicts", _model),
+    ("model = kernel's first victim", _agree),
+    ("ended", lambda e: distribution([str(x) for x in e.get("ended", [])])),
+    ("holder (writer) survived", lambda e: _count(e, "holder_survived")),
+    ("Shmem freed by the OOM", lambda e: _count(e, "shmem_freed")),
+    ("panic", _panic),
+    ("constraint", lambda e: str(e.get("constraint") or "—").removeprefix("CONSTRAINT_")),
+    ("memory.events oom_kill", _memcg_kills),
+    ("charge stayed after the OOM", lambda e: _count(e, "charge_stayed")),
+)
+
+
+def experiment_table(cells: Sequence[JSON], name: str) -> str:
+    """One experiment: a row per fact, a column per cell; rows where kernels differ marked."""
+    rows = []
+    blocked = [_not_run(_entry(cell, name)) for cell in cells]
+    if all(b is not None for b in blocked):
+        return ""  # nothing ran anywhere: the summary table already says why
+    for label, fn in ROWS:
+        values = [
+            b if b is not None else fn(_entry(cell, name) or {})
+            for cell, b in zip(cells, blocked, strict=True)
+        ]
+        shown = [v for v in values if v not in ("—", "refused", "not available")]
+        mark = f" {DISAGREE_MARK}" if len(set(shown)) > 1 else ""
+        if shown:  # a row that no kernel measured says nothing
+            rows.append([label + mark, *values])
+    return tabulate(rows, ["", *(_label(c) for c in cells)], tablefmt="github")
+
+
+def summary_table(cells: Sequence[JSON], names: Sequence[str]) -> str:
+    """First victims (or panic) of every experiment at a glance."""
+    rows = []
+    for name in names:
+        values = []
+        for cell in cells:
+            entry = _entry(cell, name)
+            blocked = _not_run(entry)
+            values.append(blocked if blocked is not None else _victims(entry or {}))
+        rows.append([f"`{name}`", *values])
+    return tabulate(rows, ["experiment", *(_label(c) for c in cells)], tablefmt="github")
+
+
+def timing_table(cells: Sequence[JSON]) -> str:
+    """How long the OOM boots of each cell took, and at what guest memory."""
+    rows = []
+    for c in cells:
+        boots = c.get("oom_boots") or []
+        if not boots:
+            continue
+        mem = c.get("oom_memory_bytes")
+        rows.append([
+            _label(c),
+            f"{mem / MIB:.0f}" if mem else "—",
+            len(boots),
+            sum(int(b.get("finished") or 0) for b in boots),
+            f"{sum(float(b.get('duration_s') or 0) for b in boots):.1f}",
+        ])  # fmt: skip
+    if not rows:
+        return ""
+    return tabulate(
+        rows, ["cell", "guest MiB", "boots", "repeats finished", "OOM seconds"], tablefmt="github"
+    )
+
+
+def container_notes(cells: Sequence[JSON]) -> list[str]:
+    """One line per cell whose memcg experiments ran in a container's own cgroup."""
+    notes = []
+    for cell in cells:
+        ran = [e for e in cell.get("oom", []) if e.get("memcg") == "container"]
+        if not ran:
+            continue
+        adj = ran[0].get("oom_score_adj") or {}
+        names = ", ".join(f"`{e['name']}`" for e in ran)
+        notes.append(
+            f"- **{_label(cell)}**: {names} ran in the "
+            f"container's own {ran[0].get('cgroup_version') or ''} memory cgroup (limit = its "
+            f"`--memory`; sizes are fractions of it), harness included; every role at "
+            f"oom_score_adj {adj.get('roles')}, the harness at {adj.get('harness')}. Victims "
+            "are the roles the harness saw die of SIGKILL, in that order (the host's kernel "
+            "log is not read)."
+        )
+    return notes
+
+
+def oom_section(cells: Sequence[JSON]) -> str:
+    """The markdown OOM section (empty string when no cell has OOM results)."""
+    names = experiment_names(cells)
+    if not names:
+        return ""
+    shown = [c for c in cells if c.get("oom")]
+    parts = [
+        "## OOM experiments",
+        "",
+        "Each experiment repeats; a cell shows the distribution over repeats. Victims are "
+        "roles in kill order from the kernel's own `Killed process` lines (console); "
+        "*model* is the victim of the documented badness formula (rss + swap + page "
+        "tables, oom_score_adj) applied to `/proc` values read just before the OOM. "
+        f"Sizes are fractions of the OOM boots' MemAvailable; {DISAGREE_MARK} marks rows where "
+        "kernels differ.",
+        "",
+        *([*notes, ""] if (notes := container_notes(shown)) else []),
+        summary_table(shown, names),
+    ]
+    for name in names:
+        setup = SETUPS.get(name, "")
+        table = experiment_table(shown, name)
+        if table:
+            parts += ["", f"### `{name}`" + (f": {setup}" if setup else ""), "", table]
+    parts += ["", *(f"- {note}" for note in NOTES)]
+    timing = timing_table(shown)
+    if timing:
+        parts += ["", "### OOM boots", "", timing]
+    return "\n".join(parts) + "\n"

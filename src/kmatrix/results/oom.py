@@ -1,0 +1,264 @@
+"""Turn OOM boots (probe records + console logs) into the results.json ``oom`` entries.
+
+Pure: no process is run here. The probe tells which pid played which role in each
+(experiment, repeat) unit; the kernel's console tells whom it killed, in order. Pids are
+unique within one boot, so each boot's console is matched with that boot's records only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from kmatrix import catalog
+from kmatrix.results.oomlog import OomEvent, OomLog, parse_oom_log
+from kmatrix.results.schema import JSON, ProbeOutput
+
+#: Canonical experiment names, in report order, and those expected to panic (one catalog).
+EXPERIMENTS = catalog.EXPERIMENTS
+EXPECTED_PANIC = catalog.EXPECTED_PANIC
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One repeat of one experiment."""
+
+    name: str
+    repeat: int
+
+
+@dataclass
+class BootOutput:
+    """What one OOM boot returned: its plan, the probe's records, its console, how it ended."""
+
+    index: int
+    units: list[Unit]
+    probe: ProbeOutput
+    console: str
+    end: JSON
+
+    def records(self, event: str) -> dict[Unit, JSON]:
+        """The probe's ``oom`` records of one kind (``start`` / ``result``) by unit."""
+        return {
+            Unit(r["name"], int(r["repeat"])): r
+            for r in self.probe.oom
+            if r.get("event") == event and isinstance(r.get("name"), str)
+        }
+
+    def covered(self) -> set[Unit]:
+        """Units this boot finished or at least started (a started one is not rerun)."""
+        return set(self.records("start")) | set(self.records("result"))
+
+    def summary(self) -> JSON:
+        """The boot as recorded in the cell (``oom_boots``)."""
+        hello = self.probe.hello or {}
+        return {
+            "index": self.index,
+            "units": len(self.units),
+            "finished": len(self.records("result")),
+            "mem_total": hello.get("mem_total"),
+            "release": hello.get("release"),
+            "probe_uptime_s": hello.get("uptime"),  # when the probe started, since boot
+            **{k: v for k, v in self.end.items() if k != "console_tail"},
+        }
+
+
+def _pids(record: JSON) -> dict[int, str]:
+    pids = record.get("pids") or {}
+    return {int(pid): role for role, pid in pids.items() if isinstance(pid, int)}
+
+
+def kills_for(log: OomLog, roles: dict[int, str]) -> tuple[list[JSON], list[OomEvent]]:
+    """Kernel kills of the events that involve these pids, with the role of each victim."""
+    events = [e for e in log.events if e.pids() & roles.keys()]
+    kills = [asdict(k) | {"role": roles.get(k.pid, "other")} for e in events for k in e.kills]
+    return kills, events
+
+
+def _constraint(events: list[OomEvent]) -> str | None:
+    found = [e.constraint.get("constraint") for e in events if e.constraint.get("constraint")]
+    return found[0] if found else None
+
+
+def _ordered_roles(kills: list[JSON]) -> list[str]:
+    return list(dict.fromkeys(str(k["role"]) for k in kills))
+
+
+def _from_probe(result: JSON) -> JSON:
+    """Guest-side facts of one finished repeat."""
+    shmem = result.get("shmem") or {}
+    cgroup = result.get("cgroup") or {}
+    keep = (
+        *("pids", "sizes", "mem_total", "pre_oom", "model_points", "predicted_by_oom_score"),
+        *("died", "exit", "probe_victims", "hog_bytes", "outcome", "duration_s"),
+        *("t_ready", "t_watched", "memcg", "oom_score_adj", "knobs", "knobs_during"),
+        *("writer_protected",),
+        *("write_error", "stall", "cross", "holder_role"),
+    )
+    return {k: result.get(k) for k in keep} | {
+        "predicted_victim": result.get("predicted_victim"),
+        "shmem_freed": shmem.get("freed_by_oom"),
+        "shmem_restored": shmem.get("restored"),
+        "shmem": shmem,
+        "cgroup": cgroup,
+        "memory_events_oom_kill": (cgroup.get("events") or {}).get("oom_kill"),
+        "vmstat_oom_kill": result.get("vmstat_oom_kill"),
+    }
+
+
+def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> JSON:
+    """One repeat: the probe's record (if it finished) merged with the kernel's account."""
+    result = boot.records("result").get(unit)
+    start = boot.records("start").get(unit)
+    entry: JSON = {"repeat": unit.repeat, "boot": boot.index, "panic": False}
+    if result is None and start is None:
+        return entry | {"status": "not run", "error": _no_start_reason(boot), "victims": []}
+    roles = _pids(result or start or {})
+    entry["start_uptime_s"] = (start or {}).get("uptime")
+    kills, events = kills_for(log, roles)
+    victims = _ordered_roles(kills)
+    entry.update(kills=kills, constraint=_constraint(events))
+    entry["no_killable"] = any(e.no_killable for e in events)
+    # A protected task faulting in a full memcg re-enters the OOM killer again and again.
+    entry["no_killable_reports"] = sum(e.no_killable for e in events)
+    if result is not None:
+        entry.update(_from_probe(result), status=result.get("status"), error=result.get("error"))
+        if not victims and result.get("probe_victims"):
+            victims, entry["victims_source"] = list(result["probe_victims"]), "probe"
+    else:  # started, never finished: the boot ended under it
+        entry.update(_crashed(boot, log, roles), holder_role=(start or {}).get("holder_role"))
+    entry.update(victims=victims, first_victim=victims[0] if victims else None)
+    entry.setdefault("victims_source", "kernel")
+    return entry
+
+
+def _crashed(boot: BootOutput, log: OomLog, roles: dict[int, str]) -> JSON:
+    panic = log.panic is not None
+    why = (
+        f"kernel panic: {log.panic}"
+        if panic
+        else ("the guest hung (boot timeout)" if boot.end.get("timed_out") else "the guest died")
+    )
+    return {
+        "status": "panic" if panic else "crashed",
+        "panic": panic,
+        "panic_message": log.panic,
+        "error": None if panic else why,
+        "pids": {role: pid for pid, role in roles.items()},
+        "console_tail": boot.end.get("console_tail", []),
+    }
+
+
+def _no_start_reason(boot: BootOutput) -> str:
+    if boot.probe.hello is None:
+        return f"OOM boot {boot.index} never reached the probe ({_end_text(boot.end)})"
+    return f"OOM boot {boot.index} ended before this repeat ({_end_text(boot.end)})"
+
+
+def _end_text(end: JSON) -> str:
+    if end.get("panic"):
+        return f"kernel panic: {end['panic']}"
+    if end.get("timed_out"):
+        return "timeout"
+    return f"QEMU exit {end.get('returncode')}"
+
+
+def ending(run: JSON) -> str:
+    """How one repeat ended: panic, writer-died, write-error ENOMEM, writer-stalled, ..."""
+    if run.get("panic"):
+        return "panic"
+    outcome = str(run.get("outcome") or run.get("status") or "unknown")
+    return f"{outcome} {run['write_error']}" if run.get("write_error") else outcome
+
+
+def _survived(run: JSON) -> bool | None:
+    """Did the role holding the memory outlive the OOM? (the writer, in growth experiments)"""
+    holder = str(run.get("holder_role") or "holder")
+    if run.get("panic") or run.get("status") != "ok":
+        return None  # the machine died under it, or the repeat did not finish: neither
+    return holder not in run.get("victims", [])
+
+
+def summarize(name: str, runs: list[JSON]) -> JSON:
+    """The results.json entry of one experiment from its repeats."""
+    ran = [r for r in runs if r.get("status") in ("ok", "panic")]
+    unavailable = [r for r in runs if r.get("status") == "not available"]
+    status, reason = "ok", None
+    if unavailable and len(unavailable) == len(runs):
+        status, reason = "not available", unavailable[0].get("error")
+    elif len(ran) < len(runs):
+        bad = next(r for r in runs if r not in ran)
+        status, reason = "error", f"repeat {bad['repeat']}: {bad.get('status')}: {bad.get('error')}"
+    constraints = Counter(r.get("constraint") for r in ran if r.get("constraint"))
+    return {
+        "name": name,
+        "status": status,
+        "reason": reason,
+        "repeats": len(ran),
+        "victims": [r.get("victims", []) for r in ran],
+        "first_victim": [r.get("first_victim") for r in ran],
+        "predicted_victim": [r.get("predicted_victim") for r in ran],
+        "panic": any(r.get("panic") for r in ran),
+        "panic_expected": name in EXPECTED_PANIC,
+        "holder_survived": [_survived(r) for r in ran],
+        "shmem_freed": [r.get("shmem_freed") for r in ran],
+        "charge_stayed": [(r.get("cgroup") or {}).get("charge_stayed") for r in ran],
+        "ended": [ending(r) for r in ran],
+        "memory_events_oom_kill": [r.get("memory_events_oom_kill") for r in ran],
+        "constraint": constraints.most_common(1)[0][0] if constraints else None,
+        "kills": [k | {"repeat": r["repeat"]} for r in ran for k in r.get("kills", [])],
+        "runs": runs,
+    }
+
+
+def assemble(units: Sequence[Unit], boots: Sequence[BootOutput]) -> list[JSON]:
+    """Every experiment's entry, in canonical order, from all OOM boots of a cell."""
+    logs = {b.index: parse_oom_log(b.console) for b in boots}
+    runs: dict[str, list[JSON]] = {}
+    for unit in units:
+        boot = next((b for b in boots if unit in b.covered()), boots[-1] if boots else None)
+        if boot is None:
+            entry: JSON = {"repeat": unit.repeat, "status": "not run", "error": "no OOM boot"}
+        else:
+            entry = unit_outcome(unit, boot, logs[boot.index])
+        runs.setdefault(unit.name, []).append(entry)
+    return [summarize(name, runs[name]) for name in EXPERIMENTS if name in runs]
+
+
+def experiment_names(cells: Sequence[JSON]) -> list[str]:
+    """Experiment names present in any cell, canonical ones first."""
+    seen = [e["name"] for c in cells for e in c.get("oom", []) if isinstance(e, dict)]
+    extra = [n for n in dict.fromkeys(seen) if n not in EXPERIMENTS]
+    return [n for n in EXPERIMENTS if n in seen] + extra
+
+
+#: How victims are known without a console: the harness saw its children die of SIGKILL.
+PROBE_VICTIMS = "probe"
+
+
+def entries_from_probe(probe: ProbeOutput) -> list[JSON]:
+    """Experiment entries from one probe run without a kernel console (e.g. a container,
+    where the host's kernel log is not ours to read): victims come from the probe.
+
+    Every entry and repeat says so (``victims_source: probe``): the kill order is the
+    order in which the harness saw its roles die of SIGKILL, not the kernel's log, and a
+    repeat in which nobody died is the probe's observation too.
+    """
+    units = [
+        Unit(str(r["name"]), int(r["repeat"]))
+        for r in probe.oom
+        if r.get("event") == "result" and isinstance(r.get("name"), str)
+    ]
+    boot = BootOutput(1, units, probe, "", {})
+    entries = assemble(units, [boot]) if units else []
+    for entry in entries:
+        entry["victims_source"] = PROBE_VICTIMS
+        for run in entry["runs"]:
+            run["victims_source"] = PROBE_VICTIMS
+        first = next((r for r in entry["runs"] if r.get("status") == "ok"), None)
+        if first is not None:  # where it ran and how the harness stayed out of the way
+            entry["memcg"] = first.get("memcg")
+            entry["cgroup_version"] = (first.get("cgroup") or {}).get("version")
+            entry["oom_score_adj"] = first.get("oom_score_adj")
+    return entries

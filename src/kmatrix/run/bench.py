@@ -1,0 +1,177 @@
+"""`invoke bench`: measure the matrix's speed and memory and print a table of figures.
+
+Benchmarks print numbers for the README; they assert nothing (timed tests flake).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tabulate import tabulate
+
+from kmatrix.config import load_matrix
+from kmatrix.debian.archive import Archive, default_cache_dir, resolve_mirror
+from kmatrix.guest.userland import build_userland
+from kmatrix.results.schema import JSON
+from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.progress import Progress
+
+# The kernel logs this line just before it executes our /init (init/main.c run_init_process).
+_RUN_INIT_RE = re.compile(r"\[\s*(\d+\.\d+)\] Run /init as init process")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured quantity: its samples and unit."""
+
+    what: str
+    samples: list[float]
+    unit: str = "s"
+
+    def row(self) -> list[str]:
+        """what, median, min, max, n."""
+        s = self.samples
+        if not s:
+            return [self.what, "—", "—", "—", "0"]
+
+        def fmt(v: float) -> str:
+            return f"{v:.1f}" if self.unit == "s" else f"{v:.0f}"
+
+        return [
+            self.what,
+            f"{fmt(statistics.median(s))} {self.unit}",
+            fmt(min(s)),
+            fmt(max(s)),
+            str(len(s)),
+        ]
+
+
+def boot_to_init_seconds(console: str) -> float | None:
+    """Guest seconds from power-on to our /init, from the kernel's own timestamp."""
+    m = _RUN_INIT_RE.search(console)
+    return float(m.group(1)) if m else None
+
+
+def render_figures(figures: list[Figure], note: str) -> str:
+    """The bench table as markdown."""
+    rows = [f.row() for f in figures]
+    table = tabulate(rows, ["what", "median", "min", "max", "n"], tablefmt="github")
+    return f"{table}\n\n{note}\n"
+
+
+@contextmanager
+def _cache_at(path: Path) -> Iterator[None]:
+    old = os.environ.get("KMATRIX_CACHE")
+    os.environ["KMATRIX_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KMATRIX_CACHE", None)
+        else:
+            os.environ["KMATRIX_CACHE"] = old
+
+
+def run_bench(
+    matrix_path: Path, repeats: int = 3, cold: bool = True, log: Callable[[str], None] = print
+) -> str:
+    """Run the matrix cold (empty cache), warm (forced) and unchanged; return the figures."""
+    work = Path(tempfile.mkdtemp(prefix="kmatrix-bench-"))
+    quiet = Progress(io.StringIO(), live=False)
+
+    def run(name: str, force: bool, kernels: tuple[str, ...] = ()) -> tuple[float, JSON]:
+        opts = RunOptions(
+            matrix_path=matrix_path, name=name, reports_dir=work, force=force, kernels=kernels
+        )
+        start = time.monotonic()
+        results = run_matrix(opts, quiet)
+        return time.monotonic() - start, results
+
+    figures: dict[str, Figure] = {}
+
+    def add(what: str, value: float | None, unit: str = "s") -> None:
+        if value is not None:
+            figures.setdefault(what, Figure(what, [], unit)).samples.append(value)
+
+    try:
+        if cold:
+            log("cold run: empty cache (downloads every kernel and the userland)")
+            with _cache_at(work / "cold-cache"):
+                seconds, _ = run("cold", force=True)
+            add("whole matrix, cold (download + build + boot)", seconds)
+            shutil.rmtree(work / "cold-cache", ignore_errors=True)
+        results: JSON = {"cells": []}
+        for i in range(repeats):
+            log(f"warm run {i + 1}/{repeats}: downloads cached, every cell booted")
+            seconds, results = run(f"warm{i}", force=True)
+            add("whole matrix, warm (every cell booted)", seconds)
+            for cell in results["cells"]:
+                # wall_s: a cell's boots run side by side; duration_s sums them.
+                wall = cell.get("wall_s") or cell.get("duration_s")
+                add(f"cell {cell['id']} ({cell['backend']}), in the matrix", wall)
+                console = work / f"warm{i}" / "console" / f"{cell['id']}.log"
+                if console.exists():
+                    add(
+                        f"boot to init {cell['id']}",
+                        boot_to_init_seconds(console.read_text(errors="replace")),
+                    )
+        alone = next((c["id"] for c in results["cells"] if c["backend"] == "qemu"), None)
+        for i in range(repeats if alone else 0):
+            log(f"one cell alone {i + 1}/{repeats}: {alone}")
+            seconds, _ = run(f"alone{i}", force=True, kernels=(str(alone),))
+            add(f"one cell alone ({alone}: accounting + OOM boots)", seconds)
+        for i in range(repeats):
+            seconds, _ = run(f"cached{i}", force=False)
+            add("unchanged rerun (all cells from cache)", seconds)
+        add("userland build (from cached .debs)", _time_userland_build(matrix_path))
+        # RUSAGE_CHILDREN is no measure of QEMU: a forked child starts with the parent's
+        # RSS, so its maximum is this process's own. A QEMU cell's RAM is guest.memory.
+        add(
+            "peak RSS of kmatrix (cold run parses whole Packages indices)",
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "MiB",
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    cores = os.cpu_count()
+    note = f"Machine: {cores} cores, {_mem_total_gib():.0f} GiB RAM; cells in parallel: {cores}."
+    return render_figures(list(figures.values()), note)
+
+
+def _time_userland_build(matrix_path: Path) -> float:
+    """Time building the guest userland archive from already-downloaded packages."""
+    matrix = load_matrix(matrix_path)
+    cache = default_cache_dir()
+    with tempfile.TemporaryDirectory(prefix="kmatrix-userland-") as tmp:
+        # Point the userland output at a fresh dir but reuse the downloaded .debs.
+        scratch = Path(tmp)
+        (scratch / "debs").symlink_to(cache / "debs")
+        (scratch / "indices").symlink_to(cache / "indices")
+        archive = Archive(
+            resolve_mirror(matrix.mirror),
+            scratch,
+            keyring=matrix.keyring,
+            check_valid_until=matrix.check_valid_until,
+        )
+        start = time.monotonic()
+        build_userland(archive, matrix.guest.suite, scratch, lambda _m: None)
+        return time.monotonic() - start
+
+
+def _mem_total_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024 / 1024
+    return 0.0
