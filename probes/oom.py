@@ -694,9 +694,9 @@ def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
     guest's swap disk on first and off again at the end."""
     problem = swap.swapon(env.swap_dev) if exp.swapped else None
     if problem:
-        rec = _new_record(exp, repeat, env)
-        rec.update(status="not available", error=problem)
-        return rec
+        unavailable = _new_record(exp, repeat, env)
+        unavailable.update(status="not available", error=problem)
+        return unavailable
     rec: Record = {}
     try:
         rec = _run_repeat(exp, repeat, env, emit)
