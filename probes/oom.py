@@ -32,9 +32,10 @@ import knobs
 import oom_model
 import oom_scope
 import swap
-from accounting import parse_flat_keyed, read_meminfo, read_text
+from accounting import parse_flat_keyed, read_int, read_meminfo, read_text
 from oom_roles import OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_NEUTRAL, RoleSpec, role_main
 from protocol import Channel, ProtocolError
+from system import write_text
 
 Record = dict[str, Any]
 Emit = Callable[[Record], None]
@@ -746,10 +747,7 @@ def _run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
 
 
 def _own_adj() -> int | None:
-    try:
-        return int(read_text("/proc/self/oom_score_adj"))
-    except (OSError, ValueError):
-        return None
+    return read_int("/proc/self/oom_score_adj")
 
 
 def protect_harness() -> str | None:
@@ -759,8 +757,7 @@ def protect_harness() -> str | None:
     the harness is unprotected, or None.
     """
     try:
-        with open("/proc/self/oom_score_adj", "w", encoding="ascii") as f:
-            f.write(str(OOM_SCORE_ADJ_MIN))
+        write_text("/proc/self/oom_score_adj", str(OOM_SCORE_ADJ_MIN))
     except OSError as exc:
         return f"the harness cannot set its oom_score_adj to -1000 ({exc})"
     return None

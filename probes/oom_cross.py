@@ -24,8 +24,9 @@ import oom
 import oom_model
 import system
 from oom_roles import RoleSpec
-from oom_scope import Scope, Unavailable, enable_v2_memory, memory_cgroups, write_file
+from oom_scope import Scope, Unavailable, enable_v2_memory, memory_cgroups
 from protocol import ProtocolError
+from system import write_text
 
 Record = oom.Record
 
@@ -40,10 +41,10 @@ def _make_scopes(root: str, name: str, limit: int) -> tuple[Scope, Scope, Scope]
         system.remove_cgroup(path)
     try:
         os.mkdir(parent)
-        write_file(os.path.join(parent, "cgroup.subtree_control"), "+memory")
+        write_text(os.path.join(parent, "cgroup.subtree_control"), "+memory")
         os.mkdir(os.path.join(parent, "a"))
         os.mkdir(os.path.join(parent, "b"))
-        write_file(os.path.join(parent, "a", "memory.max"), str(limit))
+        write_text(os.path.join(parent, "a", "memory.max"), str(limit))
     except OSError as exc:
         _remove(parent)
         raise Unavailable(f"cannot set up the v2 cgroups under {parent}: {exc}") from None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from protocol import send
+from system import write_text
 
 MIB = 1 << 20
 #: write() buffer for filling files: big enough that a 100 MiB fill is ~50 system calls.
@@ -50,11 +51,6 @@ class RoleSpec:
     extra: int = 0  # fd-receive-grow: bytes to append to the received memfd before mapping it
     close_fds: list[int] = field(default_factory=list)
     pgid: int = 0  # process group of the repeat (0: this role starts it)
-
-
-def _write_proc(path: str, text: str) -> None:
-    with open(path, "w", encoding="ascii") as f:
-        f.write(text)
 
 
 _BUFFER = memoryview(b"\xa5" * WRITE_CHUNK)  # made once: every fill() writes from it
@@ -157,10 +153,10 @@ def _grow(res_w: int, size: int) -> None:
 def _setup(spec: RoleSpec) -> None:
     """Join the repeat's process group, name the process, set oom_score_adj, join the cgroup."""
     os.setpgid(0, spec.pgid)
-    _write_proc("/proc/self/comm", f"kmx-{spec.role}")
-    _write_proc("/proc/self/oom_score_adj", str(spec.oom_score_adj))
+    write_text("/proc/self/comm", f"kmx-{spec.role}")
+    write_text("/proc/self/oom_score_adj", str(spec.oom_score_adj))
     if spec.cgroup_procs:
-        _write_proc(spec.cgroup_procs, str(os.getpid()))
+        write_text(spec.cgroup_procs, str(os.getpid()))
 
 
 def role_main(spec: RoleSpec, cmd_r: int, res_w: int) -> NoReturn:

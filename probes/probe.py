@@ -167,9 +167,7 @@ def hello_record(settings: Settings, cgroups: system.Cgroups) -> dict[str, Any]:
         "release": os.uname().release,
         "machine": os.uname().machine,  # x86_64, aarch64: the architecture that really ran
         "page_size": settings.page_size,
-        "mem_total": accounting.parse_kb_fields(accounting.read_text("/proc/meminfo")).get(
-            "MemTotal"
-        ),
+        "mem_total": accounting.mem_total(),
         "cgroup": cgroups.version,
         "cgroup_mode": cgroups.mode,
         "shm_size": settings.shm_size,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 import accounting
+from accounting import read_int
+from system import write_text
 
 MIB = 1 << 20
 CHUNK_SIZE = MIB
@@ -283,16 +285,15 @@ def _reserve_huge_pages(ctx: Ctx, wanted: int) -> int | None:
     kernel: that measures the sysctl, not the feature. The previous value is put back
     right after the page is faulted in; a page in use then becomes a surplus page, freed
     when the child dies (mm/hugetlb.c set_max_huge_pages)."""
-    before = _read_int(NR_HUGEPAGES)
+    before = read_int(NR_HUGEPAGES)
     ctx.detail["nr_hugepages_before"] = before
     if before is not None and before < wanted:
         try:
-            with open(NR_HUGEPAGES, "w", encoding="ascii") as f:
-                f.write(str(wanted))
+            write_text(NR_HUGEPAGES, str(wanted))
             ctx.detail["reserve"] = "ok"
         except OSError as exc:  # a container's read-only /proc/sys
             ctx.detail["reserve"] = errno_name(exc)
-    ctx.detail["nr_hugepages"] = _read_int(NR_HUGEPAGES)
+    ctx.detail["nr_hugepages"] = read_int(NR_HUGEPAGES)
     return before
 
 
@@ -309,8 +310,7 @@ def act_memfd_hugetlb(ctx: Ctx) -> None:
         ctx.detail["touch"] = "ok"
     finally:
         if ctx.detail.get("reserve") == "ok" and before is not None:
-            with open(NR_HUGEPAGES, "w", encoding="ascii") as f:
-                f.write(str(before))
+            write_text(NR_HUGEPAGES, str(before))
 
 
 def act_memfd_noexec_seal(ctx: Ctx) -> None:
@@ -324,7 +324,7 @@ def act_memfd_hugetlb_noexec_seal(ctx: Ctx) -> None:
 
 
 def _noexec_seal(ctx: Ctx, flags: int) -> None:
-    ctx.detail["vm_memfd_noexec"] = _read_int("/proc/sys/vm/memfd_noexec")
+    ctx.detail["vm_memfd_noexec"] = read_int("/proc/sys/vm/memfd_noexec")
     ctx.fd = step(ctx, "memfd_create", lambda: os.memfd_create("kmatrix-noexec", flags))
     ctx.detail["mode"] = oct(os.fstat(ctx.fd).st_mode & 0o7777)
     seals = fcntl.fcntl(ctx.fd, fcntl.F_GET_SEALS)
@@ -339,7 +339,7 @@ def _noexec_seal(ctx: Ctx, flags: int) -> None:
 
 def beyond_half_size(settings: Settings) -> int:
     """~65 % of MemTotal: past the 50 % a tmpfs mount gets by default."""
-    total = accounting.parse_kb_fields(accounting.read_text("/proc/meminfo")).get("MemTotal", 0)
+    total = accounting.mem_total() or 0
     return int(total * BEYOND_HALF_FRACTION) // CHUNK_SIZE * CHUNK_SIZE
 
 
@@ -383,7 +383,7 @@ def act_beyond_half(ctx: Ctx) -> None:
     # The kernel-internal shm_mnt is mounted without size= (mm/shmem.c shmem_fill_super
     # gives SB_KERNMOUNT no max_blocks): f_blocks 0 means "no limit", not "0 bytes".
     ctx.detail.update(f_blocks=st.f_blocks, f_bsize=st.f_bsize)
-    total = accounting.parse_kb_fields(accounting.read_text("/proc/meminfo")).get("MemTotal", 0)
+    total = accounting.mem_total() or 0
     ctx.detail["mem_total"] = total
     try:
         write_fill(ctx, ctx.size)
@@ -394,21 +394,19 @@ def act_beyond_half(ctx: Ctx) -> None:
 
 def act_beyond_half_strict(ctx: Ctx) -> None:
     """As act_beyond_half under vm.overcommit_memory=2 (restored before AFTER is read)."""
-    before = _read_int(OVERCOMMIT)
-    with open(OVERCOMMIT, "w", encoding="ascii") as f:
-        f.write("2")
+    before = read_int(OVERCOMMIT)
+    write_text(OVERCOMMIT, "2")
     try:
         ctx.detail["commit_before"] = _commit()
         act_beyond_half(ctx)
     finally:
         ctx.detail["commit_after"] = _commit()
-        with open(OVERCOMMIT, "w", encoding="ascii") as f:
-            f.write(str(before if before is not None else 0))
+        write_text(OVERCOMMIT, str(before if before is not None else 0))
         ctx.detail["overcommit_memory_during"] = 2
 
 
 def _commit() -> dict[str, int | None]:
-    fields = accounting.parse_kb_fields(accounting.read_text("/proc/meminfo"))
+    fields = accounting.meminfo_fields()
     return {k: fields.get(k) for k in ("CommitLimit", "Committed_AS")}
 
 
@@ -433,14 +431,6 @@ def act_map_swapped(ctx: Ctx) -> None:
     import swap
 
     ctx.detail["pushed_by"] = swap.push_out(ctx.fd, ctx.size, map_fd(ctx))
-
-
-def _read_int(path: str) -> int | None:
-    """An integer sysctl, or None if it does not exist."""
-    try:
-        return int(accounting.read_text(path))
-    except (OSError, ValueError):
-        return None
 
 
 # ---- registry --------------------------------------------------------------------------
