@@ -9,14 +9,14 @@ harness closes the command pipe (or the OOM killer ends it). Only the hog acts o
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from protocol import send
+import swap
+from messages import errno_name, send
 from system import write_text
 
 MIB = 1 << 20
@@ -82,8 +82,7 @@ def _hold_file(spec: RoleSpec, keep: list[object]) -> dict[str, object]:
         m = mmap.mmap(fd, spec.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         keep.append(m)
     if spec.action == "memfd-swapped":
-        import swap  # pages out to the guest's swap disk, which the harness swapped on
-
+        # Pages out to the guest's swap disk, which the harness swapped on.
         return {"bytes_written": written, "fd": fd, "pushed_by": swap.push_out(fd, spec.size)}
     if spec.action == "fd-create":
         assert spec.sock is not None
@@ -143,8 +142,7 @@ def _grow(res_w: int, size: int) -> None:
         try:
             total += fill(fd, min(GROW_STEP, size - total))
         except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            send(res_w, {"write_error": name, "progress": os.fstat(fd).st_size})
+            send(res_w, {"write_error": errno_name(exc), "progress": os.fstat(fd).st_size})
             return
         send(res_w, {"progress": total})
     send(res_w, {"done": total})

@@ -1,6 +1,7 @@
 """System facts for the kmatrix probe: mounts, filesystems, cgroups and process groups.
 
-Also the probe's one writer of /proc, /sys and cgroup files (:func:`write_text`).
+Also the probe's one writer of /proc, /sys and cgroup files (:func:`write_text`) and the
+uptime the probe's records carry.
 """
 
 from __future__ import annotations
@@ -251,3 +252,11 @@ def pids_in_group(pgid: int) -> list[int]:
         if len(fields) > 2 and int(fields[2]) == pgid:
             pids.append(int(entry))
     return pids
+
+
+def uptime() -> float | None:
+    """Seconds since boot (/proc/uptime), to time the boot and each repeat."""
+    try:
+        return float(read_text("/proc/uptime").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
