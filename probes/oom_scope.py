@@ -80,7 +80,10 @@ class Scope:
 
 
 def enable_v2_memory(root: str) -> None:
-    """``+memory`` in the root's subtree_control, retrying while a v1 root lets go of it."""
+    """``+memory`` in the subtree_control of the v2 hierarchy at ``root``, retrying while a
+    v1 root lets go of it; Unavailable without a v2 hierarchy there."""
+    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
+        raise Unavailable(f"no cgroup2 hierarchy at {root}")
     give_back_v1()
     deadline = time.monotonic() + REBIND_TIMEOUT
     while True:
@@ -97,8 +100,6 @@ def enable_v2_memory(root: str) -> None:
 
 def make_v2(root: str, name: str, limit: int, group: bool) -> Scope:
     """A fresh v2 cgroup ``<root>/kmx-<name>`` with memory.max (and memory.oom.group)."""
-    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
-        raise Unavailable(f"no cgroup2 hierarchy at {root}")
     enable_v2_memory(root)
     path = os.path.join(root, f"kmx-{name}")
     system.remove_cgroup(path)
