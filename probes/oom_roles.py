@@ -1,9 +1,11 @@
-"""The processes of an OOM experiment: holder, bystander, hog (and fd-passed's creator).
+"""The processes of an OOM experiment: holder, bystander, hog (and fd-passed's creator,
+cross-charge's receiver, the memfd-growth experiments' writer and bystander-N).
 
-Every role is a forked child of the harness. It names itself ``kmx-<role>`` (so the
-kernel's own OOM report says who is who), sets its oom_score_adj, joins the experiment's
-cgroup, does its set-up, reports ``ready`` over a pipe and then holds its memory until the
-harness closes the command pipe (or the OOM killer ends it). Only the hog acts on ``go``.
+Every role is a forked child of the harness (oom_harness.py). It joins the repeat's
+process group, names itself ``kmx-<role>`` (so the kernel's own OOM report says who is
+who), sets its oom_score_adj, joins the experiment's cgroup, does its set-up, reports
+``ready`` over a pipe and then holds its memory until the harness closes the command pipe
+(or the OOM killer ends it). Only the driver -- the hog, or the writer -- acts on ``go``.
 """
 
 from __future__ import annotations
