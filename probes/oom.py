@@ -143,6 +143,8 @@ def role_sizes(exp: Experiment, env: Env) -> dict[str, int]:
     """
     limit = oom_scope.container_limit(env.cgroup_root) if in_container(exp, env) else None
     if limit is not None:
+        if exp.growth:  # the container's limit is the memcg: its bystanders are fractions of it
+            return {"limit": limit} | oom_growth.sizes("memcg", limit, HOG_CAP_FACTOR * limit)
         return container_sizes(limit)
     available = read_meminfo().get("meminfo_MemAvailable", env.mem_total // 2)
     limit_fraction = oom_growth.LIMIT_FRACTION if exp.growth else MEMCG_LIMIT_FRACTION

@@ -9,6 +9,8 @@ import sys
 import zlib
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
 
 import oom
@@ -41,6 +43,24 @@ def test_container_sizes_are_fractions_of_the_limit_not_of_the_host() -> None:
     assert sizes["holder"] > 5 * sizes["bystander"] > 0
     # The hog's cap is bounded by the limit (not 2x the host's RAM), yet above it.
     assert 512 * MIB < sizes["hog"] <= 2 * 512 * MIB
+
+
+def test_every_memcg_experiment_can_size_its_roles_in_a_container(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Docker cells run the memcg experiments in the container's own cgroup: the growth ones
+    need their bystanders and writer sized from the limit too (they raised KeyError before)."""
+    import oom_harness
+
+    monkeypatch.setattr(oom_scope, "container_limit", lambda root: 512 * MIB)
+    env = oom.Env(8 << 30, PAGE, "/dev/shm", "/sys/fs/cgroup", 30.0, 1, memcg="container")
+    for exp in oom.EXPERIMENTS.values():
+        if exp.scope == "global" or exp.holder == "cross":
+            continue
+        sizes = oom.role_sizes(exp, env)
+        assert sizes["limit"] == 512 * MIB, exp.name
+        specs = oom_harness.role_specs(exp, env, oom_scope.Scope(), sizes)
+        assert all(0 < spec.size <= 2 * 512 * MIB for spec in specs), exp.name
 
 
 def test_events_delta_counts_this_repeat_and_keeps_flags() -> None:
