@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kmatrix.config import Matrix, parse_matrix
-from kmatrix.debian import archive as debian
+from kmatrix.debian import download as fetching
 from kmatrix.debian.suites import Resolver
 from kmatrix.errors import InfraError, UserError, VerificationError
 from kmatrix.guest.kernels import prepare_debian
@@ -63,7 +63,7 @@ def kernel_pkgs(debs: dict[str, bytes]) -> list[Pkg]:
 
 @pytest.fixture(autouse=True)
 def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(debian, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(fetching, "BACKOFF_SECONDS", 0.0)
     for var in ("KMATRIX_MIRROR", "KMATRIX_SECURITY_MIRROR", "KMATRIX_INDEX_TTL"):
         monkeypatch.delenv(var, raising=False)
 

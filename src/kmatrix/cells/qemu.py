@@ -26,7 +26,7 @@ from kmatrix.cells.oom_boots import (
     swap_image,
 )
 from kmatrix.config import Matrix
-from kmatrix.errors import InfraError
+from kmatrix.errors import QemuFailedToStart as QemuFailedToStart
 from kmatrix.guest.bootimage import boot_file
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import modules_to_load
@@ -34,10 +34,6 @@ from kmatrix.guest.userland import Userland, cell_archive, write_initrd
 from kmatrix.results.oomlog import condense_floods
 from kmatrix.results.repeats import aggregate_scenarios
 from kmatrix.results.schema import JSON, ProbeOutput, new_cell, parse_probe_output
-
-
-class QemuFailedToStart(InfraError):
-    """QEMU exited with an error before the guest printed anything (its stderr says why)."""
 
 
 def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple[str, str]:

@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from kmatrix.config import KernelConfig, Matrix
-from kmatrix.debian.archive import (
-    Archive,
+from kmatrix.debian.archive import Archive
+from kmatrix.debian.packages import (
     KernelPackages,
     PackageRecord,
     SuiteIndex,
-    SuiteNotFound,
-    compare_versions,
     max_version,
     resolve_kernel,
 )
@@ -40,7 +38,8 @@ from kmatrix.debian.sources import (
     resolve_mirror,
     resolve_security_mirror,
 )
-from kmatrix.errors import InfraError
+from kmatrix.debian.versions import compare_versions
+from kmatrix.errors import InfraError, SuiteNotFound
 
 DEBIAN = "debian"
 DEBIAN_SECURITY = "debian-security"

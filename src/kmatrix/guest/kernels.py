@@ -13,7 +13,9 @@ from typing import Any
 
 from kmatrix.artifacts import sha256_of, tree_problem, write_manifest
 from kmatrix.config import KernelConfig
-from kmatrix.debian.archive import Archive, KernelPackages, extract_deb
+from kmatrix.debian.archive import Archive
+from kmatrix.debian.debfile import extract_deb
+from kmatrix.debian.packages import KernelPackages
 from kmatrix.debian.suites import ResolvedKernel
 from kmatrix.errors import InfraError, UserError
 
