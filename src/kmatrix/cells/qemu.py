@@ -82,26 +82,7 @@ def run_qemu_cell(
     workdir.mkdir(parents=True)
     image, entry = boot_file(kernel.vmlinuz, arch.name, workdir / "vmlinux")
     cell["boot"] = entry
-    modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
-    args = cell_args(plan) | {"KMX_RESULT_DEV": arch.result_device}
-    initrd = workdir / "initrd.cpio"
-    write_initrd(userland, cell_archive(args, modules), initrd)
-    disk = workdir / "disk.img"
-    make_disk(disk, plan.disk_bytes)
-    swap = swap_image(workdir, plan.swap_bytes)
-    spec = QemuSpec(
-        vmlinuz=image,
-        initrd=initrd,
-        console_log=workdir / "console.log",
-        result_log=workdir / "results.log",
-        memory_bytes=plan.memory_bytes,
-        accel=plan.accel,
-        disk=disk,
-        swap=swap,
-        cpus=plan.cpus,
-        append=plan.cmdline,
-        arch=arch,
-    )
+    spec = _accounting_spec(kernel, userland, plan, workdir, image)
     started = time.monotonic()
     booted = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oom") as pool:
@@ -129,16 +110,41 @@ def run_qemu_cell(
     cell["probe"] = probe.hello or {}
     if status != "ok":
         cell["console_tail"] = console.tail
-    disk.unlink(missing_ok=True)
-    initrd.unlink(missing_ok=True)
-    if swap is not None:
-        swap.unlink(missing_ok=True)
+    for path in (spec.disk, spec.initrd, spec.swap):
+        if path is not None:
+            path.unlink(missing_ok=True)
     if oom is not None:
         _record_oom(cell, oom, plan, console_dest)
     if image != kernel.vmlinuz:
         image.unlink(missing_ok=True)
     cell["wall_s"] = round(time.monotonic() - started, 2)
     return cell
+
+
+def _accounting_spec(
+    kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path, image: Path
+) -> QemuSpec:
+    """The accounting boot: its initrd (userland, probe, modules, args) and disks, written."""
+    arch = arch_for(plan.arch)
+    modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
+    args = cell_args(plan) | {"KMX_RESULT_DEV": arch.result_device}
+    initrd = workdir / "initrd.cpio"
+    write_initrd(userland, cell_archive(args, modules), initrd)
+    disk = workdir / "disk.img"
+    make_disk(disk, plan.disk_bytes)
+    return QemuSpec(
+        vmlinuz=image,
+        initrd=initrd,
+        console_log=workdir / "console.log",
+        result_log=workdir / "results.log",
+        memory_bytes=plan.memory_bytes,
+        accel=plan.accel,
+        disk=disk,
+        swap=swap_image(workdir, plan.swap_bytes),
+        cpus=plan.cpus,
+        append=plan.cmdline,
+        arch=arch,
+    )
 
 
 def _oom_once_booted(
