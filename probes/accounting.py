@@ -47,6 +47,15 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+def read_int(path: str) -> int | None:
+    """The integer a /proc, /sys or cgroup file starts with (a sysctl, memory.current), or
+    None if the file does not exist or holds no integer."""
+    try:
+        return int(read_text(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def parse_kb_fields(text: str) -> dict[str, int]:
     """Parse ``Key:   123 kB`` lines (status, meminfo, smaps_rollup) into bytes.
 
@@ -124,6 +133,16 @@ def read_process(pid: int) -> dict[str, int]:
     metrics.update(_try(lambda: smaps_rollup_metrics(read_text(f"/proc/{pid}/smaps_rollup"))))
     metrics.update(_try(lambda: {"oom_score": int(read_text(f"/proc/{pid}/oom_score"))}))
     return metrics
+
+
+def meminfo_fields() -> dict[str, int]:
+    """Every field of /proc/meminfo, in bytes; OSError if it cannot be read."""
+    return parse_kb_fields(read_text("/proc/meminfo"))
+
+
+def mem_total() -> int | None:
+    """MemTotal in bytes (None if /proc/meminfo has no such field)."""
+    return meminfo_fields().get("MemTotal")
 
 
 def read_meminfo() -> dict[str, int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import re
 
-from accounting import parse_kb_fields, read_text
+from accounting import meminfo_fields, read_int, read_text
+from system import write_text
 
 SYSCTL = "/proc/sys"
 THP = "/sys/kernel/mm/transparent_hugepage"
@@ -27,13 +28,6 @@ SYSCTLS = {
 }
 #: Knobs an OOM repeat records with itself (the ones an experiment may set).
 OOM_KNOBS = ("oom_kill_allocating_task", "panic_on_oom", "overcommit_memory", "swap_total")
-
-
-def _int(path: str) -> int | None:
-    try:
-        return int(read_text(path).split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def selected(text: str) -> str | None:
@@ -60,7 +54,7 @@ def vcpus() -> int | None:
 def read_knobs() -> dict[str, object]:
     """Every knob, as the kernel reports it now."""
     try:
-        meminfo = parse_kb_fields(read_text("/proc/meminfo"))
+        meminfo = meminfo_fields()
     except OSError:
         meminfo = {}
     found: dict[str, object] = {
@@ -69,7 +63,7 @@ def read_knobs() -> dict[str, object]:
         "thp_enabled": _thp("enabled"),
         "shmem_enabled": _thp("shmem_enabled"),
     }
-    found |= {key: _int(os.path.join(SYSCTL, path)) for key, path in SYSCTLS.items()}
+    found |= {key: read_int(os.path.join(SYSCTL, path)) for key, path in SYSCTLS.items()}
     return found
 
 
@@ -83,8 +77,7 @@ def set_sysctl(path: str, value: object) -> None:
     """Write a sysctl (``vm/oom_kill_allocating_task``); None (not readable before) is a no-op."""
     if value is None:
         return
-    with open(os.path.join(SYSCTL, path), "w", encoding="ascii") as f:
-        f.write(str(value))
+    write_text(os.path.join(SYSCTL, path), str(value))
 
 
 #: sysctls an accounting scenario sets for itself (memfd-hugetlb, memfd-beyond-half-ram-strict).
@@ -93,14 +86,14 @@ SCENARIO_SYSCTLS = ("vm/nr_hugepages", "vm/overcommit_memory")
 
 def snapshot(paths: tuple[str, ...]) -> dict[str, int | None]:
     """The values of some sysctls (``vm/overcommit_memory``) now."""
-    return {path: _int(os.path.join(SYSCTL, path)) for path in paths}
+    return {path: read_int(os.path.join(SYSCTL, path)) for path in paths}
 
 
 def restore(saved: dict[str, int | None]) -> dict[str, int]:
     """Put back every sysctl that differs from ``saved``; returns the ones it had to."""
     changed = {}
     for path, value in saved.items():
-        now = _int(os.path.join(SYSCTL, path))
+        now = read_int(os.path.join(SYSCTL, path))
         if value is not None and now != value:
             try:
                 set_sysctl(path, value)

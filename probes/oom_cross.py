@@ -20,30 +20,31 @@ import os
 import socket
 import time
 
-import oom
 import oom_model
 import system
+from messages import ProtocolError
+from oom import Emit, Env, Experiment, Record
+from oom_harness import Role, kill_all, spawn_all
+from oom_judge import judge, outcome, shmem_restored
+from oom_repeat import armed, new_record
 from oom_roles import RoleSpec
-from oom_scope import Scope, Unavailable, enable_v2_memory, memory_cgroups, write_file
-from protocol import ProtocolError
-
-Record = oom.Record
+from oom_scope import Scope, Unavailable, enable_v2_memory, memory_cgroups
+from oom_watch import watch
+from system import write_text
 
 
 def _make_scopes(root: str, name: str, limit: int) -> tuple[Scope, Scope, Scope]:
     """(P, A, B): P has +memory for its children, A memory.max = ``limit``."""
-    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
-        raise Unavailable(f"no cgroup2 hierarchy at {root}")
     enable_v2_memory(root)
     parent = os.path.join(root, f"kmx-{name}")
     for path in (os.path.join(parent, "a"), os.path.join(parent, "b"), parent):
         system.remove_cgroup(path)
     try:
         os.mkdir(parent)
-        write_file(os.path.join(parent, "cgroup.subtree_control"), "+memory")
+        write_text(os.path.join(parent, "cgroup.subtree_control"), "+memory")
         os.mkdir(os.path.join(parent, "a"))
         os.mkdir(os.path.join(parent, "b"))
-        write_file(os.path.join(parent, "a", "memory.max"), str(limit))
+        write_text(os.path.join(parent, "a", "memory.max"), str(limit))
     except OSError as exc:
         _remove(parent)
         raise Unavailable(f"cannot set up the v2 cgroups under {parent}: {exc}") from None
@@ -61,13 +62,13 @@ def _charges(scopes: dict[str, Scope]) -> dict[str, dict[str, int | None]]:
     return {k: {"current": s.current(), "shmem": s.stat("shmem")} for k, s in scopes.items()}
 
 
-def _stage(scopes: dict[str, Scope], receiver: oom.Role) -> Record:
+def _stage(scopes: dict[str, Scope], receiver: Role) -> Record:
     """One reading of every cgroup's charge and of the receiver's RSS."""
     snap = oom_model.snapshot(receiver.pid) or {}
     return {"cgroups": _charges(scopes), "receiver_RssShmem": snap.get("RssShmem")}
 
 
-def _specs(env: oom.Env, a: Scope, b: Scope, sizes: dict[str, int]) -> list[RoleSpec]:
+def _specs(env: Env, a: Scope, b: Scope, sizes: dict[str, int]) -> list[RoleSpec]:
     """receiver (B), creator (A), hog (A): the hog last, as the driver of the repeat."""
     one, two = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     extra = sizes["holder"] // 2
@@ -96,36 +97,36 @@ def _remove_a(rec: Record, parent: Scope, a: Scope) -> None:
     cross["parent_after_rmdir"] = _charges({"parent": parent})["parent"]
 
 
-def _run(rec: Record, env: oom.Env, emit: oom.Emit, start: float) -> list[oom.Role]:
+def _run(rec: Record, env: Env, emit: Emit, start: float) -> list[Role]:
     parent, a, b = _make_scopes(env.cgroup_root, rec["name"], rec["sizes"]["limit"])
     rec["cgroup"].update(version="v2", path=a.path, limit=a.limit, shmem_baseline=a.stat("shmem"))
     scopes = {"a": a, "b": b, "parent": parent}
     rec["cross"] = {"before": _charges(scopes)}
-    roles: list[oom.Role] = []
+    roles: list[Role] = []
     try:
-        roles = oom._spawn_all(_specs(env, a, b, rec["sizes"]), env, start + env.timeout)
+        roles = spawn_all(_specs(env, a, b, rec["sizes"]), env, start + env.timeout)
         _wait_exit(roles[1].pid, start + env.timeout)
         roles[1].alive = False
         rec["cross"]["receiver"] = roles[0].ready
         rec["cross"]["after_handover"] = _stage(scopes, roles[0])
-        oom._armed(rec, roles, a, emit, env)
+        armed(rec, roles, a, emit, env)
         os.write(roles[-1].cmd_w, b"g")
-        seen = oom.watch(roles, start, start + env.timeout)
-        oom._outcome(rec, seen, roles, a)
+        seen = watch(roles, start, start + env.timeout)
+        outcome(rec, seen, roles, a)
         rec["cross"]["after_oom"] = _stage(scopes, roles[0])
         _remove_a(rec, parent, a)
     finally:
-        oom._kill_all(roles)
+        kill_all(roles)
         problem = _remove(parent.path or "")
         if problem:
             rec["cgroup"]["cleanup_error"] = problem
     return roles
 
 
-def run_repeat(exp: oom.Experiment, repeat: int, env: oom.Env, emit: oom.Emit) -> Record:
+def run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
     """One repeat of oom-memcg-cross-charge, end to end; never raises."""
     start = time.monotonic()
-    rec = oom._new_record(exp, repeat, env)
+    rec = new_record(exp, repeat, env)
     try:
         _run(rec, env, emit, start)
         handed = (rec["cross"].get("after_handover") or {}).get("cgroups", {}).get("a", {})
@@ -133,13 +134,11 @@ def run_repeat(exp: oom.Experiment, repeat: int, env: oom.Env, emit: oom.Emit) -
         if isinstance(handed.get("shmem"), int):
             # A's share stays with A once its creator is gone: charged at allocation.
             rec["cross"]["a_kept_charge"] = handed["shmem"] - base >= rec["sizes"]["holder"] // 2
-        oom.judge(rec)
+        judge(rec)
     except Unavailable as exc:
         rec.update(status="not available", error=str(exc))
     except (ProtocolError, OSError, ValueError) as exc:
         rec.update(status="error", error=f"{type(exc).__name__}: {exc}")
-    sh = rec["shmem"]
-    sh["after_cleanup"] = oom.wait_shmem(sh["baseline"])
-    sh["restored"] = sh["after_cleanup"] <= sh["baseline"] + oom.SHMEM_TOLERANCE
+    shmem_restored(rec)
     rec["duration_s"] = round(time.monotonic() - start, 3)
     return rec

@@ -1,22 +1,25 @@
-"""The processes of an OOM experiment: holder, bystander, hog (and fd-passed's creator).
+"""The processes of an OOM experiment: holder, bystander, hog (and fd-passed's creator,
+cross-charge's receiver, the memfd-growth experiments' writer and bystander-N).
 
-Every role is a forked child of the harness. It names itself ``kmx-<role>`` (so the
-kernel's own OOM report says who is who), sets its oom_score_adj, joins the experiment's
-cgroup, does its set-up, reports ``ready`` over a pipe and then holds its memory until the
-harness closes the command pipe (or the OOM killer ends it). Only the hog acts on ``go``.
+Every role is a forked child of the harness (oom_harness.py). It joins the repeat's
+process group, names itself ``kmx-<role>`` (so the kernel's own OOM report says who is
+who), sets its oom_score_adj, joins the experiment's cgroup, does its set-up, reports
+``ready`` over a pipe and then holds its memory until the harness closes the command pipe
+(or the OOM killer ends it). Only the driver -- the hog, or the writer -- acts on ``go``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from protocol import send
+import swap
+from messages import errno_name, send
+from system import write_text
 
 MIB = 1 << 20
 #: write() buffer for filling files: big enough that a 100 MiB fill is ~50 system calls.
@@ -52,11 +55,6 @@ class RoleSpec:
     pgid: int = 0  # process group of the repeat (0: this role starts it)
 
 
-def _write_proc(path: str, text: str) -> None:
-    with open(path, "w", encoding="ascii") as f:
-        f.write(text)
-
-
 _BUFFER = memoryview(b"\xa5" * WRITE_CHUNK)  # made once: every fill() writes from it
 
 
@@ -86,8 +84,7 @@ def _hold_file(spec: RoleSpec, keep: list[object]) -> dict[str, object]:
         m = mmap.mmap(fd, spec.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         keep.append(m)
     if spec.action == "memfd-swapped":
-        import swap  # pages out to the guest's swap disk, which the harness swapped on
-
+        # Pages out to the guest's swap disk, which the harness swapped on.
         return {"bytes_written": written, "fd": fd, "pushed_by": swap.push_out(fd, spec.size)}
     if spec.action == "fd-create":
         assert spec.sock is not None
@@ -147,8 +144,7 @@ def _grow(res_w: int, size: int) -> None:
         try:
             total += fill(fd, min(GROW_STEP, size - total))
         except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            send(res_w, {"write_error": name, "progress": os.fstat(fd).st_size})
+            send(res_w, {"write_error": errno_name(exc), "progress": os.fstat(fd).st_size})
             return
         send(res_w, {"progress": total})
     send(res_w, {"done": total})
@@ -157,10 +153,10 @@ def _grow(res_w: int, size: int) -> None:
 def _setup(spec: RoleSpec) -> None:
     """Join the repeat's process group, name the process, set oom_score_adj, join the cgroup."""
     os.setpgid(0, spec.pgid)
-    _write_proc("/proc/self/comm", f"kmx-{spec.role}")
-    _write_proc("/proc/self/oom_score_adj", str(spec.oom_score_adj))
+    write_text("/proc/self/comm", f"kmx-{spec.role}")
+    write_text("/proc/self/oom_score_adj", str(spec.oom_score_adj))
     if spec.cgroup_procs:
-        _write_proc(spec.cgroup_procs, str(os.getpid()))
+        write_text(spec.cgroup_procs, str(os.getpid()))
 
 
 def role_main(spec: RoleSpec, cmd_r: int, res_w: int) -> NoReturn:

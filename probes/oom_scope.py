@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 import system
-from accounting import parse_flat_keyed, read_text
+from accounting import parse_flat_keyed, read_int, read_text
+from system import write_text
 
 V1_MOUNT = "/run/kmx-memcg-v1"
 #: How long to wait for a v1 root to release the memory controller after umount
@@ -56,7 +57,7 @@ class Scope:
     def current(self) -> int | None:
         """memory.current (v2) / memory.usage_in_bytes (v1) in bytes."""
         name = "memory.current" if self.version == "v2" else "memory.usage_in_bytes"
-        return _read_int(self.path, name)
+        return read_int(os.path.join(self.path, name)) if self.path else None
 
     def stat(self, key: str) -> int | None:
         """One counter of memory.stat (``shmem`` has that name in v1 and v2), in bytes."""
@@ -78,28 +79,16 @@ class Scope:
             return {}
 
 
-def _read_int(directory: str | None, name: str) -> int | None:
-    if not directory:
-        return None
-    try:
-        return int(read_text(os.path.join(directory, name)))
-    except (OSError, ValueError):
-        return None
-
-
-def write_file(path: str, text: str) -> None:
-    """Write a cgroup or proc file (one write)."""
-    with open(path, "w", encoding="ascii") as f:
-        f.write(text)
-
-
 def enable_v2_memory(root: str) -> None:
-    """``+memory`` in the root's subtree_control, retrying while a v1 root lets go of it."""
+    """``+memory`` in the subtree_control of the v2 hierarchy at ``root``, retrying while a
+    v1 root lets go of it; Unavailable without a v2 hierarchy there."""
+    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
+        raise Unavailable(f"no cgroup2 hierarchy at {root}")
     give_back_v1()
     deadline = time.monotonic() + REBIND_TIMEOUT
     while True:
         try:
-            write_file(os.path.join(root, "cgroup.subtree_control"), "+memory")
+            write_text(os.path.join(root, "cgroup.subtree_control"), "+memory")
             return
         except OSError as exc:
             if time.monotonic() > deadline:
@@ -111,16 +100,14 @@ def enable_v2_memory(root: str) -> None:
 
 def make_v2(root: str, name: str, limit: int, group: bool) -> Scope:
     """A fresh v2 cgroup ``<root>/kmx-<name>`` with memory.max (and memory.oom.group)."""
-    if not os.path.exists(os.path.join(root, "cgroup.controllers")):
-        raise Unavailable(f"no cgroup2 hierarchy at {root}")
     enable_v2_memory(root)
     path = os.path.join(root, f"kmx-{name}")
     system.remove_cgroup(path)
     try:
         os.mkdir(path)
-        write_file(os.path.join(path, "memory.max"), str(limit))
+        write_text(os.path.join(path, "memory.max"), str(limit))
         if group:
-            write_file(os.path.join(path, "memory.oom.group"), "1")
+            write_text(os.path.join(path, "memory.oom.group"), "1")
     except OSError as exc:
         system.remove_cgroup(path)
         raise Unavailable(f"cannot set up the v2 memory cgroup {path}: {exc}") from None
@@ -157,7 +144,7 @@ def make_v1(name: str, limit: int) -> Scope:
     system.remove_cgroup(path)
     try:
         os.mkdir(path)
-        write_file(os.path.join(path, "memory.limit_in_bytes"), str(limit))
+        write_text(os.path.join(path, "memory.limit_in_bytes"), str(limit))
     except OSError as exc:
         release(Scope("v1", path, limit, mounted))
         raise Unavailable(f"cannot set up the v1 memory cgroup {path}: {exc}") from None
@@ -198,7 +185,7 @@ def release(scope: Scope) -> str | None:
         restore = scope.facts.get("restore_oom_group")
         if scope.path and isinstance(restore, str):
             try:
-                write_file(os.path.join(scope.path, "memory.oom.group"), restore)
+                write_text(os.path.join(scope.path, "memory.oom.group"), restore)
             except OSError as exc:
                 return f"restoring memory.oom.group: {exc}"
         return None
@@ -289,7 +276,7 @@ def _set_container_group(path: str, harness_protected: bool) -> str:
         )
     old = read_text(name).strip()
     try:
-        write_file(name, "1")
+        write_text(name, "1")
     except OSError as exc:
         raise Unavailable(f"cannot set {name}: {exc}") from None
     return old

@@ -2,20 +2,18 @@
 """kmatrix probe: measure how memfd / O_TMPFILE / shm pages are accounted.
 
 Stdlib-only; runs in the QEMU guest (``python3 /probe/probe.py``), in a container and on
-a host. Writes one ``KMX1 <compact json>`` line per record: ``hello``, one ``scenario``
-record per scenario as soon as it finishes, ``oom`` records for the OOM experiments
-(``--oom``, see oom.py), and ``done``. See probes/README.md.
+a host. The command line, the ``hello`` and ``done`` records, and the order of things:
+one ``scenario`` record per scenario as soon as it finishes (scenario_child.py), in
+whole passes (``--repeats``), then ``oom`` records for the OOM experiments (``--oom``,
+see oom.py). Every record is a ``KMX1`` line of wire.py. See probes/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import termios
-import zlib
 from typing import Any
 
 # The directory is copied into the guest and run as a script: make siblings importable.
@@ -25,45 +23,16 @@ import accounting
 import catalog
 import knobs
 import oom
+import oom_run
 import swap
 import system
-from protocol import run_scenario, write_all
-from scenarios import MIB, SCENARIOS, Settings
+from scenario_child import run_scenario
+from scenario_types import MIB, Settings
+from scenarios import SCENARIOS
+from wire import Output
 
 PROBE_VERSION = 1
-RECORD_PREFIX = b"KMX1 "
 PR_SET_CHILD_SUBREAPER = 36
-
-
-class Output:
-    """Unbuffered record stream: every record is one line written with one os.write."""
-
-    def __init__(self, path: str | None) -> None:
-        if path is None:
-            sys.stdout.flush()
-            self.fd = sys.stdout.fileno()
-        else:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOCTTY
-            self.fd = os.open(path, flags, 0o644)
-            if os.isatty(self.fd):
-                _raw_output(self.fd)
-
-    def emit(self, record: dict[str, Any]) -> None:
-        """Write one ``KMX1 <json> <crc32>`` line.
-
-        The CRC lets the host reject a record that kernel messages or a dying serial line
-        garbled even where the damage still parses as JSON (e.g. inside a string).
-        """
-        line = json.dumps(record, separators=(",", ":"), sort_keys=False).encode()
-        crc = b"%08x" % zlib.crc32(line)
-        write_all(self.fd, RECORD_PREFIX + line + b" " + crc + b"\n")
-
-
-def _raw_output(fd: int) -> None:
-    """Turn off output post-processing (\\n -> \\r\\n) on a serial port used for records."""
-    attrs = termios.tcgetattr(fd)
-    attrs[1] &= ~termios.OPOST
-    termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,9 +136,7 @@ def hello_record(settings: Settings, cgroups: system.Cgroups) -> dict[str, Any]:
         "release": os.uname().release,
         "machine": os.uname().machine,  # x86_64, aarch64: the architecture that really ran
         "page_size": settings.page_size,
-        "mem_total": accounting.parse_kb_fields(accounting.read_text("/proc/meminfo")).get(
-            "MemTotal"
-        ),
+        "mem_total": accounting.mem_total(),
         "cgroup": cgroups.version,
         "cgroup_mode": cgroups.mode,
         "shm_size": settings.shm_size,
@@ -184,6 +151,50 @@ def _cgroup_version(root: str) -> str:
     if os.path.exists(os.path.join(root, "cgroup.controllers")):
         return "v2"
     return "v1" if os.path.isdir(os.path.join(root, "memory")) else "none"
+
+
+def run_passes(
+    names: list[str],
+    args: argparse.Namespace,
+    settings: Settings,
+    cgroups: system.Cgroups,
+    out: Output,
+) -> int:
+    """``--repeats`` passes over the scenarios, a record each; returns how many."""
+    emitted = 0
+    sysctls = knobs.snapshot(knobs.SCENARIO_SYSCTLS)
+    # Whole passes rather than each scenario N times in a row: slow drift in the system
+    # (page cache, per-cpu lists) then spreads over every scenario's repeats alike.
+    for repeat in range(max(1, args.repeats)):
+        for name in names:
+            if repeat and name in catalog.FIRST_PASS_ONLY:
+                continue
+            record = run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd)
+            # A swap scenario swapped the swap disk on: off again before the next pass, so
+            # no other scenario (strict overcommit's CommitLimit counts swap) runs with it.
+            problem = swap.swapoff(settings.swap_dev)
+            if problem:
+                record.setdefault("detail", {})["swapoff_error"] = problem
+            # A scenario child killed at its timeout never ran its own clean-up.
+            if restored := knobs.restore(sysctls):
+                record.setdefault("detail", {})["sysctl_restored_by_probe"] = restored
+            out.emit(record | {"repeat": repeat})
+            emitted += 1
+    return emitted
+
+
+def oom_env(args: argparse.Namespace, settings: Settings, mem_total: int, out_fd: int) -> oom.Env:
+    """The OOM experiments' settings from the command line and the hello record."""
+    return oom.Env(
+        mem_total=mem_total,
+        page_size=settings.page_size,
+        shm_dir=args.shm_dir,
+        cgroup_root=args.cgroup_root,
+        timeout=args.oom_timeout,
+        out_fd=out_fd,
+        memcg=args.oom_memcg,
+        swap_dev=args.swap_dev or None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,42 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     if names and cgroups.problem:
         sys.stderr.write(f"probe: cgroups: {cgroups.problem}\n")
     become_subreaper()
-    hello = hello_record(settings, cgroups) | {"uptime": oom.uptime()}
+    hello = hello_record(settings, cgroups) | {"uptime": system.uptime()}
     out.emit(hello)
-    emitted = 0
-    sysctls = knobs.snapshot(knobs.SCENARIO_SYSCTLS)
-    # Whole passes rather than each scenario N times in a row: slow drift in the system
-    # (page cache, per-cpu lists) then spreads over every scenario's repeats alike.
-    for repeat in range(max(1, args.repeats)):
-        for name in names:
-            if repeat and name in catalog.FIRST_PASS_ONLY:
-                continue
-            record = run_scenario(SCENARIOS[name], settings, cgroups, args.timeout, out.fd)
-            # A swap scenario swapped the swap disk on: off again before the next pass, so
-            # no other scenario (strict overcommit's CommitLimit counts swap) runs with it.
-            problem = swap.swapoff(settings.swap_dev)
-            if problem:
-                record.setdefault("detail", {})["swapoff_error"] = problem
-            # A scenario child killed at its timeout never ran its own clean-up.
-            if restored := knobs.restore(sysctls):
-                record.setdefault("detail", {})["sysctl_restored_by_probe"] = restored
-            out.emit(record | {"repeat": repeat})
-            emitted += 1
+    emitted = run_passes(names, args, settings, cgroups, out)
     if cgroups.base_dir:
         system.remove_cgroup(cgroups.base_dir)
-    env = oom.Env(
-        mem_total=hello["mem_total"] or 0,
-        page_size=settings.page_size,
-        shm_dir=args.shm_dir,
-        cgroup_root=args.cgroup_root,
-        timeout=args.oom_timeout,
-        out_fd=out.fd,
-        memcg=args.oom_memcg,
-        swap_dev=args.swap_dev or None,
-    )
     done: dict[str, Any] = {"type": "done", "scenarios": emitted}
     if plan:
-        done["oom"] = oom.run_plan(plan, env, out.emit)
+        env = oom_env(args, settings, hello["mem_total"] or 0, out.fd)
+        done["oom"] = oom_run.run_plan(plan, env, out.emit)
     out.emit(done)
     return 0
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 
 from accounting import read_text
+from system import write_text
 
 SWAP_TIMEOUT = 60
 #: uapi asm-generic/mman-common.h; bookworm's Python 3.11 mmap module does not export it.
@@ -84,6 +85,5 @@ def push_out(fd: int, size: int, mapping: mmap.mmap | None = None) -> str:
         reclaim = own_cgroup_reclaim()
         if reclaim is None:
             raise
-        with open(reclaim, "w", encoding="ascii") as f:
-            f.write(str(size))
+        write_text(reclaim, str(size))
         return "memory.reclaim"

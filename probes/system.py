@@ -1,4 +1,8 @@
-"""System facts for the kmatrix probe: mounts, filesystems, cgroups and process groups."""
+"""System facts for the kmatrix probe: mounts, filesystems, cgroups and process groups.
+
+Also the probe's one writer of /proc, /sys and cgroup files (:func:`write_text`) and the
+uptime the probe's records carry.
+"""
 
 from __future__ import annotations
 
@@ -156,8 +160,8 @@ def _own_cgroup_dir(version: str, mount_dir: str) -> str:
     return resolve_cgroup_dir(mount_dir, mount_root, path)
 
 
-def _write(path: str, text: str) -> None:
-    """Write ``text`` to a cgroup control file."""
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to a /proc, /sys or cgroup file (a sysctl, a cgroup control file)."""
     with open(path, "w", encoding="ascii") as f:
         f.write(text)
 
@@ -166,10 +170,10 @@ def _make_base(version: str, own_dir: str) -> str:
     """Create ``<own cgroup>/kmatrix`` with the memory controller enabled below it."""
     base = os.path.join(own_dir, CGROUP_BASE_NAME)
     if version == "v2":
-        _write(os.path.join(own_dir, "cgroup.subtree_control"), "+memory")
+        write_text(os.path.join(own_dir, "cgroup.subtree_control"), "+memory")
     os.makedirs(base, exist_ok=True)
     if version == "v2":
-        _write(os.path.join(base, "cgroup.subtree_control"), "+memory")
+        write_text(os.path.join(base, "cgroup.subtree_control"), "+memory")
     return base
 
 
@@ -216,7 +220,7 @@ def make_scenario_cgroup(cgroups: Cgroups, name: str) -> str:
 
 def join_cgroup(path: str) -> None:
     """Move the calling process into cgroup ``path``."""
-    _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))
+    write_text(os.path.join(path, "cgroup.procs"), str(os.getpid()))
 
 
 def remove_cgroup(path: str, timeout: float = 3.0) -> str | None:
@@ -248,3 +252,11 @@ def pids_in_group(pgid: int) -> list[int]:
         if len(fields) > 2 and int(fields[2]) == pgid:
             pids.append(int(entry))
     return pids
+
+
+def uptime() -> float | None:
+    """Seconds since boot (/proc/uptime), to time the boot and each repeat."""
+    try:
+        return float(read_text("/proc/uptime").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

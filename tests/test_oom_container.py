@@ -12,7 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
 
 import oom
+import oom_judge
 import oom_model
+import oom_run
 import oom_scope
 from kmatrix.cells import docker as docker_cell
 from kmatrix.cells.plan import OomPlan
@@ -44,8 +46,9 @@ def test_container_sizes_are_fractions_of_the_limit_not_of_the_host() -> None:
 def test_events_delta_counts_this_repeat_and_keeps_flags() -> None:
     before = {"oom_kill_disable": 0, "under_oom": 0, "oom_kill": 2}
     after = {"oom_kill_disable": 0, "under_oom": 1, "oom_kill": 3}
-    assert oom.events_delta(before, after) == {"oom_kill_disable": 0, "under_oom": 1, "oom_kill": 1}
-    assert oom.events_delta({}, {"oom": 1, "oom_kill": 1}) == {"oom": 1, "oom_kill": 1}
+    delta = oom_judge.events_delta(before, after)
+    assert delta == {"oom_kill_disable": 0, "under_oom": 1, "oom_kill": 1}
+    assert oom_judge.events_delta({}, {"oom": 1, "oom_kill": 1}) == {"oom": 1, "oom_kill": 1}
 
 
 def test_raised_role_adjustment_keeps_the_order_and_never_prefers_the_harness() -> None:
@@ -60,13 +63,14 @@ def test_raised_role_adjustment_keeps_the_order_and_never_prefers_the_harness() 
     roles = {"holder": 14, "bystander": 25, "hog": 120}
     plain = {r: oom_model.badness(snap(m, 0), total, PAGE) for r, m in roles.items()}
     raised = {
-        r: oom_model.badness(snap(m, oom.CONTAINER_ROLE_ADJ), total, PAGE) for r, m in roles.items()
+        r: oom_model.badness(snap(m, oom_run.CONTAINER_ROLE_ADJ), total, PAGE)
+        for r, m in roles.items()
     }
     assert sorted(plain, key=plain.__getitem__) == sorted(raised, key=raised.__getitem__)
     harness = oom_model.badness(snap(200, 0), total, PAGE)  # a very fat harness
     assert harness is not None
     assert all(p is not None and p > harness for p in raised.values())
-    snaps = {r: snap(m, oom.CONTAINER_ROLE_ADJ) for r, m in roles.items()}
+    snaps = {r: snap(m, oom_run.CONTAINER_ROLE_ADJ) for r, m in roles.items()}
     assert oom_model.predict(snaps | {"harness": snap(16, 0)}, total, PAGE)[0] == "hog"
 
 

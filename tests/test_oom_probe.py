@@ -12,7 +12,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
 
 import oom
+import oom_growth
+import oom_harness
 import oom_model
+import oom_scope
+import oom_watch
 from kmatrix.cells.oom_boots import plan_arg
 from kmatrix.results.oom import EXPERIMENTS, Unit
 
@@ -36,7 +40,7 @@ def test_the_catalog_names_every_scenario_experiment_and_role() -> None:
         r.role
         for e in oom.EXPERIMENTS.values()
         if e.holder != "cross"
-        for r in oom._role_specs(e, env, oom.oom_scope.Scope(), oom._sizes(e, env))
+        for r in oom_harness.role_specs(e, env, oom_scope.Scope(), oom.role_sizes(e, env))
     }
     roles |= {"creator", "receiver", "hog"}  # oom_cross's, forked by their own module
     assert roles | {"none"} == set(catalog.ROLES)
@@ -101,10 +105,10 @@ def test_snapshot_of_this_process_and_of_a_missing_one() -> None:
 def test_sizes_keep_the_roles_in_order() -> None:
     env = oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 30.0, 1)
     for exp in oom.EXPERIMENTS.values():
-        sizes = oom._sizes(exp, env)
+        sizes = oom.role_sizes(exp, env)
         assert ("limit" in sizes) == (exp.scope != "global")
         if exp.growth:  # three bystanders of different sizes; the writer has only a cap
-            sizes_by = [sizes[r] for r in oom.GROWTH_BYSTANDERS]
+            sizes_by = [sizes[r] for r in oom_growth.BYSTANDERS]
             assert sizes_by == sorted(sizes_by) and len(set(sizes_by)) == 3
             assert sizes_by[0] > 16 * MIB  # clearly larger than the writer's own RSS
             assert sizes["writer"] >= 2 * sizes.get("limit", env.mem_total)
@@ -126,21 +130,21 @@ def test_watch_a_hog_that_finds_no_oom_and_a_repeat_that_hangs() -> None:
     env = _env()
     start = time.monotonic()
     specs = [RoleSpec("holder", "anon", MIB), RoleSpec("hog", "hog", 8 * MIB)]
-    roles = oom._spawn_all(specs, env, start + 10)
+    roles = oom_harness.spawn_all(specs, env, start + 10)
     try:
         os.write(roles[-1].cmd_w, b"g")
-        seen = oom.watch(roles, start, start + 10)
+        seen = oom_watch.watch(roles, start, start + 10)
         assert seen.outcome == "hog-done" and seen.hog_bytes == 8 * MIB
         assert seen.snapshot is not None and set(seen.snapshot) == {"holder", "hog"}
         assert seen.snapshot["hog"]["RssAnon"] >= 8 * MIB
     finally:
-        oom._kill_all(roles)
-    roles = oom._spawn_all([RoleSpec("holder", "anon", MIB)], env, time.monotonic() + 10)
+        oom_harness.kill_all(roles)
+    roles = oom_harness.spawn_all([RoleSpec("holder", "anon", MIB)], env, time.monotonic() + 10)
     try:
         begin = time.monotonic()
-        seen = oom.watch(roles, begin, begin + 0.5)
+        seen = oom_watch.watch(roles, begin, begin + 0.5)
         assert seen.outcome == "timeout" and seen.deaths == []
         assert time.monotonic() - begin < 3
     finally:
-        oom._kill_all(roles)
-    assert oom._exit_signals(roles) == {}  # all reaped by _kill_all
+        oom_harness.kill_all(roles)
+    assert oom_harness.exit_signals(roles) == {}  # all reaped by _kill_all

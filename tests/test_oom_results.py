@@ -26,7 +26,7 @@ from kmatrix.results.schema import parse_probe_output
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oom"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
-import oom  # noqa: E402  (the probe's own judgement, run on the host)
+import oom_judge  # noqa: E402  (the probe's own judgement, run on the host)
 
 
 def _boot(index: int, units: list[Unit], end: dict[str, object]) -> BootOutput:
@@ -144,7 +144,7 @@ def _rejudge(run: dict[str, Any]) -> dict[str, Any]:
     rec = copy.deepcopy(run)
     rec["shmem"].pop("freed_by_oom", None)
     rec["cgroup"].pop("charge_stayed", None)
-    oom.judge(rec)
+    oom_judge.judge(rec)
     return rec
 
 

@@ -32,7 +32,8 @@ SIZE = SIZE_MIB * MIB
 sys.path.insert(0, str(PROBES))
 
 import accounting  # noqa: E402
-import protocol  # noqa: E402
+import scenario_child  # noqa: E402
+import scenario_types  # noqa: E402
 import scenarios  # noqa: E402
 import system  # noqa: E402
 
@@ -120,32 +121,32 @@ def test_own_cgroup_path_and_resolution(tmp_path: Path) -> None:
     assert system.resolve_cgroup_dir(str(tmp_path), "/docker/x", "/docker/x") == str(tmp_path)
 
 
-# ---- protocol robustness, in-process ---------------------------------------------------
+# ---- the scenario child's protocol, in-process -----------------------------------------
 
 
-def _crash_settings(tmp_path: Path) -> scenarios.Settings:
-    return scenarios.Settings(MIB, 4096, str(tmp_path), str(tmp_path), None, "n/a")
+def _crash_settings(tmp_path: Path) -> scenario_types.Settings:
+    return scenario_types.Settings(MIB, 4096, str(tmp_path), str(tmp_path), None, "n/a")
 
 
 def _run_fake(tmp_path: Path, act: Any, timeout: float = 30.0) -> dict[str, Any]:
-    fake = scenarios.Scenario("fake", act)
+    fake = scenario_types.Scenario("fake", act)
     none = system.Cgroups("none", "none", None, None)
-    return protocol.run_scenario(fake, _crash_settings(tmp_path), none, timeout, 2)
+    return scenario_child.run_scenario(fake, _crash_settings(tmp_path), none, timeout, 2)
 
 
-def _raise_runtime(ctx: scenarios.Ctx) -> None:
+def _raise_runtime(ctx: scenario_types.Ctx) -> None:
     raise RuntimeError("boom")
 
 
-def _raise_enospc(ctx: scenarios.Ctx) -> None:
+def _raise_enospc(ctx: scenario_types.Ctx) -> None:
     raise OSError(errno.ENOSPC, "full")
 
 
-def _die(ctx: scenarios.Ctx) -> None:
+def _die(ctx: scenario_types.Ctx) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _hang(ctx: scenarios.Ctx) -> None:
+def _hang(ctx: scenario_types.Ctx) -> None:
     os.read(ctx.protocol_fds[0], 1)
 
 

@@ -48,7 +48,7 @@ GLOBAL_OOM_REASON = (
 
 #: Room the probe, its interpreter and a scenario child need besides the measured pages.
 HEADROOM = 96 * MIB
-#: What the over-shm-limit scenarios write beyond /dev/shm's size (probes/scenarios.py).
+#: What the over-shm-limit scenarios write beyond /dev/shm's size (probes/scenario_checks.py).
 OVER_LIMIT_EXTRA = 32 * MIB
 
 

@@ -1,4 +1,4 @@
-"""Fork/measure/kill protocol: runs one scenario in a fresh child and builds its record.
+"""One scenario in a fresh child: the fork / measure / kill protocol, and its record.
 
 Parent                                  Child (own process group, scenario cgroup)
   fork ------------------------------->   setpgid, join cgroup, prepare
@@ -8,70 +8,32 @@ Parent                                  Child (own process group, scenario cgrou
        <------------ result (JSON line)   ok | errno | exception, detail
   measure AFTER (child still alive)       blocks until killed
   SIGKILL the process group, reap, check /proc, remove cgroup and named file
+
+The messages are JSON lines (messages.py); :func:`run_scenario` is the entry point and
+never raises.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import select
 import signal
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import accounting
 import system
-from scenarios import CHUNK_SIZE, Ctx, Scenario, Settings, errno_name, named_shm_path
+from messages import Channel, Message, ProtocolError, errno_name, send
+from scenario_types import CHUNK_SIZE, Ctx, Scenario, Settings, named_shm_path
 
 #: How long to wait for a killed process group to vanish from /proc.
 REAP_TIMEOUT = 5.0
 
 #: Per-process metrics reported for helper processes (memfd-2proc's grandchild).
 HELPER_METRICS = ("VmRSS", "RssShmem", "Pss")
-
-Message = dict[str, Any]
-
-
-class ProtocolError(Exception):
-    """The child did not follow the protocol (died early, timed out, bad message)."""
-
-
-@dataclass
-class Channel:
-    """JSON-line messages read from a pipe, with a deadline."""
-
-    fd: int
-    buffer: bytes = b""
-
-    def receive(self, deadline: float, phase: str) -> Message:
-        """Return the next message; raise ProtocolError on EOF or timeout."""
-        while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.fd], [], [], remaining)[0]:
-                raise ProtocolError(f"timeout waiting for {phase}")
-            data = os.read(self.fd, 65536)
-            if not data:
-                raise ProtocolError(f"child exited before sending {phase}")
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        message: Message = json.loads(line)
-        return message
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until all of ``data`` is written (one call unless the fd is short)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def send(fd: int, message: Message) -> None:
-    """Send one JSON-line message."""
-    write_all(fd, json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
 
 # ---- child side ------------------------------------------------------------------------

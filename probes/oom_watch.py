@@ -1,0 +1,135 @@
+"""Watching an OOM repeat: the driver's progress, /proc snapshots of the roles, every death.
+
+The driver (the last role: the hog, or the memfd writer) reports progress per chunk; the
+harness snapshots every role's /proc values after each one, so the last complete snapshot
+before the first death is at most a chunk old, and reads meminfo right after each death.
+Also the system-wide readings a repeat records (Shmem, swap in use, the oom_kill counter).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from dataclasses import dataclass, field
+
+import oom_growth
+import oom_model
+from accounting import parse_flat_keyed, read_meminfo, read_text
+from oom import Record
+from oom_harness import Role
+
+SETTLE_S = 0.15  # after the hog died: time for group kills / reaping to finish
+
+
+def snapshot_all(roles: list[Role], harness: bool = False) -> dict[str, dict[str, int]] | None:
+    """/proc values of every role (and of the harness when it shares their cgroup, as it
+    does in a container: it is then an OOM candidate too); None if one is gone."""
+    snaps = {}
+    pids = [(r.name, r.pid) for r in roles if r.name != "creator"]
+    for name, pid in pids + ([("harness", os.getpid())] if harness else []):
+        snap = oom_model.snapshot(pid)
+        if snap is None:
+            return None
+        snaps[name] = snap
+    return snaps
+
+
+def vmstat_oom_kill() -> int | None:
+    """The system-wide oom_kill counter of /proc/vmstat (4.13+)."""
+    try:
+        return parse_flat_keyed(read_text("/proc/vmstat")).get("oom_kill")
+    except OSError:
+        return None
+
+
+def shmem() -> int:
+    """meminfo Shmem in bytes."""
+    return read_meminfo().get("meminfo_Shmem", 0)
+
+
+def swap_used() -> int:
+    """SwapTotal - SwapFree in bytes: a swapped-out memfd page leaves Shmem for here."""
+    return read_meminfo().get("meminfo_SwapUsed", 0)
+
+
+@dataclass
+class Watch:
+    """What the harness saw while the driver (the hog, or the memfd writer) ran."""
+
+    #: {"role", "t", "shmem", "mem_available"} in the order seen: meminfo read right after
+    #: the harness saw the death (what that kill gave back, or did not).
+    deaths: list[Record] = field(default_factory=list)
+    snapshot: dict[str, dict[str, int]] | None = None  # last complete one before a death
+    hog_bytes: int = 0  # bytes the driver allocated or wrote (last progress line)
+    #: hog-died | hog-done (no OOM) | writer-died | writer-done | write-error | timeout
+    outcome: str = "timeout"
+    write_error: str | None = None  # the writer's errno name, when a write() failed
+    stall: Record | None = None  # the driver went quiet while alive: what it was doing
+
+
+def _on_message(message: Record, roles: list[Role], watch: Watch, harness: bool) -> bool:
+    """Handle one driver message; True when the driver stopped without being killed."""
+    if "progress" in message:
+        watch.hog_bytes = int(message["progress"])
+        if not watch.deaths:
+            watch.snapshot = snapshot_all(roles, harness) or watch.snapshot
+    if "write_error" in message:
+        watch.write_error = str(message["write_error"])
+        watch.outcome = "write-error"
+        return True
+    if "done" in message:
+        watch.outcome = f"{roles[-1].name}-done"
+        return True
+    return False
+
+
+def _death(role: Role, start: float) -> Record:
+    info = read_meminfo()
+    return {
+        "role": role.name,
+        "t": round(time.monotonic() - start, 3),
+        "shmem": info.get("meminfo_Shmem"),
+        "mem_available": info.get("meminfo_MemAvailable"),
+    }
+
+
+def watch(
+    roles: list[Role], start: float, deadline: float, harness: bool = False,
+    stall_s: float | None = None,
+) -> Watch:  # fmt: skip
+    """Follow the driver's progress (snapshotting /proc per chunk) and every role's death.
+
+    The driver is the last role (the hog, or the memfd writer); the repeat ends shortly
+    after it dies or stops. ``harness``: include the harness in the snapshots (it shares
+    the roles' cgroup)."""
+    result = Watch()
+    live = {r.channel.fd: r for r in roles if r.name != "creator"}
+    driver = roles[-1]
+    stop_at, heard = deadline, time.monotonic()
+    while live:
+        now = time.monotonic()
+        if now >= stop_at:
+            break
+        if stall_s and driver.alive and now - heard > stall_s:
+            result.outcome, result.stall = (
+                f"{driver.name}-stalled",
+                oom_growth.stall_evidence(driver.pid, now - heard),
+            )
+            break
+        wait = min(stop_at, heard + stall_s) - now if stall_s else stop_at - now
+        for fd in select.select(list(live), [], [], max(wait, 0.01))[0]:
+            role = live[fd]
+            messages = role.channel.read_available()
+            if role is driver:
+                heard = time.monotonic()
+            if messages is None:
+                role.alive = False
+                del live[fd]
+                result.deaths.append(_death(role, start))
+                if role is driver and result.outcome == "timeout":
+                    result.outcome = f"{driver.name}-died"
+                    stop_at = time.monotonic() + SETTLE_S
+            elif any(_on_message(m, roles, result, harness) for m in messages):
+                stop_at = time.monotonic()
+    return result
