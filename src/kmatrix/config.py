@@ -31,6 +31,7 @@ from kmatrix.matrixfile.sections import MAX_SIZE as MAX_SIZE
 from kmatrix.matrixfile.sections import MIB as MIB
 from kmatrix.matrixfile.sections import MIN_GUEST_MEMORY as MIN_GUEST_MEMORY
 from kmatrix.matrixfile.sections import MIN_OOM_MEMORY as MIN_OOM_MEMORY
+from kmatrix.matrixfile.sections import NAME_RE as NAME_RE
 from kmatrix.matrixfile.sections import ArchiveConfig as ArchiveConfig
 from kmatrix.matrixfile.sections import GuestConfig as GuestConfig
 from kmatrix.matrixfile.sections import OomConfig as OomConfig

@@ -15,7 +15,6 @@ kmatrix.cells' business, not this module's.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -25,6 +24,7 @@ from kmatrix.errors import UserError
 from kmatrix.matrixfile.sections import (
     MAX_SIZE,
     MIB,
+    NAME_RE,
     ArchiveConfig,
     Size,
     Strict,
@@ -35,7 +35,6 @@ from kmatrix.matrixfile.sections import (
 if TYPE_CHECKING:
     from kmatrix.matrixfile.matrix import Matrix
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _SOURCES = "suite/suites/archive/package/path"
 _PIDS_LIMIT = "pids_limit: only for backend: docker, and at least 16"
 _BOTH = "give either path: (a local build) or suite:+package:, not both"
@@ -74,7 +73,7 @@ class _KernelEntry(Strict):
 
     @model_validator(mode="after")
     def _check_entry(self) -> _KernelEntry:
-        if not _NAME_RE.match(self.name):
+        if not NAME_RE.match(self.name):
             raise ValueError(
                 f"name {self.name!r} must start with a letter or digit and use only "
                 "letters, digits and . _ + -"

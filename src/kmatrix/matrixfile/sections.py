@@ -21,6 +21,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
 GUEST_OVERHEAD = 96 * 1024 * 1024
 MIN_GUEST_MEMORY = 192 * 1024 * 1024
 MIN_OOM_MEMORY = 192 * 1024 * 1024
+#: A kernel, report or merged run name: it becomes a directory (reports/NAME, work dirs).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 MIB = 1024 * 1024
 
