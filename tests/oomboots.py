@@ -10,6 +10,7 @@ from kmatrix.debian.archive import default_cache_dir
 from kmatrix.debian.suites import Resolver
 from kmatrix.guest.kernels import prepare_debian
 from kmatrix.guest.userland import build_userland
+from kmatrix.run.plan import qemu_plan
 
 
 def run_oom_matrix(text: str, workdir: Path) -> OomRun:
@@ -21,4 +22,4 @@ def run_oom_matrix(text: str, workdir: Path) -> OomRun:
     (k,) = matrix.kernels
     kernel = prepare_debian(archive, k, resolver.resolve(k), cache)
     userland = build_userland(archive, matrix.guest.suite, cache, lambda _: None)
-    return run_oom_boots(kernel, userland, matrix, workdir, "tcg")
+    return run_oom_boots(kernel, userland, qemu_plan(matrix, k, "tcg"), workdir)

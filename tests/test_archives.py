@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from kmatrix.config import Matrix, parse_matrix
-from kmatrix.debian import archive as debian
+from kmatrix.debian import download as fetching
 from kmatrix.debian.suites import Resolver
 from kmatrix.errors import InfraError, UserError, VerificationError
 from kmatrix.guest.kernels import prepare_debian
 from kmatrix.run import matrix as runner
+from kmatrix.run import pool
 from kmatrix.run.progress import Progress
 from localarchive import Key, LocalArchive, Pkg, build_deb, make_key, serve
 
@@ -63,7 +64,7 @@ def kernel_pkgs(debs: dict[str, bytes]) -> list[Pkg]:
 
 @pytest.fixture(autouse=True)
 def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(debian, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(fetching, "BACKOFF_SECONDS", 0.0)
     for var in ("KMATRIX_MIRROR", "KMATRIX_SECURITY_MIRROR", "KMATRIX_INDEX_TTL"):
         monkeypatch.delenv(var, raising=False)
 
@@ -196,11 +197,12 @@ kernels:
     monkeypatch.setenv("KMATRIX_CACHE", str(tmp_path / "cache"))
     resolver = Resolver(matrix, tmp_path / "cache")
     log = io.StringIO()
-    resolved = runner._resolve_all(resolver, matrix.kernels, Progress(log, live=False))
-    assert resolved["up"].primary.version == "9.9.1-1"  # type: ignore[union-attr]
-    exc = resolved["away"]
+    progress = Progress(log, live=False)
+    sources = runner.kernel_sources(matrix.kernels, resolver, tmp_path / "cache", progress.log)
+    assert sources["up"].resolved.primary.version == "9.9.1-1"  # type: ignore[union-attr]
+    exc = sources["away"]
     assert isinstance(exc, InfraError)
-    cell = runner._unresolved_cell(matrix.kernels[1], exc)
+    cell = pool.unresolved_cell(matrix.kernels[1], exc)
     assert cell["status"] == "error"
     assert f"{down}/dists/stable/InRelease" in cell["reason"]
     assert "set `url:` of archive down in matrix.yaml to change it" in cell["reason"]

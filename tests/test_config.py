@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from kmatrix.config import load_matrix, parse_matrix, parse_size
+from kmatrix.config import (
+    DebianKernel,
+    DockerKernel,
+    LocalKernel,
+    load_matrix,
+    parse_matrix,
+    parse_size,
+)
 from kmatrix.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +103,56 @@ def test_bad_matrix_files_give_their_one_line_message(path: Path) -> None:
         parse_matrix(text, "bad.yaml")
     assert str(exc.value) == expected
     assert "\n" not in str(exc.value)
+
+
+def test_loading_a_matrix_imports_no_parser_or_runner() -> None:
+    # Names come from kmatrix.catalog; the kernel-log parser, cells and runs are not needed
+    # to read a matrix file (a fresh interpreter: this one has imported everything already).
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); import kmatrix.config; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('kmatrix'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout.split()
+    assert "kmatrix.config" in loaded
+    for module in ("kmatrix.results.oomlog", "kmatrix.results.oom", "kmatrix.cells", "kmatrix.run"):
+        assert module not in loaded, loaded
+
+
+def test_each_kernel_entry_is_its_own_kind() -> None:
+    m = load_matrix(ROOT / "matrix.yaml")
+    kinds = {type(k) for k in m.kernels}
+    assert kinds == {DebianKernel, DockerKernel}
+    text = (
+        "kernels:\n"
+        "  - {name: a, suite: bookworm, package: linux-image-cloud-amd64, path: null}\n"
+        "  - {name: b, path: /k, backend: qemu, suite: null}\n"
+        "  - {name: c, backend: docker, memory: 256M, package: null}\n"
+    )
+    a, b, c = parse_matrix(text).kernels
+    assert isinstance(a, DebianKernel) and a.package == "linux-image-cloud-amd64"
+    assert isinstance(b, LocalKernel) and b.path == Path("/k") and b.backend == "qemu"
+    assert isinstance(c, DockerKernel) and c.memory == 256 * 1024 * 1024
+    assert [k.source for k in (a, b, c)] == [
+        "bookworm/linux-image-cloud-amd64", "local build /k", "host kernel (docker)"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        # Keys of another kind say why they do not belong, instead of "unknown key".
+        ("{name: h, backend: docker, memory: 512M, modules: /m}", "kernels[0].modules: a docker"),
+        ("{name: h, backend: docker, memory: 512M, cmdline: x}", "kernels[0].cmdline: a docker"),
+        ("{name: a, suite: x, package: y, config: /c}", "config: only for a local build"),
+        ("{name: a, path: /k, version: '1'}", "kernels[0]: give either path:"),
+        ("{name: a, path: /k, pids_limit: 64}", "kernels[0].pids_limit: only for backend: docker"),
+        ("{name: a, backend: vm, suite: x, package: y}", "kernels[0].backend: Input should be"),
+        ("just-a-name", "kernels[0]: a kernel entry is a mapping such as"),
+        ("{name: h, backend: docker, memory: 512M, pids_limt: 64}", "did you mean 'pids_limit'?"),
+    ],
+)
+def test_kernel_entries_refuse_what_their_kind_cannot_use(entry: str, expected: str) -> None:
+    with pytest.raises(UserError) as exc:
+        parse_matrix(f"kernels:\n  - {entry}\n", "m.yaml")
+    assert expected in str(exc.value)

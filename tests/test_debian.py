@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from kmatrix.debian import archive as debian
+from kmatrix.debian import download as fetching
 from kmatrix.debian import sources as apt_sources
 from kmatrix.debian.archive import (
     Archive,
@@ -657,7 +657,7 @@ def fake(tmp_path: Path, signers: tuple[Signer, Signer]) -> FakeArchive:
 def _no_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("KMATRIX_CHECK_VALID_UNTIL", "KMATRIX_INDEX_TTL", "KMATRIX_MIRROR"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(debian, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(fetching, "BACKOFF_SECONDS", 0.0)
 
 
 def make_archive(fake: FakeArchive, cache: Path, **kw: object) -> Archive:
@@ -830,13 +830,13 @@ def test_download_retries_then_names_url(tmp_path: Path, monkeypatch: pytest.Mon
 
         return fn
 
-    monkeypatch.setattr(debian, "_download_once", flaky(2))
-    debian.download("http://h.example/x", tmp_path / "x", 1.0, lambda _m: None)
+    monkeypatch.setattr(fetching, "_download_once", flaky(2))
+    fetching.download("http://h.example/x", tmp_path / "x", 1.0, lambda _m: None)
     assert (tmp_path / "x").read_bytes() == b"ok" and len(calls) == 3
     calls.clear()
-    monkeypatch.setattr(debian, "_download_once", flaky(99))
+    monkeypatch.setattr(fetching, "_download_once", flaky(99))
     with pytest.raises(InfraError, match=r"http://h\.example/y after 4 attempts"):
-        debian.download("http://h.example/y", tmp_path / "y", 1.0, lambda _m: None)
+        fetching.download("http://h.example/y", tmp_path / "y", 1.0, lambda _m: None)
     assert not (tmp_path / "y").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["x"]  # no temp files left
 

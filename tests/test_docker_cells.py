@@ -17,11 +17,12 @@ import pytest
 
 from kmatrix.backends import docker as engine
 from kmatrix.cells import docker as docker_cell
-from kmatrix.config import parse_matrix
+from kmatrix.config import DockerKernel, parse_matrix
 from kmatrix.debian.archive import Archive, default_cache_dir, resolve_mirror
 from kmatrix.guest.probe_image import ProbeImage, ensure_probe_image
 from kmatrix.guest.userland import Userland, build_userland
 from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.plan import docker_plan
 from kmatrix.run.progress import Progress
 
 MIB = 1 << 20
@@ -196,8 +197,10 @@ def test_global_oom_is_refused_not_run(
     names = ["memfd-write", "oom-global-memfd-unmapped", "oom-no-killable"]
     monkeypatch.setattr(docker_cell, "probe_names", lambda: names)
     matrix = parse_matrix(MATRIX.replace("probe: {", f"probe: {{scenarios: {names}, "))
+    (kernel,) = matrix.kernels
+    assert isinstance(kernel, DockerKernel)
     cell = docker_cell.run_docker_cell(
-        matrix.kernels[0], matrix, userland, default_cache_dir(), tmp_path / "log"
+        docker_plan(matrix, kernel), userland, default_cache_dir(), tmp_path / "log"
     )
     assert cell["status"] == "ok", cell["reason"]
     assert [s["name"] for s in cell["scenarios"]] == ["memfd-write"]

@@ -8,11 +8,12 @@ import pytest
 
 from kmatrix.backends import docker as engine
 from kmatrix.cells import docker as docker_cell
-from kmatrix.config import parse_matrix
+from kmatrix.config import DockerKernel, parse_matrix
 from kmatrix.errors import UserError
 from kmatrix.guest.probe_image import content_hash, image_tag
 from kmatrix.guest.userland import Userland
 from kmatrix.results.schema import ProbeOutput
+from kmatrix.run.plan import docker_plan
 
 MIB = 1 << 20
 
@@ -84,10 +85,10 @@ def test_global_oom_experiments_are_refused() -> None:
         "oom-memcg-v2-group",
         "oom-no-killable",
     ]
-    run, refused = docker_cell.plan("all", known)
+    run, refused = docker_cell.split_names("all", known)
     assert run == ["anon-private", "memfd-write", "oom-memcg-v2", "oom-memcg-v2-group"]
     assert refused == ["oom-global-memfd-unmapped", "oom-no-killable"]
-    run, refused = docker_cell.plan(["oom-global-memfd-unmapped", "memfd-write"], known)
+    run, refused = docker_cell.split_names(["oom-global-memfd-unmapped", "memfd-write"], known)
     assert (run, refused) == (["memfd-write"], ["oom-global-memfd-unmapped"])
     rec = docker_cell.refused_record("oom-no-killable")
     assert rec["status"] == "refused" and rec["repeats"] == 0 and rec["victims"] == []
@@ -159,8 +160,10 @@ def test_connect_names_the_socket_and_how_to_start_an_engine(no_engine: Path) ->
 def _cell(tmp_path: Path, text: str = MATRIX) -> dict[str, object]:
     matrix = parse_matrix(text)
     userland = Userland("none", tmp_path / "root", tmp_path / "u.cpio", {})
+    (kernel,) = matrix.kernels
+    assert isinstance(kernel, DockerKernel)
     return docker_cell.run_docker_cell(
-        matrix.kernels[0], matrix, userland, tmp_path, tmp_path / "host.log", log=lambda _: None
+        docker_plan(matrix, kernel), userland, tmp_path, tmp_path / "host.log", log=lambda _: None
     )
 
 

@@ -19,8 +19,8 @@ from kmatrix.debian.archive import default_cache_dir
 from kmatrix.debian.suites import Resolver
 from kmatrix.guest.kernels import prepare_debian, prepare_local
 from kmatrix.guest.userland import Userland
-from kmatrix.run import matrix as runner
 from kmatrix.run.matrix import RunOptions, run_matrix
+from kmatrix.run.plan import cache_key, qemu_plan
 from kmatrix.run.progress import Progress
 
 pytestmark = pytest.mark.qemu
@@ -81,11 +81,11 @@ def test_local_build_runs_a_full_cell_and_is_cached_by_all_its_parts(tmp_path: P
 
     # The result cache key covers the modules tree and .config, not only the bzImage.
     m = load_matrix(matrix_file)
-    run = runner._Run(opts, m, m.kernels, Progress(io.StringIO(), live=False))
+    (k,) = m.kernels
     userland = Userland("u", tmp_path, tmp_path, {})
 
     def key() -> str:
-        return runner._cache_key(run, m.kernels[0], prepare_local(m.kernels[0]), userland, "tcg")
+        return cache_key(qemu_plan(m, k, "tcg"), prepare_local(k), userland, "probe", "qemu 7.2")
 
     before = key()
     config.write_text(config.read_text() + "# CONFIG_LOCAL_TWEAK is not set\n")

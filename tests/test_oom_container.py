@@ -19,7 +19,7 @@ import oom_model
 import oom_run
 import oom_scope
 from kmatrix.cells import docker as docker_cell
-from kmatrix.config import OomConfig
+from kmatrix.cells.plan import OomPlan
 from kmatrix.report.oom import oom_section
 from kmatrix.results.oom import entries_from_probe
 from kmatrix.results.schema import parse_probe_output
@@ -95,7 +95,8 @@ def test_raised_role_adjustment_keeps_the_order_and_never_prefers_the_harness() 
 
 
 def test_oom_container_command_runs_in_its_own_cgroup_with_the_matrix_repeats() -> None:
-    argv = docker_cell.probe_command(["oom-memcg-v1"], 64 * MIB, 120, OomConfig(repeats=5))
+    oom = OomPlan(units=(), repeats=5, timeout_s=30, memory_bytes=192 * MIB)
+    argv = docker_cell.probe_command(["oom-memcg-v1"], 64 * MIB, 120, oom)
     assert argv[argv.index("--oom-memcg") + 1] == "container"
     assert argv[argv.index("--oom-repeats") + 1] == "5"
     assert argv[argv.index("--oom-timeout") + 1] == "30"

@@ -14,16 +14,12 @@ import json
 import os
 from pathlib import Path
 
-from kmatrix.errors import InfraError
+from kmatrix.errors import CacheCorrupted as CacheCorrupted
 from kmatrix.results.schema import atomic_write_text
 
 MANIFEST = ".kmatrix-manifest.json"
 #: Files in a tree that are bookkeeping, not content.
 _IGNORED = {MANIFEST, ".complete"}
-
-
-class CacheCorrupted(InfraError):
-    """A cached artifact no longer matches the digest recorded when it was made."""
 
 
 def sha256_of(path: Path) -> str:

@@ -19,6 +19,7 @@ import docker.errors
 import requests.exceptions
 
 from kmatrix.backends import lifeline
+from kmatrix.errors import EngineUnavailable as EngineUnavailable
 from kmatrix.errors import InfraError, UserError
 
 #: Seconds for ordinary engine API calls (ping, info, create, remove).
@@ -39,10 +40,6 @@ START_HINT = (
 #: A container's memory limit may use at most this share of the host's available memory:
 #: whatever the probe does in the container, the host keeps most of its memory.
 MAX_SHARE_OF_AVAILABLE = 0.5
-
-
-class EngineUnavailable(InfraError):
-    """No Docker engine answered."""
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from kmatrix.backends import docker as engine
-from kmatrix.config import KernelConfig, Matrix, OomConfig
+from kmatrix.cells.plan import DockerPlan, OomPlan
 from kmatrix.errors import InfraError, UserError
 from kmatrix.guest.kernels import parse_kconfig, recorded_config
 from kmatrix.guest.probe_image import ensure_probe_image
@@ -84,7 +84,7 @@ def probe_names(timeout: float = 30.0) -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-def plan(requested: list[str] | str, known: list[str]) -> tuple[list[str], list[str]]:
+def split_names(requested: Sequence[str] | str, known: list[str]) -> tuple[list[str], list[str]]:
     """(names to run, global OOM names refused) for a docker cell, in the probe's order."""
     wanted = known if requested == "all" else [n for n in known if n in requested]
     return (
@@ -114,7 +114,7 @@ def probe_command(
     names: list[str],
     size_bytes: int,
     timeout: float,
-    oom: OomConfig | None = None,
+    oom: OomPlan | None = None,
     repeats: int = 1,
 ) -> list[str]:
     """Arguments after the image's entrypoint (python3 /probe/probe.py).
@@ -133,7 +133,7 @@ def probe_command(
     ]  # fmt: skip
     if oom is not None:
         argv += ["--oom-memcg", "container", "--oom-repeats", str(oom.repeats)]
-        argv += ["--oom-timeout", str(oom.timeout)]
+        argv += ["--oom-timeout", str(oom.timeout_s)]
     return argv
 
 
@@ -176,34 +176,32 @@ def _available_memory(info: engine.EngineInfo) -> int:
     return info.mem_total
 
 
-def require_engine(matrix: Matrix) -> bool:
+def require_engine(require_docker: bool) -> bool:
     """True when a missing engine is an error (matrix.yaml or the environment says so)."""
-    return matrix.require_docker or os.environ.get(REQUIRE_ENV, "") in ("1", "true", "yes")
+    return require_docker or os.environ.get(REQUIRE_ENV, "") in ("1", "true", "yes")
 
 
 def run_docker_cell(
-    k: KernelConfig,
-    matrix: Matrix,
+    plan: DockerPlan,
     userland: Userland,
     cache: Path,
     log_dest: Path,
     log: Callable[[str], None] = print,
 ) -> JSON:
-    """Run the probe in one container on the host kernel and return its cell (any status).
+    """Run the probe in containers on the host kernel as ``plan`` says; its cell (any status).
 
     A missing engine gives a ``skipped`` cell (``error`` when required); a bad memory limit
     raises UserError; everything else the container does becomes the status.
     """
-    cell = new_cell(k.name, "docker")
-    memory = k.memory or matrix.guest.memory
-    shm_size = k.shm_size or DEFAULT_SHM_SIZE
-    cell.update(accel="container", memory_bytes=memory, shm_size_bytes=shm_size)
+    cell = new_cell(plan.name, "docker")
+    memory, shm_size = plan.memory_bytes, plan.shm_size
+    cell.update(accel=plan.accel, memory_bytes=memory, shm_size_bytes=shm_size)
     try:
         client = engine.connect()
     except engine.EngineUnavailable as exc:
         # Skipping keeps the rest of the matrix useful on a machine without Docker; CI
         # sets require_docker so that a missing engine cannot pass unnoticed.
-        required = require_engine(matrix)
+        required = plan.require_engine
         cell.update(
             status="error" if required else "skipped",
             reason=str(exc) + ("" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"),
@@ -212,7 +210,7 @@ def run_docker_cell(
     info = engine.engine_info(client)
     cell["engine"] = info.as_json()
     cell["kernel"] = {
-        "name": k.name,
+        "name": plan.name,
         "release": info.kernel_release,
         "package": None,
         "version": None,
@@ -220,9 +218,9 @@ def run_docker_cell(
         "config": _host_kernel_config() if _engine_is_local() else {},
         "host_kernel": True,
     }
-    engine.check_memory(memory, _available_memory(info), f"kernels: {k.name}")
-    check_limits(memory, shm_size, matrix.probe.size, f"kernels: {k.name}")
-    names, refused = plan(matrix.probe.scenarios, probe_names())
+    engine.check_memory(memory, _available_memory(info), f"kernels: {plan.name}")
+    check_limits(memory, shm_size, plan.probe.size_bytes, f"kernels: {plan.name}")
+    names, refused = split_names(plan.probe.scenarios, probe_names())
     image = ensure_probe_image(client, userland, cache, log)
     cell["engine"]["image"] = image.tag
     # Accounting and OOM experiments run in separate containers: an OOM in the container's
@@ -235,10 +233,7 @@ def run_docker_cell(
         )
         if group
     ]
-    results = [
-        _run_probe(client, k, matrix, image.tag, group, memory, shm_size, adj)
-        for group, adj in parts
-    ]
+    results = [_run_probe(client, plan, image.tag, group, adj) for group, adj in parts]
     _write_log(log_dest, [run for run, _ in results])
     _fill(cell, [(group, *result) for (group, _), result in zip(parts, results, strict=True)])
     cell["oom"] = [refused_record(n) for n in refused] + cell["oom"]
@@ -283,37 +278,30 @@ def _failed_record(name: str, reason: str) -> JSON:
 
 
 def _run_probe(
-    client: Any,
-    k: KernelConfig,
-    matrix: Matrix,
-    image: str,
-    names: list[str],
-    memory: int,
-    shm_size: int,
-    oom_score_adj: int | None,
+    client: Any, plan: DockerPlan, image: str, names: list[str], oom_score_adj: int | None
 ) -> tuple[engine.ContainerRun, ProbeOutput]:
     """One container with a fresh disk volume; both are gone when this returns."""
     suffix = uuid.uuid4().hex[:8]
-    volume = engine.create_volume(client, f"kmatrix-disk-{k.name}-{suffix}")
+    volume = engine.create_volume(client, f"kmatrix-disk-{plan.name}-{suffix}")
     try:
         spec = engine.ContainerSpec(
             image=image,
             command=probe_command(
                 names,
-                matrix.probe.size,
+                plan.probe.size_bytes,
                 timeout=120,
-                oom=matrix.oom if names[0].startswith("oom-") else None,
-                repeats=matrix.probe.repeats,
+                oom=plan.oom if names[0].startswith("oom-") else None,
+                repeats=plan.probe.repeats,
             ),
-            memory_bytes=memory,
-            shm_size=shm_size,
-            pids_limit=k.pids_limit or DEFAULT_PIDS_LIMIT,
-            name=f"kmatrix-{k.name}-{suffix}",
+            memory_bytes=plan.memory_bytes,
+            shm_size=plan.shm_size,
+            pids_limit=plan.pids_limit,
+            name=f"kmatrix-{plan.name}-{suffix}",
             disk_volume=volume,
-            labels={"kmatrix.cell": k.name},
+            labels={"kmatrix.cell": plan.name},
             oom_score_adj=oom_score_adj,
         )
-        run = engine.run_container(client, engine.container_config(spec), matrix.probe.cell_timeout)
+        run = engine.run_container(client, engine.container_config(spec), plan.cell_timeout_s)
     finally:
         problem = engine.remove_volume(client, volume)
     if problem:

@@ -28,12 +28,11 @@ from kmatrix.backends.qemu import (
 )
 from kmatrix.catalog import ENDS_BOOT, NEEDS_SWAP
 from kmatrix.cells.console import analyze_console
-from kmatrix.config import Matrix
-from kmatrix.errors import UserError
+from kmatrix.cells.plan import OomPlan, QemuPlan
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import Module, modules_to_load
 from kmatrix.guest.userland import Userland, cell_archive, write_initrd
-from kmatrix.results.oom import EXPERIMENTS, BootOutput, Unit, assemble
+from kmatrix.results.oom import BootOutput, Unit, assemble
 from kmatrix.results.schema import JSON, parse_probe_output
 
 MIB = 1024 * 1024
@@ -63,19 +62,6 @@ class OomRun:
     consoles: list[str] = field(default_factory=list)
 
 
-def plan_units(matrix: Matrix) -> list[Unit]:
-    """Every (experiment, repeat) unit the matrix asks for, in canonical order."""
-    cfg = matrix.oom
-    names = list(EXPERIMENTS) if cfg.experiments == "all" else list(cfg.experiments)
-    unknown = [n for n in names if n not in EXPERIMENTS]
-    if unknown:
-        raise UserError(
-            f"matrix.yaml: oom.experiments: unknown {', '.join(unknown)}; "
-            f"valid: all, or any of {', '.join(EXPERIMENTS)}"
-        )
-    return [Unit(n, r) for n in EXPERIMENTS if n in names for r in range(cfg.repeats)]
-
-
 def plan_arg(units: list[Unit]) -> str:
     """The probe's ``--oom`` argument: ``name:first-last`` per run of consecutive repeats."""
     parts: list[str] = []
@@ -103,30 +89,30 @@ def crashed_early(hello: JSON | None, panic: object) -> bool:
     return hello is None and bool(panic)
 
 
-def _boot_timeout(matrix: Matrix, units: list[Unit]) -> float:
-    return BOOT_ALLOWANCE_S + len(units) * UNIT_S + HUNG_REPEATS_ALLOWED * matrix.oom.timeout
+def _boot_timeout(oom: OomPlan, units: list[Unit]) -> float:
+    return BOOT_ALLOWANCE_S + len(units) * UNIT_S + HUNG_REPEATS_ALLOWED * oom.timeout_s
 
 
 def _boot(
-    kernel: PreparedKernel, userland: Userland, matrix: Matrix, workdir: Path, accel: str,
+    kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path,
     units: list[Unit], index: int, image: Path,
 ) -> BootOutput:  # fmt: skip
     """One OOM boot running ``units``; returns what came back (never raises on a panic)."""
-    cfg = matrix.oom
-    arch = arch_for(kernel.arch)
+    cfg = plan.oom
+    arch = arch_for(plan.arch)
     args = {
         "KMX_MODE": "oom",
         "KMX_RESULT_DEV": arch.result_device,
         "KMX_OOM": plan_arg(units),
         "KMX_OOM_REPEATS": str(cfg.repeats),
-        "KMX_OOM_TIMEOUT": str(cfg.timeout),
-        "KMX_SHM_SIZE": str(int(cfg.memory * SHM_FRACTION)),
+        "KMX_OOM_TIMEOUT": str(cfg.timeout_s),
+        "KMX_SHM_SIZE": str(int(cfg.memory_bytes * SHM_FRACTION)),
         "KMX_SIZE_MIB": "0",
         "KMX_SCENARIOS": "",
     }
     initrd = workdir / f"oom-{index}.initrd"
     swap = (
-        swap_image(matrix, workdir, min(matrix.guest.swap, int(cfg.memory * OOM_SWAP_FRACTION)),
+        swap_image(workdir, min(plan.swap_bytes, int(cfg.memory_bytes * OOM_SWAP_FRACTION)),
                    name=f"oom-{index}.swap.img")
         if any(u.name in NEEDS_SWAP for u in units)
         else None
@@ -138,14 +124,14 @@ def _boot(
         initrd=initrd,
         console_log=workdir / f"oom-{index}.console.log",
         result_log=workdir / f"oom-{index}.results.log",
-        memory_bytes=cfg.memory,
-        accel=accel,
+        memory_bytes=cfg.memory_bytes,
+        accel=plan.accel,
         swap=swap,
-        cpus=matrix.guest.cpus,
-        append=f"{OOM_APPEND} {getattr(kernel, 'cmdline', '')}".strip(),
+        cpus=plan.cpus,
+        append=f"{OOM_APPEND} {plan.cmdline}".strip(),
         arch=arch,
     )
-    run = run_qemu(build_argv(spec), timeout=_boot_timeout(matrix, units))
+    run = run_qemu(build_argv(spec), timeout=_boot_timeout(cfg, units))
     initrd.unlink(missing_ok=True)
     if swap is not None:
         swap.unlink(missing_ok=True)
@@ -159,14 +145,12 @@ def _boot(
 OOM_SWAP_FRACTION = 1 / 3
 
 
-def swap_image(
-    matrix: Matrix, workdir: Path, size: int | None = None, name: str = "swap.img"
-) -> Path | None:
-    """A fresh swap disk for one boot (``size``, default guest.swap), or None without one."""
-    if not matrix.guest.swap:
+def swap_image(workdir: Path, size: int, name: str = "swap.img") -> Path | None:
+    """A fresh swap disk of ``size`` bytes for one boot, or None when ``size`` is 0."""
+    if not size:
         return None
     path = workdir / name
-    make_swap_image(path, size or matrix.guest.swap)
+    make_swap_image(path, size)
     return path
 
 
@@ -207,19 +191,18 @@ def plan_lanes(units: list[Unit]) -> list[list[Unit]]:
 def run_oom_boots(
     kernel: PreparedKernel,
     userland: Userland,
-    matrix: Matrix,
+    plan: QemuPlan,
     workdir: Path,
-    accel: str,
     keep_workdir: bool = False,
     image: Path | None = None,
 ) -> OomRun:
-    """Run every OOM unit of the matrix on ``kernel``: its lanes side by side, each one boot
+    """Run every OOM unit of the plan on ``kernel``: its lanes side by side, each one boot
     plus one per early end. QEMU's slots (backends.qemu) bound how many run at once.
 
     ``keep_workdir`` keeps each boot's raw console and result logs (for fixtures); ``image``
     is what QEMU boots (kmatrix.guest.bootimage), the kernel's vmlinuz by default.
     """
-    units = plan_units(matrix)
+    units = list(plan.oom.units)
     if not units:
         return OomRun([])
     workdir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +211,7 @@ def run_oom_boots(
 
     def run_lane(lane: list[Unit]) -> list[BootOutput]:
         return _run_lane(lane, lambda rest: _boot(
-            kernel, userland, matrix, workdir, accel, rest, next(counter),
+            kernel, userland, plan, workdir, rest, next(counter),
             image or kernel.vmlinuz))  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="oom-lane") as pool:

@@ -25,8 +25,8 @@ from kmatrix.cells.oom_boots import (
     run_oom_boots,
     swap_image,
 )
-from kmatrix.config import Matrix
-from kmatrix.errors import InfraError
+from kmatrix.cells.plan import QemuPlan
+from kmatrix.errors import QemuFailedToStart as QemuFailedToStart
 from kmatrix.guest.bootimage import boot_file
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import modules_to_load
@@ -34,10 +34,6 @@ from kmatrix.guest.userland import Userland, cell_archive, write_initrd
 from kmatrix.results.oomlog import condense_floods
 from kmatrix.results.repeats import aggregate_scenarios
 from kmatrix.results.schema import JSON, ProbeOutput, new_cell, parse_probe_output
-
-
-class QemuFailedToStart(InfraError):
-    """QEMU exited with an error before the guest printed anything (its stderr says why)."""
 
 
 def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple[str, str]:
@@ -61,68 +57,41 @@ def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple
     return "error", f"probe stopped after {len(probe.scenarios)} scenarios without finishing"
 
 
-def cell_args(matrix: Matrix, shm_size: int) -> dict[str, str]:
+def cell_args(plan: QemuPlan) -> dict[str, str]:
     """The parameters /init reads from /kmatrix/args."""
-    scenarios = matrix.probe.scenarios
+    scenarios = plan.probe.scenarios
     return {
         "KMX_MODE": "accounting",
-        "KMX_SIZE_MIB": str(matrix.probe.size // (1024 * 1024)),
-        "KMX_SHM_SIZE": str(shm_size),
+        "KMX_SIZE_MIB": str(plan.probe.size_bytes // (1024 * 1024)),
+        "KMX_SHM_SIZE": str(plan.shm_size),
         "KMX_SCENARIOS": scenarios if isinstance(scenarios, str) else ",".join(scenarios),
-        "KMX_SWAP": "1" if matrix.guest.swap else "0",
-        "KMX_REPEATS": str(matrix.probe.repeats),
+        "KMX_SWAP": "1" if plan.swap_bytes else "0",
+        "KMX_REPEATS": str(plan.probe.repeats),
     }
 
 
 def run_qemu_cell(
-    kernel: PreparedKernel,
-    userland: Userland,
-    matrix: Matrix,
-    workdir: Path,
-    console_dest: Path,
-    accel: str,
-    memory_bytes: int,
-    shm_size: int,
+    kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path, console_dest: Path
 ) -> JSON:
-    """Boot one kernel with the probe and return its results.json cell (any status)."""
-    cell = new_cell(kernel.name, "qemu")
-    arch = arch_for(kernel.arch)
-    cpu = arch.tcg_cpu if accel == "tcg" else "host"
-    cell.update(accel=accel, memory_bytes=memory_bytes, arch=arch.name, cpu=cpu)
+    """Boot one kernel as ``plan`` says, with the probe; its results.json cell (any status)."""
+    cell = new_cell(plan.name, "qemu")
+    arch = arch_for(plan.arch)
+    cell.update(accel=plan.accel, memory_bytes=plan.memory_bytes, arch=arch.name, cpu=plan.cpu)
     cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     image, entry = boot_file(kernel.vmlinuz, arch.name, workdir / "vmlinux")
     cell["boot"] = entry
-    modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
-    args = cell_args(matrix, shm_size) | {"KMX_RESULT_DEV": arch.result_device}
-    initrd = workdir / "initrd.cpio"
-    write_initrd(userland, cell_archive(args, modules), initrd)
-    disk = workdir / "disk.img"
-    make_disk(disk, matrix.guest.disk_size)
-    swap = swap_image(matrix, workdir)
-    spec = QemuSpec(
-        vmlinuz=image,
-        initrd=initrd,
-        console_log=workdir / "console.log",
-        result_log=workdir / "results.log",
-        memory_bytes=memory_bytes,
-        accel=accel,
-        disk=disk,
-        swap=swap,
-        cpus=matrix.guest.cpus,
-        append=kernel.cmdline,
-        arch=arch,
-    )
+    spec = _accounting_spec(kernel, userland, plan, workdir, image)
     started = time.monotonic()
     booted = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oom") as pool:
         oom_future = pool.submit(
-            _oom_once_booted, spec.console_log, booted, kernel, userland, matrix,
-            workdir / "oom", accel, image,
+            _oom_once_booted, spec.console_log, booted, kernel, userland, plan,
+            workdir / "oom", image,
         )  # fmt: skip
         try:
-            run, console_text, earlier = _boot_until_probe(spec, matrix.probe.cell_timeout)
+            run, console_text, earlier = _boot_until_probe(spec, plan.cell_timeout_s)
         finally:
             booted.set()
         oom = oom_future.result()
@@ -141,21 +110,46 @@ def run_qemu_cell(
     cell["probe"] = probe.hello or {}
     if status != "ok":
         cell["console_tail"] = console.tail
-    disk.unlink(missing_ok=True)
-    initrd.unlink(missing_ok=True)
-    if swap is not None:
-        swap.unlink(missing_ok=True)
+    for path in (spec.disk, spec.initrd, spec.swap):
+        if path is not None:
+            path.unlink(missing_ok=True)
     if oom is not None:
-        _record_oom(cell, oom, matrix, console_dest)
+        _record_oom(cell, oom, plan, console_dest)
     if image != kernel.vmlinuz:
         image.unlink(missing_ok=True)
     cell["wall_s"] = round(time.monotonic() - started, 2)
     return cell
 
 
+def _accounting_spec(
+    kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path, image: Path
+) -> QemuSpec:
+    """The accounting boot: its initrd (userland, probe, modules, args) and disks, written."""
+    arch = arch_for(plan.arch)
+    modules = modules_to_load(kernel.modules_dir, arch.guest_modules) if kernel.modules_dir else []
+    args = cell_args(plan) | {"KMX_RESULT_DEV": arch.result_device}
+    initrd = workdir / "initrd.cpio"
+    write_initrd(userland, cell_archive(args, modules), initrd)
+    disk = workdir / "disk.img"
+    make_disk(disk, plan.disk_bytes)
+    return QemuSpec(
+        vmlinuz=image,
+        initrd=initrd,
+        console_log=workdir / "console.log",
+        result_log=workdir / "results.log",
+        memory_bytes=plan.memory_bytes,
+        accel=plan.accel,
+        disk=disk,
+        swap=swap_image(workdir, plan.swap_bytes),
+        cpus=plan.cpus,
+        append=plan.cmdline,
+        arch=arch,
+    )
+
+
 def _oom_once_booted(
     console_log: Path, accounting_ended: threading.Event, kernel: PreparedKernel,
-    userland: Userland, matrix: Matrix, workdir: Path, accel: str, image: Path,
+    userland: Userland, plan: QemuPlan, workdir: Path, image: Path,
 ) -> OomRun | None:  # fmt: skip
     """The OOM boots, started alongside the accounting boot once its init has printed (a
     kernel that cannot boot our init cannot run OOM boots either: None then)."""
@@ -164,7 +158,7 @@ def _oom_once_booted(
             if not _init_started(console_log):
                 return None
             break
-    return run_oom_boots(kernel, userland, matrix, workdir, accel, image=image)
+    return run_oom_boots(kernel, userland, plan, workdir, image=image)
 
 
 def _init_started(console_log: Path) -> bool:
@@ -187,13 +181,13 @@ def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
     )
 
 
-def _record_oom(cell: JSON, oom: OomRun, matrix: Matrix, console_dest: Path) -> None:
+def _record_oom(cell: JSON, oom: OomRun, plan: QemuPlan, console_dest: Path) -> None:
     """The OOM boots' results in cell["oom"], their consoles appended to the cell's."""
     if not oom.boots:
         return
     cell["oom"] = oom.experiments
     cell["oom_boots"] = oom.boots
-    cell["oom_memory_bytes"] = matrix.oom.memory
+    cell["oom_memory_bytes"] = plan.oom.memory_bytes
     # Boot time summed: the boots run side by side, so this is more than the wall time.
     cell["oom_duration_s"] = round(sum(b["duration_s"] for b in oom.boots), 2)
     cell["duration_s"] = round(cell["duration_s"] + cell["oom_duration_s"], 2)

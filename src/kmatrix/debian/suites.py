@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmatrix.config import KernelConfig, Matrix
-from kmatrix.debian.archive import (
-    Archive,
+from kmatrix.config import DebianKernel, Matrix
+from kmatrix.debian.archive import Archive
+from kmatrix.debian.packages import (
     KernelPackages,
     PackageRecord,
     SuiteIndex,
-    SuiteNotFound,
-    compare_versions,
     max_version,
     resolve_kernel,
 )
@@ -40,7 +38,8 @@ from kmatrix.debian.sources import (
     resolve_mirror,
     resolve_security_mirror,
 )
-from kmatrix.errors import InfraError
+from kmatrix.debian.versions import compare_versions
+from kmatrix.errors import InfraError, SuiteNotFound
 
 DEBIAN = "debian"
 DEBIAN_SECURITY = "debian-security"
@@ -118,7 +117,7 @@ def release_suites(suite: str) -> list[tuple[str, bool]]:
     return [(suite, False), *((suite + pocket, True) for pocket in _POCKETS)]
 
 
-def plan_sources(kernel: KernelConfig, matrix: Matrix, mirrors: Mirrors) -> list[Source]:
+def plan_sources(kernel: DebianKernel, matrix: Matrix, mirrors: Mirrors) -> list[Source]:
     """Every suite ``kernel`` looks in, in order, and the archive each one is in (pure)."""
     other = matrix.archive_of(kernel)
     if other is not None:
@@ -207,9 +206,8 @@ class Resolver:
         """Debian's main archive for ``arch``: the guest userland comes from it."""
         return self.archive(self.mirrors.main, arch)
 
-    def resolve(self, kernel: KernelConfig) -> ResolvedKernel:
+    def resolve(self, kernel: DebianKernel) -> ResolvedKernel:
         """Resolve ``kernel`` across its suites; InfraError names an archive it cannot use."""
-        assert kernel.package is not None
         sources = plan_sources(kernel, self.matrix, self.mirrors)
         found, skipped = self._verified(sources, kernel.arch)
         used = tuple(dict.fromkeys(src for src, _, _ in found))

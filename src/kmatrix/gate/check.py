@@ -1,4 +1,5 @@
-"""`invoke check` and the end of `invoke matrix`: expectations against results, JUnit for CI.
+"""`invoke check` and the end of `invoke matrix` and `invoke cell`: expectations against
+results, JUnit for CI.
 
 Exit contract (errors.py): 0 when every expectation holds, 1 (ExpectationFailed) when any
 fails, 2 when the check cannot run (unreadable results or matrix file).
@@ -82,6 +83,17 @@ def enforce(
         return "no expectations declared in the matrix file; nothing to check"
     cells = len({o.cell for o in outcomes})
     return f"{len(expectations)} expectation(s) hold on {cells} cell(s): {counts}"
+
+
+def gate_run(results: JSON, matrix_path: Path, kernels: Sequence[str] = ()) -> str:
+    """The end of `invoke matrix` and `invoke cell`: the matrix file's expectations on the
+    results a run returned; raises ExpectationFailed (exit 1) naming each failure.
+
+    ``kernels`` are the cells of a partial run (``--kernels``; empty: all of them): a cell
+    an expectation names outside them is not expected in the results.
+    """
+    matrix = load_matrix(matrix_path)
+    return enforce(matrix.expectations, results, ran=list(kernels) or None)
 
 
 def stale_pins(results: JSON) -> list[str]:

@@ -1,4 +1,10 @@
-"""Turning a matrix kernel entry into files QEMU can boot: vmlinuz, modules, config, provenance."""
+"""Turning a matrix kernel entry into files QEMU can boot: vmlinuz, modules, config, provenance.
+
+One preparation per kind of QEMU kernel: :func:`prepare_debian` downloads, verifies and
+extracts a resolved package, :func:`prepare_local` hashes a local build. A run holds each
+cell's kernel as a :class:`KernelSource` (:class:`DebianSource`, :class:`LocalSource`), so the
+cell prepares it without asking which kind it is.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kmatrix.artifacts import sha256_of, tree_problem, write_manifest
-from kmatrix.config import KernelConfig
-from kmatrix.debian.archive import Archive, KernelPackages, extract_deb
+from kmatrix.config import DebianKernel, LocalKernel
+from kmatrix.debian.archive import Archive
+from kmatrix.debian.debfile import extract_deb
+from kmatrix.debian.packages import KernelPackages
 from kmatrix.debian.suites import ResolvedKernel
 from kmatrix.errors import InfraError, UserError
 
@@ -109,7 +117,7 @@ def _extract_packages(archive: Archive, pkgs: KernelPackages, dest: Path) -> Non
 
 
 def prepare_debian(
-    archive: Archive, kernel: KernelConfig, resolved: ResolvedKernel, cache: Path
+    archive: Archive, kernel: DebianKernel, resolved: ResolvedKernel, cache: Path
 ) -> PreparedKernel:
     """Download, verify and extract a resolved Debian kernel (once; later runs reuse it).
 
@@ -168,9 +176,8 @@ def tree_sha256(root: Path) -> str:
     return h.hexdigest()
 
 
-def _local_inputs(kernel: KernelConfig) -> tuple[Path, Path | None, Path | None]:
+def _local_inputs(kernel: LocalKernel) -> tuple[Path, Path | None, Path | None]:
     """The bzImage, modules tree and .config of a local build, each checked to exist."""
-    assert kernel.path is not None
     vmlinuz = kernel.path.expanduser()
     if not vmlinuz.is_file():
         raise UserError(
@@ -192,7 +199,7 @@ def _local_inputs(kernel: KernelConfig) -> tuple[Path, Path | None, Path | None]
     return vmlinuz, modules, config
 
 
-def prepare_local(kernel: KernelConfig) -> PreparedKernel:
+def prepare_local(kernel: LocalKernel) -> PreparedKernel:
     """A local build: a bzImage/vmlinuz path, optional modules dir and .config.
 
     ``build_sha256`` covers all three, so a rebuilt module or a changed config is a new
@@ -224,3 +231,44 @@ def prepare_local(kernel: KernelConfig) -> PreparedKernel:
         cmdline=kernel.cmdline,
         arch=kernel.arch,
     )
+
+
+class KernelSource(Protocol):
+    """A QEMU cell's kernel before it is prepared; what preparing it takes is its own business."""
+
+    def phase(self) -> str | None:
+        """The progress phase while it is prepared (``fetch PACKAGE``), or None when quick."""
+        ...
+
+    def prepare(self) -> PreparedKernel:
+        """The kernel ready to boot (downloaded, verified and extracted once, then reused)."""
+        ...
+
+
+@dataclass(frozen=True)
+class DebianSource:
+    """A Debian kernel resolved up front, fetched from ``archive`` into ``cache``."""
+
+    kernel: DebianKernel
+    resolved: ResolvedKernel
+    archive: Archive
+    cache: Path
+
+    def phase(self) -> str | None:
+        return f"fetch {self.resolved.primary.name}"
+
+    def prepare(self) -> PreparedKernel:
+        return prepare_debian(self.archive, self.kernel, self.resolved, self.cache)
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    """A local build: its files are hashed where they are."""
+
+    kernel: LocalKernel
+
+    def phase(self) -> str | None:
+        return None
+
+    def prepare(self) -> PreparedKernel:
+        return prepare_local(self.kernel)

@@ -27,7 +27,8 @@ from kmatrix.artifacts import (
     write_file_digest,
     write_manifest,
 )
-from kmatrix.debian.archive import Archive, extract_deb
+from kmatrix.debian.archive import Archive
+from kmatrix.debian.debfile import extract_deb
 from kmatrix.errors import UserError
 from kmatrix.guest.cpio import CpioWriter
 from kmatrix.guest.kmods import Module

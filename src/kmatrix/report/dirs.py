@@ -17,15 +17,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from kmatrix.errors import InfraError, UserError
+from kmatrix.errors import InfraError, RunLocked, UserError
 from kmatrix.results.schema import JSON, load_results
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 LOCK_FILE = ".kmatrix.lock"
-
-
-class RunLocked(UserError):
-    """Another kmatrix run holds the report name or work directory."""
 
 
 def check_report_name(name: str, option: str = "--name") -> str:

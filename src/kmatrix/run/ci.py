@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal, cast
 
 from kmatrix.config import load_matrix
-from kmatrix.errors import ExpectationFailed, UserError
+from kmatrix.errors import UserError
+from kmatrix.gate.check import gate_run
 from kmatrix.report.markdown import REPORTS
-from kmatrix.results.schema import JSON, load_results, write_results
+from kmatrix.results.schema import JSON, write_results
 from kmatrix.run.matrix import RunOptions, run_matrix
 from kmatrix.run.progress import Progress
 
@@ -26,12 +27,7 @@ def ci_matrix(matrix_path: Path) -> str:
     matrix = load_matrix(matrix_path)
     include: list[JSON] = []
     for k in matrix.kernels:
-        entry: JSON = {"kernel": k.name, "backend": k.backend}
-        # `arch` arrives with arm64 support; a matrix without it lists no arch at all.
-        arch = getattr(k, "arch", None)
-        if arch is not None:
-            entry["arch"] = arch
-        include.append(entry)
+        include.append({"kernel": k.name, "backend": k.backend, "arch": k.arch})
     return json.dumps({"include": include}, separators=(",", ":"))
 
 
@@ -58,11 +54,12 @@ def run_cell(
     reports_dir: Path = REPORTS,
     progress: Progress | None = None,
 ) -> JSON:
-    """Run one cell through the normal runner and write its one-cell results.json to ``output``.
+    """`invoke cell`: run one cell through the normal runner, write its one-cell results.json
+    to ``output``, then check the matrix's expectations on it.
 
-    The runner's own report goes to ``cell_report_dir(kernel)``. When the cell ran but one of
-    the matrix's expectations failed, ``output`` is still written before the error is raised:
-    the merge job must see what was measured.
+    The runner's own report goes to ``cell_report_dir(kernel)``. ``output`` is written before
+    the expectations are checked, so when one fails (ExpectationFailed, exit 1) the merge job
+    still sees what was measured.
     """
     opts = RunOptions(
         matrix_path=matrix_path,
@@ -73,11 +70,8 @@ def run_cell(
         force=force,
         accel=_accel(accel),
     )
-    try:
-        results = run_matrix(opts, progress)
-    except ExpectationFailed:
-        # run_matrix saved the finished run before checking expectations.
-        write_results(output, load_results(reports_dir / opts.name / "results.json"))
-        raise
+    progress = progress or Progress()
+    results = run_matrix(opts, progress)
     write_results(output, results)
+    progress.log(gate_run(results, matrix_path, opts.kernels))
     return results

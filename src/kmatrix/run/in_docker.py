@@ -24,8 +24,8 @@ import requests.exceptions
 
 from kmatrix.backends import lifeline, qemu
 from kmatrix.backends.docker import API_TIMEOUT, LABEL, connect
-from kmatrix.cells.oom_boots import plan_units
-from kmatrix.config import KernelConfig, Matrix, load_matrix
+from kmatrix.cells.plan import plan_units
+from kmatrix.config import DebianKernel, DockerKernel, Kernel, Matrix, load_matrix
 from kmatrix.debian.archive import default_cache_dir, resolve_mirror
 from kmatrix.debian.sources import resolve_security_mirror
 from kmatrix.debian.suites import Resolver
@@ -133,7 +133,7 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def runner_memory(matrix: Matrix, kernel: KernelConfig) -> int:
+def runner_memory(matrix: Matrix, kernel: DebianKernel) -> int:
     """The container's memory limit: the largest guest this cell boots, plus QEMU and Python."""
     guest = kernel.memory or matrix.guest.memory
     return max(guest, matrix.oom.memory) + RUNNER_OVERHEAD
@@ -144,7 +144,7 @@ def runner_timeout(matrix: Matrix) -> float:
 
     OOM boots can restart after an early end, so their budget counts twice.
     """
-    units = plan_units(matrix)
+    units = plan_units(matrix.oom.experiments, matrix.oom.repeats)
     per_unit = matrix.oom.timeout + OOM_UNIT_SLACK_S
     oom = OOM_BOOT_ALLOWANCE_S + len(units) * per_unit if units else 0
     return float(DOWNLOAD_ALLOWANCE_S + matrix.probe.cell_timeout + 2 * oom)
@@ -155,18 +155,20 @@ def proxy_env(environ: dict[str, str]) -> dict[str, str]:
     return {k: environ[k] for k in PROXY_VARS if environ.get(k)}
 
 
-def check_runnable(kernel: KernelConfig) -> None:
-    """Refuse cells the runner cannot run, with the reason and what to do instead."""
-    if kernel.backend == "docker":
+def check_runnable(kernel: Kernel) -> DebianKernel:
+    """The kernel if the runner can run it (a Debian kernel); else UserError with the reason
+    and what to do instead."""
+    if isinstance(kernel, DebianKernel):
+        return kernel
+    if isinstance(kernel, DockerKernel):
         raise UserError(
             f"kernel {kernel.name!r} is a docker cell (the host kernel in a container); "
             "run it without --runtime docker"
         )
-    if kernel.path is not None:
-        raise UserError(
-            f"kernel {kernel.name!r} is a local build ({kernel.path}), which is not mounted "
-            "into the runner container; run it without --runtime docker"
-        )
+    raise UserError(
+        f"kernel {kernel.name!r} is a local build ({kernel.path}), which is not mounted "
+        "into the runner container; run it without --runtime docker"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def _remove(container: Any) -> None:
         ) from None
 
 
-def kvm_group(matrix: Matrix, kernel: KernelConfig, accel: str, cache: Path) -> int | None:
+def kvm_group(matrix: Matrix, kernel: DebianKernel, accel: str, cache: Path) -> int | None:
     """The group of /dev/kvm when the container should get it, else None (TCG).
 
     Only when KVM is allowed (``accel``, else the matrix's) and a smoke boot of this cell's
@@ -307,8 +309,8 @@ def run_cell_in_docker(
     ``reports_dir``/cell-KERNEL/, as with the host runtime.
     """
     matrix = load_matrix(matrix_path)
-    (kernel,) = matrix.select([kernel_name])
-    check_runnable(kernel)
+    (entry,) = matrix.select([kernel_name])
+    kernel = check_runnable(entry)
     require_checkout()
     mirror, cache = resolve_mirror(matrix.mirror), default_cache_dir()
     client = connect()
