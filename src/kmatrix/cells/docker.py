@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kmatrix.backends import docker as engine
 from kmatrix.config import KernelConfig, Matrix, OomConfig
@@ -23,9 +23,10 @@ from kmatrix.errors import InfraError, UserError
 from kmatrix.guest.kernels import parse_kconfig, recorded_config
 from kmatrix.guest.probe_image import ensure_probe_image
 from kmatrix.guest.userland import PROBES_DIR, Userland
+from kmatrix.results.contract import Cell, CellStatus, Engine, OomExperiment
 from kmatrix.results.oom import entries_from_probe
 from kmatrix.results.repeats import aggregate_scenarios
-from kmatrix.results.schema import JSON, ProbeOutput, new_cell, parse_probe_output
+from kmatrix.results.schema import ProbeOutput, new_cell, parse_probe_output
 
 MIB = 1024 * 1024
 
@@ -93,7 +94,7 @@ def plan(requested: list[str] | str, known: list[str]) -> tuple[list[str], list[
     )
 
 
-def refused_record(name: str) -> JSON:
+def refused_record(name: str) -> OomExperiment:
     """The results.json oom entry of an experiment this backend does not run.
 
     ``panic`` is None, not False: nothing was measured, and a report must not read the
@@ -137,7 +138,7 @@ def probe_command(
     return argv
 
 
-def classify(run: engine.ContainerRun, probe: ProbeOutput) -> tuple[str, str]:
+def classify(run: engine.ContainerRun, probe: ProbeOutput) -> tuple[CellStatus, str]:
     """A cell's status and reason from how the container ended and what it printed."""
     if probe.complete:
         return "ok", ""
@@ -188,7 +189,7 @@ def run_docker_cell(
     cache: Path,
     log_dest: Path,
     log: Callable[[str], None] = print,
-) -> JSON:
+) -> Cell:
     """Run the probe in one container on the host kernel and return its cell (any status).
 
     A missing engine gives a ``skipped`` cell (``error`` when required); a bad memory limit
@@ -197,20 +198,22 @@ def run_docker_cell(
     cell = new_cell(k.name, "docker")
     memory = k.memory or matrix.guest.memory
     shm_size = k.shm_size or DEFAULT_SHM_SIZE
-    cell.update(accel="container", memory_bytes=memory, shm_size_bytes=shm_size)
+    cell |= {"accel": "container", "memory_bytes": memory, "shm_size_bytes": shm_size}
     try:
         client = engine.connect()
     except engine.EngineUnavailable as exc:
         # Skipping keeps the rest of the matrix useful on a machine without Docker; CI
         # sets require_docker so that a missing engine cannot pass unnoticed.
         required = require_engine(matrix)
-        cell.update(
-            status="error" if required else "skipped",
-            reason=str(exc) + ("" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"),
-        )
+        cell |= {
+            "status": "error" if required else "skipped",
+            "reason": str(exc)
+            + ("" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"),
+        }
         return cell
     info = engine.engine_info(client)
-    cell["engine"] = info.as_json()
+    # EngineInfo.as_json has Engine's keys but "image" (tests/test_contract.py checks it).
+    cell["engine"] = cast(Engine, info.as_json())
     cell["kernel"] = {
         "name": k.name,
         "release": info.kernel_release,
@@ -245,14 +248,15 @@ def run_docker_cell(
     return cell
 
 
-def _fill(cell: JSON, results: list[tuple[list[str], engine.ContainerRun, ProbeOutput]]) -> None:
+def _fill(cell: Cell, results: list[tuple[list[str], engine.ContainerRun, ProbeOutput]]) -> None:
     """Status, scenarios and OOM records from the container(s).
 
     The cell's status is the accounting container's. A failed OOM container turns each of
     its experiments that left no record into an ``error`` entry with the reason, so the
     accounting results stay usable and the failure is still in plain sight.
     """
-    status, reason = "ok", ""
+    status: CellStatus = "ok"
+    reason = ""
     for names, run, probe in results:
         part_status, part_reason = classify(run, probe)
         is_oom = names[0].startswith("oom-")
@@ -269,14 +273,14 @@ def _fill(cell: JSON, results: list[tuple[list[str], engine.ContainerRun, ProbeO
             cell["oom"] += [_failed_record(n, part_reason) for n in names if n not in seen]
         if probe.hello and not cell.get("probe"):
             cell["probe"] = probe.hello
-    cell.update(
-        status=status,
-        reason=reason,
-        duration_s=round(sum(run.duration_s for _, run, _ in results), 2),
-    )
+    cell |= {
+        "status": status,
+        "reason": reason,
+        "duration_s": round(sum(run.duration_s for _, run, _ in results), 2),
+    }
 
 
-def _failed_record(name: str, reason: str) -> JSON:
+def _failed_record(name: str, reason: str) -> OomExperiment:
     """The oom entry of an experiment whose container failed before reporting it."""
     return {"name": name, "status": "error", "reason": reason, "repeats": 0, "victims": [],
             "panic": None, "kills": []}  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 from kmatrix.config import load_matrix
 from kmatrix.errors import ExpectationFailed, UserError
 from kmatrix.gate.expectations import Outcome, evaluate, expected_text, parse_expectation
-from kmatrix.results.schema import JSON, atomic_write_bytes, load_results
+from kmatrix.results.schema import AnyResults, atomic_write_bytes, load_results
 
 
 def junit_xml(outcomes: Sequence[Outcome], suite: str = "kmatrix expectations") -> bytes:
@@ -52,7 +52,7 @@ def _case_name(o: Outcome) -> str:
 
 def enforce(
     texts: Sequence[str],
-    results: JSON,
+    results: AnyResults,
     junit: Path | None = None,
     ran: Sequence[str] | None = None,
 ) -> str:
@@ -84,7 +84,7 @@ def enforce(
     return f"{len(expectations)} expectation(s) hold on {cells} cell(s): {counts}"
 
 
-def stale_pins(results: JSON) -> list[str]:
+def stale_pins(results: AnyResults) -> list[str]:
     """One line per cell that ran a pinned version older than what its suites offered."""
     out = []
     for cell in results.get("cells") or []:

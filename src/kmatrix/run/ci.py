@@ -14,6 +14,7 @@ from typing import Literal, cast
 from kmatrix.config import load_matrix
 from kmatrix.errors import ExpectationFailed, UserError
 from kmatrix.report.markdown import REPORTS
+from kmatrix.results.contract import Results
 from kmatrix.results.schema import JSON, load_results, write_results
 from kmatrix.run.matrix import RunOptions, run_matrix
 from kmatrix.run.progress import Progress
@@ -57,7 +58,7 @@ def run_cell(
     accel: str = "",
     reports_dir: Path = REPORTS,
     progress: Progress | None = None,
-) -> JSON:
+) -> Results:
     """Run one cell through the normal runner and write its one-cell results.json to ``output``.
 
     The runner's own report goes to ``cell_report_dir(kernel)``. When the cell ran but one of

@@ -14,10 +14,11 @@ import os
 import platform
 import shutil
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 from kmatrix import __version__
 from kmatrix.backends import docker as docker_backend
@@ -40,7 +41,8 @@ from kmatrix.report.dirs import (
 )
 from kmatrix.report.markdown import write_report
 from kmatrix.results.cache import CellCache, cell_key
-from kmatrix.results.schema import JSON, SCHEMA_VERSION, mark_incomplete, new_cell, write_results
+from kmatrix.results.contract import Cell, HostInfo, KernelInfo, Results
+from kmatrix.results.schema import SCHEMA_VERSION, mark_incomplete, new_cell, write_results
 from kmatrix.run.interrupt import sigterm_as_interrupt
 from kmatrix.run.progress import Progress
 
@@ -67,7 +69,7 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _host_info() -> JSON:
+def _host_info() -> HostInfo:
     return {
         "kernel": platform.release(),
         "machine": platform.machine(),
@@ -115,14 +117,14 @@ class _Run:
         self.cache = usable_cache(default_cache_dir())
         self.cell_cache = CellCache(self.cache / "cells")
         self.work_root = self.cache / "work" / opts.name
-        self.carried: list[JSON] = []
+        self.carried: list[Cell] = []
         self.failed = threading.Event()  # set by the first cell kmatrix itself failed in
         self._lock = threading.Lock()
         self._accel: str | None = None
         # Per Debian architecture (amd64 always; arm64 when a kernel asks for it).
         self.archives: dict[str, Archive] = {}
         self.userlands: dict[str, Userland] = {}
-        self.results: JSON = {
+        self.results: Results = {
             "schema_version": SCHEMA_VERSION,
             "run": {
                 "name": opts.name,
@@ -149,13 +151,13 @@ class _Run:
             self.results["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
             done = {c["id"] for c in self.results["cells"]}
             old = [] if final else [c for c in self.carried if c["id"] not in done]
-            doc = self.results | {"cells": [*self.results["cells"], *old]}
+            doc: Results = self.results | {"cells": [*self.results["cells"], *old]}
             doc["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
             with disk_errors(self.out_dir):
                 write_results(self.out_dir / "results.json", doc)
                 write_report(doc, self.out_dir, charts=final)
 
-    def add(self, cell: JSON) -> None:
+    def add(self, cell: Cell) -> None:
         """Record a finished cell and save at once."""
         with self._lock:
             self.results["cells"].append(cell)
@@ -224,14 +226,14 @@ def _parsers_digest() -> str:
     return h.hexdigest()
 
 
-def _qemu_version_of(host: JSON, arch: str) -> str | None:
+def _qemu_version_of(host: Mapping[str, Any], arch: str) -> str | None:
     """The recorded version of the QEMU binary that boots ``arch`` guests."""
     return host.get("qemu") if arch == "amd64" else host.get(f"qemu_{arch}")
 
 
 def _qemu_cell(
     run: _Run, archive: Archive, k: KernelConfig, res: ResolvedKernel | None, userland: Userland
-) -> JSON:
+) -> Cell:
     archive = run.archives.get(k.arch, archive)
     userland = run.userlands.get(k.arch, userland)
     if k.path is not None:
@@ -277,22 +279,24 @@ def _qemu_cell(
 class _CellError(Exception):
     """kmatrix itself failed in a cell: the cell (status error) and the error."""
 
-    def __init__(self, cell: JSON, error: KmatrixError) -> None:
+    def __init__(self, cell: Cell, error: KmatrixError) -> None:
         super().__init__(str(error))
         self.cell, self.error = cell, error
 
 
-def _refresh_provenance(cell: JSON, prepared: PreparedKernel) -> JSON:
+def _refresh_provenance(cell: Cell, prepared: PreparedKernel) -> Cell:
     """A cached cell with today's provenance: same kernel, but e.g. a pin may have gone stale."""
     current = kernel_info(prepared)
     kernel = {k: v for k, v in (cell.get("kernel") or {}).items() if k not in PROVENANCE_KEYS}
-    return cell | {"kernel": kernel | {k: v for k, v in current.items() if k in PROVENANCE_KEYS}}
+    fresh = {k: v for k, v in current.items() if k in PROVENANCE_KEYS}
+    # Both halves are KernelInfo's keys, copied by name.
+    return cell | {"kernel": cast(KernelInfo, kernel | fresh)}
 
 
-def _unresolved_cell(k: KernelConfig, exc: InfraError) -> JSON:
+def _unresolved_cell(k: KernelConfig, exc: InfraError) -> Cell:
     """The cell of a kernel whose archive could not be used: the reason says which and why."""
     cell = new_cell(k.name, k.backend)
-    cell.update(status="error", reason=f"kernel {k.source} not resolved: {exc}")
+    cell |= {"status": "error", "reason": f"kernel {k.source} not resolved: {exc}"}
     cell["kernel"] = {"name": k.name, "requested": k.source}
     cell["arch"] = k.arch
     return cell
@@ -304,7 +308,7 @@ def _run_one(
     k: KernelConfig,
     resolved: dict[str, Resolution],
     userland: Userland,
-) -> JSON | None:
+) -> Cell | None:
     """One cell. What the guest does is its status; kmatrix failing is a :class:`_CellError`.
 
     An archive that could not be used is that cell's error only. None: the cell did not
@@ -329,7 +333,7 @@ def _run_one(
     except KmatrixError as exc:
         run.failed.set()  # a worker picking up the next cell must not start it
         cell = new_cell(k.name, k.backend)
-        cell.update(status="error", reason=str(exc))
+        cell |= {"status": "error", "reason": str(exc)}
         raise _CellError(cell, exc) from None
 
 
@@ -389,7 +393,7 @@ def _raise_cell_error(run: _Run, failed: _CellError, cancelled: int) -> None:
     raise cls(msg) from None
 
 
-def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
+def run_matrix(opts: RunOptions, progress: Progress | None = None) -> Results:
     """Run the matrix and return the results document (also written to reports/NAME/)."""
     check_report_name(opts.name)
     if not 0 <= opts.jobs <= MAX_JOBS:
@@ -439,14 +443,18 @@ def _foreign_userlands(run: _Run, progress: Progress) -> None:
     for arch, archive in run.archives.items():
         if arch == "amd64":
             continue
+        if arch != "arm64":  # backends.qemu.ARCHES has amd64 and arm64 only
+            raise AssertionError(
+                f"no qemu_{arch} / packages_{arch} in results.contract's HostInfo and GuestInfo"
+            )
         binary = qemu.arch_for(arch).binary
-        run.results["run"]["host"][f"qemu_{arch}"] = qemu.qemu_version(binary)
+        run.results["run"]["host"]["qemu_arm64"] = qemu.qemu_version(binary)
         userland = build_userland(archive, run.matrix.guest.suite, run.cache, progress.log)
         run.userlands[arch] = userland
-        run.results["run"]["guest"][f"packages_{arch}"] = userland.packages
+        run.results["run"]["guest"]["packages_arm64"] = userland.packages
 
 
-def summarize(results: JSON) -> tuple[int, str]:
+def summarize(results: Results) -> tuple[int, str]:
     """Exit code and one-line summary: 0 when every cell is ok, 1 when any is not."""
     cells = results["cells"]
     bad = [f"{c['id']} ({c['status']})" for c in cells if c["status"] not in ("ok", "skipped")]
