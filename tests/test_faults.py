@@ -49,6 +49,9 @@ def _exp(line: str) -> str:
 #: Recorded real results (not reports/latest, which a user's own `invoke matrix` rewrites).
 RESULTS_FILE = ROOT / "tests" / "fixtures" / "results" / "full-5-kernels.json"
 RESULTS = json.loads(RESULTS_FILE.read_text())
+RESULTS_WITH_OOM = json.loads(
+    (ROOT / "tests" / "fixtures" / "results" / "memfd-pressure-5.10-6.12.json").read_text()
+)
 
 
 def _results(**cell: object) -> str:
@@ -60,6 +63,14 @@ def _doc(**top: object) -> str:
     """A results document with a real run header; ``top`` replaces (None: drops) keys."""
     doc = {"schema_version": 1, "run": RESULTS["run"] | {"name": "t"}, "cells": []} | top
     return json.dumps({k: v for k, v in doc.items() if v is not None})
+
+
+def _kills_text() -> str:
+    """A real cell with OOM runs whose second repeat's kills are text."""
+    cell = next(c for c in RESULTS_WITH_OOM["cells"] if len(c["oom"][0]["runs"]) > 1)
+    runs = [*cell["oom"][0]["runs"]]
+    runs[1] = runs[1] | {"kills": "none"}
+    return _doc(cells=[cell | {"oom": [cell["oom"][0] | {"runs": runs}]}])
 
 
 def _metric_text() -> str:
@@ -182,6 +193,9 @@ CASES = [
     check("results-metric-text", _metric_text(),
           "cells[0].scenarios[0].metrics.VmRSS_delta must be an integer (found \"big\")"),
     check("results-no-cells", _doc(), "has no cells"),
+    Case("results-nested-type", ("report", "--results", "{tmp}/r.json"), 2,
+         "cells[0].oom[0].runs[1].kills must be a list (found \"none\"); regenerate it with "
+         "`invoke matrix`", (("r.json", _kills_text()),)),
     Case("diff-wrong-shape", ("diff", "--base", "{tmp}/r.json", "--new", "{tmp}/r.json"), 2,
          "run is missing", (("r.json", _doc(run=None)),)),
     Case("report-not-utf8", ("report", "--results", "{tmp}/r.json"), 2, "not UTF-8",

@@ -13,8 +13,8 @@ unchanged (``detail``, ``cross``, ``stall`` and the like) are typed as far as th
 relies on them; metric maps are ``dict[str, int]``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: TypedDict's __required_keys__ and
+# __optional_keys__ are right on Python 3.11 only with evaluated annotations.
 from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import StringConstraints
@@ -166,7 +166,7 @@ class Scenario(TypedDict):
     spread: NotRequired[dict[str, int]]  # max - min per metric (absent before repeats)
     repeats: NotRequired[list[ScenarioRepeat]]
     errno: str | None
-    error: NotRequired[str | None]
+    error: str | None
     detail: NotRequired[dict[str, Any]]  # scenario-specific facts from the probe
     before: NotRequired[dict[str, int]]
     after: NotRequired[dict[str, int]]
@@ -201,8 +201,8 @@ class Death(TypedDict):
 
     role: str
     t: float
-    shmem: int | None
-    mem_available: int | None
+    shmem: NotRequired[int | None]  # absent from probes before they were recorded
+    mem_available: NotRequired[int | None]
 
 
 class OomKnobs(TypedDict):

@@ -234,8 +234,12 @@ def _file_record(out: ProbeOutput, rec: JSON, lineno: int) -> None:
 
 def scenario_result(rec: JSON) -> Scenario:
     """The results.json form of one probe scenario record (contract keys first)."""
-    out: Scenario = {"name": rec["name"], "metrics": rec["metrics"], "errno": rec.get("errno")}
-    out["error"] = rec.get("error")
+    out: Scenario = {
+        "name": rec["name"],
+        "metrics": rec["metrics"],
+        "errno": rec.get("errno"),
+        "error": rec.get("error"),
+    }
     # The probe always sends these; a record without one makes a scenario without it.
     if "size_bytes" in rec:
         out["size_bytes"] = rec["size_bytes"]
