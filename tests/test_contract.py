@@ -18,7 +18,7 @@ from typing_extensions import is_typeddict
 from kmatrix.backends.docker import EngineInfo
 from kmatrix.cells.docker import refused_record
 from kmatrix.errors import UserError
-from kmatrix.results import contract, oomlog
+from kmatrix.results import contract, contract_oom, oomlog
 from kmatrix.results.oom import BootOutput, Unit, assemble, entries_from_probe
 from kmatrix.results.repeats import aggregate_scenarios
 from kmatrix.results.schema import (
@@ -175,11 +175,11 @@ def test_oom_entries_from_recorded_boots_are_of_the_contract() -> None:
     two.console = ""  # hung: the repeat it ran is recorded as crashed
     entries = assemble(units, [one, two])
     assert {r["status"] for e in entries for r in e["runs"]} >= {"ok", "crashed"}
-    _strict(list[contract.OomExperiment], entries)
-    _strict(list[contract.OomExperiment], assemble(units, []))
-    _strict(list[contract.OomExperiment], entries_from_probe(one.probe))
-    _strict(list[contract.OomBoot], [one.summary(), two.summary()])
-    assert _unknown_keys(list[contract.OomExperiment], entries) == []
+    _strict(list[contract_oom.OomExperiment], entries)
+    _strict(list[contract_oom.OomExperiment], assemble(units, []))
+    _strict(list[contract_oom.OomExperiment], entries_from_probe(one.probe))
+    _strict(list[contract_oom.OomBoot], [one.summary(), two.summary()])
+    assert _unknown_keys(list[contract_oom.OomExperiment], entries) == []
 
 
 def test_cells_and_scenarios_are_of_the_contract() -> None:
@@ -203,7 +203,7 @@ def test_cells_and_scenarios_are_of_the_contract() -> None:
 def test_generic_copies_have_the_keys_of_their_types() -> None:
     """Where a producer copies keys it does not name (casts), the sources have those keys."""
     kill_fields = {f.name for f in dataclasses.fields(oomlog.Kill)}
-    assert kill_fields | {"role"} == set(typing.get_type_hints(contract.OomKill))
+    assert kill_fields | {"role"} == set(typing.get_type_hints(contract_oom.OomKill))
     info = EngineInfo("27.0", "1.46", "6.1.0", "v2", "systemd", "Debian", 1 << 30, True)
     assert set(info.as_json()) | {"image"} == set(typing.get_type_hints(contract.Engine))
     assert typing.get_args(contract.CellStatus) == CELL_STATUSES

@@ -23,7 +23,8 @@ from kmatrix.errors import InfraError, UserError
 from kmatrix.guest.kernels import parse_kconfig, recorded_config
 from kmatrix.guest.probe_image import ensure_probe_image
 from kmatrix.guest.userland import PROBES_DIR, Userland
-from kmatrix.results.contract import Cell, CellStatus, Engine, OomExperiment
+from kmatrix.results.contract import Cell, CellStatus, Engine
+from kmatrix.results.contract_oom import OomExperiment
 from kmatrix.results.oom import entries_from_probe
 from kmatrix.results.repeats import aggregate_scenarios
 from kmatrix.results.schema import ProbeOutput, new_cell, parse_probe_output
@@ -205,11 +206,8 @@ def run_docker_cell(
         # Skipping keeps the rest of the matrix useful on a machine without Docker; CI
         # sets require_docker so that a missing engine cannot pass unnoticed.
         required = require_engine(matrix)
-        cell |= {
-            "status": "error" if required else "skipped",
-            "reason": str(exc)
-            + ("" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"),
-        }
+        hint = "" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"
+        cell |= {"status": "error" if required else "skipped", "reason": str(exc) + hint}
         return cell
     info = engine.engine_info(client)
     # EngineInfo.as_json has Engine's keys but "image" (tests/test_contract.py checks it).

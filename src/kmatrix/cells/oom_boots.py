@@ -33,7 +33,8 @@ from kmatrix.errors import UserError
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import Module, modules_to_load
 from kmatrix.guest.userland import Userland, cell_archive, write_initrd
-from kmatrix.results.contract import Hello, OomBoot, OomExperiment
+from kmatrix.results.contract import Hello
+from kmatrix.results.contract_oom import OomBoot, OomExperiment
 from kmatrix.results.oom import EXPERIMENTS, BootEnd, BootOutput, Unit, assemble
 from kmatrix.results.schema import parse_probe_output
 

@@ -15,7 +15,7 @@ from typing import cast
 from typing_extensions import TypedDict
 
 from kmatrix import catalog
-from kmatrix.results.contract import (
+from kmatrix.results.contract_oom import (
     ExperimentKill,
     OomBoot,
     OomCgroup,

@@ -289,8 +289,7 @@ def _refresh_provenance(cell: Cell, prepared: PreparedKernel) -> Cell:
     current = kernel_info(prepared)
     kernel = {k: v for k, v in (cell.get("kernel") or {}).items() if k not in PROVENANCE_KEYS}
     fresh = {k: v for k, v in current.items() if k in PROVENANCE_KEYS}
-    # Both halves are KernelInfo's keys, copied by name.
-    return cell | {"kernel": cast(KernelInfo, kernel | fresh)}
+    return cell | {"kernel": cast(KernelInfo, kernel | fresh)}  # KernelInfo's keys, by name
 
 
 def _unresolved_cell(k: KernelConfig, exc: InfraError) -> Cell:
@@ -443,10 +442,8 @@ def _foreign_userlands(run: _Run, progress: Progress) -> None:
     for arch, archive in run.archives.items():
         if arch == "amd64":
             continue
-        if arch != "arm64":  # backends.qemu.ARCHES has amd64 and arm64 only
-            raise AssertionError(
-                f"no qemu_{arch} / packages_{arch} in results.contract's HostInfo and GuestInfo"
-            )
+        if arch != "arm64":  # backends.qemu.ARCHES: amd64 and arm64; HostInfo, GuestInfo too
+            raise AssertionError(f"results.contract has no qemu_{arch} / packages_{arch} keys")
         binary = qemu.arch_for(arch).binary
         run.results["run"]["host"]["qemu_arm64"] = qemu.qemu_version(binary)
         userland = build_userland(archive, run.matrix.guest.suite, run.cache, progress.log)
