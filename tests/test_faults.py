@@ -49,11 +49,34 @@ def _exp(line: str) -> str:
 #: Recorded real results (not reports/latest, which a user's own `invoke matrix` rewrites).
 RESULTS_FILE = ROOT / "tests" / "fixtures" / "results" / "full-5-kernels.json"
 RESULTS = json.loads(RESULTS_FILE.read_text())
+RESULTS_WITH_OOM = json.loads(
+    (ROOT / "tests" / "fixtures" / "results" / "memfd-pressure-5.10-6.12.json").read_text()
+)
 
 
 def _results(**cell: object) -> str:
-    doc = {"schema_version": 1, "run": {"name": "t"}, "cells": [RESULTS["cells"][1] | cell]}
-    return json.dumps(doc)
+    """A valid one-cell results file (a real cell) but for what ``cell`` replaces."""
+    return _doc(cells=[RESULTS["cells"][1] | cell])
+
+
+def _doc(**top: object) -> str:
+    """A results document with a real run header; ``top`` replaces (None: drops) keys."""
+    doc = {"schema_version": 1, "run": RESULTS["run"] | {"name": "t"}, "cells": []} | top
+    return json.dumps({k: v for k, v in doc.items() if v is not None})
+
+
+def _kills_text() -> str:
+    """A real cell with OOM runs whose second repeat's kills are text."""
+    cell = next(c for c in RESULTS_WITH_OOM["cells"] if len(c["oom"][0]["runs"]) > 1)
+    runs = [*cell["oom"][0]["runs"]]
+    runs[1] = runs[1] | {"kills": "none"}
+    return _doc(cells=[cell | {"oom": [cell["oom"][0] | {"runs": runs}]}])
+
+
+def _metric_text() -> str:
+    scenario = RESULTS["cells"][1]["scenarios"][0]
+    bad = scenario | {"metrics": scenario["metrics"] | {"VmRSS_delta": "big"}}
+    return _results(scenarios=[bad])
 
 
 @dataclass(frozen=True)
@@ -164,24 +187,26 @@ CASES = [
     check("results-not-utf8", b"\xff\xfe{}", "not UTF-8"),
     check("results-truncated", _results()[:500], "not valid JSON"),
     check("results-wrong-schema", '{"schema_version": 7}', "schema_version 1"),
-    check("results-cells-not-list", '{"schema_version": 1, "run": {}, "cells": {}}',
-          "'cells' must be a list"),
+    check("results-cells-not-list", _doc(cells={}), "cells must be a list (found {})"),
     check("results-bad-status", _results(status="great"), "status must be one of"),
-    check("results-cell-no-id", _results(id=""), "id must be a non-empty string"),
-    check("results-metric-text", json.dumps({"schema_version": 1, "run": {}, "cells": [
-        {"id": "x", "status": "ok", "scenarios": [{"name": "memfd-write",
-         "metrics": {"VmRSS_delta": "big"}}]}]}), "is not an integer"),
-    check("results-no-cells", '{"schema_version": 1, "run": {}, "cells": []}', "has no cells"),
+    check("results-cell-no-id", _results(id=""), "cells[0].id must be a non-empty string"),
+    check("results-metric-text", _metric_text(),
+          "cells[0].scenarios[0].metrics.VmRSS_delta must be an integer (found \"big\")"),
+    check("results-no-cells", _doc(), "has no cells"),
+    Case("results-nested-type", ("report", "--results", "{tmp}/r.json"), 2,
+         "cells[0].oom[0].runs[1].kills must be a list (found \"none\"); regenerate it with "
+         "`invoke matrix`", (("r.json", _kills_text()),)),
     Case("diff-wrong-shape", ("diff", "--base", "{tmp}/r.json", "--new", "{tmp}/r.json"), 2,
-         "'run' must be an object", (("r.json", '{"schema_version": 1, "cells": []}'),)),
+         "run is missing", (("r.json", _doc(run=None)),)),
     Case("report-not-utf8", ("report", "--results", "{tmp}/r.json"), 2, "not UTF-8",
          (("r.json", b"\xff"),)),
     Case("junit-is-dir", ("check", "--results", "{tmp}/r.json", "--matrix-file", "{tmp}/m.yaml",
          "--junit", "{tmp}"), 2, "--junit", (("r.json", _results()), ("m.yaml", GOOD))),
     # --- gates that cannot pass vacuously (exit 1) -----------------------------------------
     check("victim-ne-nothing-ran",
-          _results(oom=[{"name": "oom-global-memfd-mapped", "status": "ok", "runs": [],
-                         "victims": [], "first_victim": None}]),
+          _results(oom=[{"name": "oom-global-memfd-mapped", "status": "ok", "reason": None,
+                         "repeats": 0, "runs": [], "victims": [], "panic": False,
+                         "first_victim": []}]),
           "not evaluated", 1, _exp("oom-global-memfd-mapped first victim != hog")),
     check("named-cell-missing", _results(),
           "cell not in the results", 1, GOOD +

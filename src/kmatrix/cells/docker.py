@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kmatrix.backends import docker as engine
 from kmatrix.cells.plan import DockerPlan, OomPlan
@@ -23,9 +23,11 @@ from kmatrix.errors import InfraError, UserError
 from kmatrix.guest.kernels import parse_kconfig, recorded_config
 from kmatrix.guest.probe_image import ensure_probe_image
 from kmatrix.guest.userland import PROBES_DIR, Userland
+from kmatrix.results.contract import Cell, CellStatus, Engine
+from kmatrix.results.contract_oom import OomExperiment
 from kmatrix.results.oom import entries_from_probe
 from kmatrix.results.repeats import aggregate_scenarios
-from kmatrix.results.schema import JSON, ProbeOutput, new_cell, parse_probe_output
+from kmatrix.results.schema import ProbeOutput, new_cell, parse_probe_output
 
 MIB = 1024 * 1024
 
@@ -93,7 +95,7 @@ def split_names(requested: Sequence[str] | str, known: list[str]) -> tuple[list[
     )
 
 
-def refused_record(name: str) -> JSON:
+def refused_record(name: str) -> OomExperiment:
     """The results.json oom entry of an experiment this backend does not run.
 
     ``panic`` is None, not False: nothing was measured, and a report must not read the
@@ -137,7 +139,7 @@ def probe_command(
     return argv
 
 
-def classify(run: engine.ContainerRun, probe: ProbeOutput) -> tuple[str, str]:
+def classify(run: engine.ContainerRun, probe: ProbeOutput) -> tuple[CellStatus, str]:
     """A cell's status and reason from how the container ended and what it printed."""
     if probe.complete:
         return "ok", ""
@@ -187,7 +189,7 @@ def run_docker_cell(
     cache: Path,
     log_dest: Path,
     log: Callable[[str], None] = print,
-) -> JSON:
+) -> Cell:
     """Run the probe in containers on the host kernel as ``plan`` says; its cell (any status).
 
     A missing engine gives a ``skipped`` cell (``error`` when required); a bad memory limit
@@ -195,20 +197,19 @@ def run_docker_cell(
     """
     cell = new_cell(plan.name, "docker")
     memory, shm_size = plan.memory_bytes, plan.shm_size
-    cell.update(accel=plan.accel, memory_bytes=memory, shm_size_bytes=shm_size)
+    cell |= {"accel": plan.accel, "memory_bytes": memory, "shm_size_bytes": shm_size}
     try:
         client = engine.connect()
     except engine.EngineUnavailable as exc:
         # Skipping keeps the rest of the matrix useful on a machine without Docker; CI
         # sets require_docker so that a missing engine cannot pass unnoticed.
         required = plan.require_engine
-        cell.update(
-            status="error" if required else "skipped",
-            reason=str(exc) + ("" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"),
-        )
+        hint = "" if required else f" (set {REQUIRE_ENV}=1 to make this an error)"
+        cell |= {"status": "error" if required else "skipped", "reason": str(exc) + hint}
         return cell
     info = engine.engine_info(client)
-    cell["engine"] = info.as_json()
+    # EngineInfo.as_json has Engine's keys but "image" (tests/test_contract.py checks it).
+    cell["engine"] = cast(Engine, info.as_json())
     cell["kernel"] = {
         "name": plan.name,
         "release": info.kernel_release,
@@ -240,14 +241,15 @@ def run_docker_cell(
     return cell
 
 
-def _fill(cell: JSON, results: list[tuple[list[str], engine.ContainerRun, ProbeOutput]]) -> None:
+def _fill(cell: Cell, results: list[tuple[list[str], engine.ContainerRun, ProbeOutput]]) -> None:
     """Status, scenarios and OOM records from the container(s).
 
     The cell's status is the accounting container's. A failed OOM container turns each of
     its experiments that left no record into an ``error`` entry with the reason, so the
     accounting results stay usable and the failure is still in plain sight.
     """
-    status, reason = "ok", ""
+    status: CellStatus = "ok"
+    reason = ""
     for names, run, probe in results:
         part_status, part_reason = classify(run, probe)
         is_oom = names[0].startswith("oom-")
@@ -264,14 +266,14 @@ def _fill(cell: JSON, results: list[tuple[list[str], engine.ContainerRun, ProbeO
             cell["oom"] += [_failed_record(n, part_reason) for n in names if n not in seen]
         if probe.hello and not cell.get("probe"):
             cell["probe"] = probe.hello
-    cell.update(
-        status=status,
-        reason=reason,
-        duration_s=round(sum(run.duration_s for _, run, _ in results), 2),
-    )
+    cell |= {
+        "status": status,
+        "reason": reason,
+        "duration_s": round(sum(run.duration_s for _, run, _ in results), 2),
+    }
 
 
-def _failed_record(name: str, reason: str) -> JSON:
+def _failed_record(name: str, reason: str) -> OomExperiment:
     """The oom entry of an experiment whose container failed before reporting it."""
     return {"name": name, "status": "error", "reason": reason, "repeats": 0, "victims": [],
             "panic": None, "kills": []}  # fmt: skip

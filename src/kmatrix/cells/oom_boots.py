@@ -32,8 +32,10 @@ from kmatrix.cells.plan import OomPlan, QemuPlan
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import Module, modules_to_load
 from kmatrix.guest.userland import Userland, cell_archive, write_initrd
-from kmatrix.results.oom import BootOutput, Unit, assemble
-from kmatrix.results.schema import JSON, parse_probe_output
+from kmatrix.results.contract import Hello
+from kmatrix.results.contract_oom import OomBoot, OomExperiment
+from kmatrix.results.oom import BootEnd, BootOutput, Unit, assemble
+from kmatrix.results.schema import parse_probe_output
 
 MIB = 1024 * 1024
 #: /dev/shm size= in the OOM boots, as a fraction of guest memory: large enough for the
@@ -57,8 +59,8 @@ OOM_APPEND = "quiet"
 class OomRun:
     """Everything the OOM boots of one cell produced."""
 
-    experiments: list[JSON]
-    boots: list[JSON] = field(default_factory=list)
+    experiments: list[OomExperiment]
+    boots: list[OomBoot] = field(default_factory=list)
     consoles: list[str] = field(default_factory=list)
 
 
@@ -84,7 +86,7 @@ def plan_arg(units: list[Unit]) -> str:
 EARLY_CRASH_RETRIES = 2
 
 
-def crashed_early(hello: JSON | None, panic: object) -> bool:
+def crashed_early(hello: Hello | None, panic: object) -> bool:
     """The boot panicked before the probe said hello (so nothing was measured)."""
     return hello is None and bool(panic)
 
@@ -165,7 +167,7 @@ def _boot_modules(kernel: PreparedKernel, swap: bool) -> list[Module]:
     return modules_to_load(kernel.modules_dir, wanted) if wanted and kernel.modules_dir else []
 
 
-def _boot_end(run: QemuRun, console: str) -> JSON:
+def _boot_end(run: QemuRun, console: str) -> BootEnd:
     summary = analyze_console(console)
     return {
         "duration_s": run.duration_s,

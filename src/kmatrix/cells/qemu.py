@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from kmatrix.backends.qemu import (
     QemuRun,
@@ -31,12 +31,13 @@ from kmatrix.guest.bootimage import boot_file
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import modules_to_load
 from kmatrix.guest.userland import Userland, cell_archive, write_initrd
+from kmatrix.results.contract import Cell, CellStatus, KernelInfo
 from kmatrix.results.oomlog import condense_floods
 from kmatrix.results.repeats import aggregate_scenarios
-from kmatrix.results.schema import JSON, ProbeOutput, new_cell, parse_probe_output
+from kmatrix.results.schema import ProbeOutput, new_cell, parse_probe_output
 
 
-def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple[str, str]:
+def classify(run: QemuRun, console: ConsoleSummary, probe: ProbeOutput) -> tuple[CellStatus, str]:
     """Decide a cell's status and reason from how QEMU ended and what came back.
 
     A complete probe report is ``ok`` whatever happened after it; otherwise a panic wins
@@ -72,11 +73,16 @@ def cell_args(plan: QemuPlan) -> dict[str, str]:
 
 def run_qemu_cell(
     kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path, console_dest: Path
-) -> JSON:
+) -> Cell:
     """Boot one kernel as ``plan`` says, with the probe; its results.json cell (any status)."""
     cell = new_cell(plan.name, "qemu")
     arch = arch_for(plan.arch)
-    cell.update(accel=plan.accel, memory_bytes=plan.memory_bytes, arch=arch.name, cpu=plan.cpu)
+    cell |= {
+        "accel": plan.accel,
+        "memory_bytes": plan.memory_bytes,
+        "arch": arch.name,
+        "cpu": plan.cpu,
+    }
     cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -103,7 +109,7 @@ def run_qemu_cell(
     if earlier:
         cell["early_crashes"] = earlier.count(EARLY_CRASH_MARK)
     status, reason = classify(run, console, probe)
-    cell.update(status=status, reason=reason, duration_s=run.duration_s)
+    cell |= {"status": status, "reason": reason, "duration_s": run.duration_s}
     if console.release:
         cell["kernel"]["release"] = console.release
     cell["scenarios"] = aggregate_scenarios(probe.scenarios)
@@ -181,7 +187,7 @@ def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
     )
 
 
-def _record_oom(cell: JSON, oom: OomRun, plan: QemuPlan, console_dest: Path) -> None:
+def _record_oom(cell: Cell, oom: OomRun, plan: QemuPlan, console_dest: Path) -> None:
     """The OOM boots' results in cell["oom"], their consoles appended to the cell's."""
     if not oom.boots:
         return
@@ -232,15 +238,17 @@ def _boot_once(spec: QemuSpec, timeout: float) -> tuple[QemuRun, str]:
     return run, console_text
 
 
-def kernel_info(kernel: PreparedKernel) -> dict[str, Any]:
+def kernel_info(kernel: PreparedKernel) -> KernelInfo:
     """The results' ``kernel`` entry of a cell: release, config and provenance."""
-    info = {"name": kernel.name, "release": kernel.release, "config": kernel.config}
+    info: KernelInfo = {"name": kernel.name, "release": kernel.release, "config": kernel.config}
     # Keys a source does not have (a local build has no suite) are left out, not null,
     # except the ones every cell has always had.
     always = ("package", "version", "sha256", "suite", "packages")
-    info |= {k: kernel.provenance.get(k) for k in PROVENANCE_KEYS
-             if k in always or k in kernel.provenance}  # fmt: skip
-    return info | {"arch": kernel.arch}
+    # PreparedKernel.provenance is untyped (guest/kernels.py, debian/suites.py): its keys
+    # are PROVENANCE_KEYS, each typed in KernelInfo.
+    provenance = cast(KernelInfo, {k: kernel.provenance.get(k) for k in PROVENANCE_KEYS
+                                   if k in always or k in kernel.provenance})  # fmt: skip
+    return info | provenance | {"arch": kernel.arch}
 
 
 def _read(path: Path) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from kmatrix.config import load_matrix
 from kmatrix.errors import ExpectationFailed, UserError
 from kmatrix.gate.expectations import Outcome, evaluate, expected_text, parse_expectation
-from kmatrix.results.schema import JSON, atomic_write_bytes, load_results
+from kmatrix.results.schema import AnyResults, atomic_write_bytes, load_results
 
 
 def junit_xml(outcomes: Sequence[Outcome], suite: str = "kmatrix expectations") -> bytes:
@@ -53,7 +53,7 @@ def _case_name(o: Outcome) -> str:
 
 def enforce(
     texts: Sequence[str],
-    results: JSON,
+    results: AnyResults,
     junit: Path | None = None,
     ran: Sequence[str] | None = None,
 ) -> str:
@@ -85,7 +85,7 @@ def enforce(
     return f"{len(expectations)} expectation(s) hold on {cells} cell(s): {counts}"
 
 
-def gate_run(results: JSON, matrix_path: Path, kernels: Sequence[str] = ()) -> str:
+def gate_run(results: AnyResults, matrix_path: Path, kernels: Sequence[str] = ()) -> str:
     """The end of `invoke matrix` and `invoke cell`: the matrix file's expectations on the
     results a run returned; raises ExpectationFailed (exit 1) naming each failure.
 
@@ -96,7 +96,7 @@ def gate_run(results: JSON, matrix_path: Path, kernels: Sequence[str] = ()) -> s
     return enforce(matrix.expectations, results, ran=list(kernels) or None)
 
 
-def stale_pins(results: JSON) -> list[str]:
+def stale_pins(results: AnyResults) -> list[str]:
     """One line per cell that ran a pinned version older than what its suites offered."""
     out = []
     for cell in results.get("cells") or []:

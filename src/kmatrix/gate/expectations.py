@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kmatrix import catalog
-from kmatrix.results.schema import JSON
+from kmatrix.results.schema import JSON, AnyResults
 from kmatrix.results.view import (
     METRICS,
     cell_version,
@@ -314,7 +314,7 @@ def _evaluate_oom(exp: Expectation, cell: JSON, cid: str) -> Outcome:
 
 
 def evaluate(
-    expectations: Sequence[Expectation], results: JSON, ran: Sequence[str] | None = None
+    expectations: Sequence[Expectation], results: AnyResults, ran: Sequence[str] | None = None
 ) -> list[Outcome]:
     """Every expectation on every cell of a results document, in declaration order.
 

@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from kmatrix import catalog
 from kmatrix.report.findings_chart import FILENAME as FINDINGS_FILE
 from kmatrix.report.findings_chart import findings_figure
-from kmatrix.results.schema import JSON, atomic_write_bytes
+from kmatrix.results.schema import JSON, AnyResults, atomic_write_bytes
 from kmatrix.results.view import (
     MIB,
     cell_label,
@@ -73,7 +73,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def planned_charts(results: JSON) -> list[Chart]:
+def planned_charts(results: AnyResults) -> list[Chart]:
     """The charts a results document gets; the report links exactly these.
 
     The findings picture always; a scenario or OOM chart only where the cells disagree,
@@ -182,7 +182,7 @@ def _oom_figure(cells: Sequence[JSON], name: str) -> Figure:
     return fig
 
 
-def write_charts(results: JSON, out_dir: Path) -> list[Path]:
+def write_charts(results: AnyResults, out_dir: Path) -> list[Path]:
     """Write every planned chart into ``out_dir`` and delete stale ones left by older runs."""
     charts = planned_charts(results)
     cells = [c for c in results.get("cells", []) if c.get("scenarios") or c.get("oom")]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kmatrix.errors import UserError
 from kmatrix.results.repeats import beyond_repeat_noise
-from kmatrix.results.schema import JSON, load_results
+from kmatrix.results.schema import JSON, AnyResults, load_results
 from kmatrix.results.view import (
     METRICS,
     fmt_distribution,
@@ -78,7 +78,7 @@ def parse_threshold(text: str) -> Threshold:
     )
 
 
-def _cells(results: JSON) -> dict[str, JSON]:
+def _cells(results: AnyResults) -> dict[str, JSON]:
     return {str(c.get("id")): c for c in results.get("cells") or []}
 
 
@@ -140,7 +140,9 @@ def _oom_rows(cid: str, old: JSON, new: JSON) -> list[list[str]]:
     return rows
 
 
-def render_diff(base: JSON, new: JSON, threshold: Threshold, base_name: str, new_name: str) -> str:
+def render_diff(
+    base: AnyResults, new: AnyResults, threshold: Threshold, base_name: str, new_name: str
+) -> str:
     """Markdown listing what changed from ``base`` to ``new``; one line when nothing did."""
     old_cells, new_cells = _cells(base), _cells(new)
     cell_lines = [f"added cell `{c}`" for c in new_cells if c not in old_cells]

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kmatrix.errors import InfraError, RunLocked, UserError
-from kmatrix.results.schema import JSON, load_results
+from kmatrix.results.contract import Cell
+from kmatrix.results.schema import load_results
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 LOCK_FILE = ".kmatrix.lock"
@@ -74,7 +75,7 @@ def run_lock(out_dir: Path, work_dir: Path) -> Iterator[None]:
             os.close(fd)  # closing releases the flock; the file (and pid) may stay
 
 
-def previous_cells(out_dir: Path, names: list[str]) -> list[JSON]:
+def previous_cells(out_dir: Path, names: list[str]) -> list[Cell]:
     """Cells of the last run of this name for ``names``, marked as carried over.
 
     A new run saves after every cell; until a kernel's new cell is in, its previous one

@@ -19,7 +19,7 @@ from kmatrix.report.findings import DISAGREE_MARK, answer_all, findings_table
 from kmatrix.report.findings_chart import FILENAME as FINDINGS_FILE
 from kmatrix.report.oom import oom_section
 from kmatrix.results.repeats import repeat_count
-from kmatrix.results.schema import JSON, atomic_write_text, load_results
+from kmatrix.results.schema import JSON, AnyResults, atomic_write_text, load_results
 from kmatrix.results.view import (
     METRICS,
     MIB,
@@ -106,7 +106,7 @@ def scenario_table(cells: Sequence[JSON], name: str) -> str:
     return md_table(rows, ["metric (Δ)", *(cell_label(c) for c in cells)], numeric=True)
 
 
-def _header(results: JSON) -> str:
+def _header(results: AnyResults) -> str:
     run = results.get("run") or {}
     cells = results.get("cells") or []
     bad = [f"{c['id']} ({c.get('status')})" for c in cells if c.get("status") != "ok"]
@@ -161,7 +161,7 @@ def _repeats_note(cells: Sequence[JSON]) -> str:
     return f" Each value is the median of {shown} repeats; every repeat and the spread are kept."
 
 
-def _charts(results: JSON) -> str:
+def _charts(results: AnyResults) -> str:
     charts = planned_charts(results)
     if not charts:
         return ""
@@ -278,7 +278,7 @@ def _knob_rows(cells: Sequence[JSON]) -> list[list[str]]:
     return [[label, *(_knob(c, key) for c in cells)] for label, key in KNOB_ROWS]
 
 
-def _provenance(results: JSON) -> str:
+def _provenance(results: AnyResults) -> str:
     run = results.get("run") or {}
     cells = results.get("cells") or []
     probes = {c.get("probe_sha256") or run.get("probe_sha256") for c in cells} or {
@@ -314,7 +314,7 @@ def _provenance(results: JSON) -> str:
     return "\n\n".join(parts)
 
 
-def render_report(results: JSON) -> str:
+def render_report(results: AnyResults) -> str:
     """The whole report.md as text; chart links point at the files write_report draws."""
     cells = results.get("cells") or []
     parts = [
@@ -329,7 +329,7 @@ def render_report(results: JSON) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def write_report(results: JSON, out_dir: Path, charts: bool = True) -> Path:
+def write_report(results: AnyResults, out_dir: Path, charts: bool = True) -> Path:
     """Write report.md (and, unless ``charts`` is false, its charts); returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if charts:

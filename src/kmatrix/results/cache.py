@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kmatrix.artifacts import sha256_of
+from kmatrix.results.contract import Cell
 from kmatrix.results.schema import JSON, atomic_write_bytes, atomic_write_text, mark_incomplete
 
 # Bump when the cell format or what a cell measures changes without its inputs changing.
@@ -28,7 +29,7 @@ def cell_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _digest(cell: JSON) -> str:
+def _digest(cell: Cell) -> str:
     return hashlib.sha256(json.dumps(cell, sort_keys=True).encode()).hexdigest()
 
 
@@ -43,13 +44,15 @@ class CellCache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def get(self, key: str) -> tuple[JSON, Path | None] | None:
+    def get(self, key: str) -> tuple[Cell, Path | None] | None:
         """The cached cell and its console log, or None (a damaged entry counts as absent)."""
         path = self.root / f"{key}.json"
         console = self.root / f"{key}.console.log"
         try:
             entry = json.loads(path.read_text())
-            cell, want_console = entry["cell"], entry.get("console_sha256")
+            # Not validated against the contract: the digest says it is the cell we stored.
+            cell: Cell = entry["cell"]
+            want_console = entry.get("console_sha256")
             intact = isinstance(cell, dict) and entry["sha256"] == _digest(cell)
             if intact and want_console is not None:
                 intact = sha256_of(console) == want_console
@@ -68,7 +71,7 @@ class CellCache:
         for suffix in (".json", ".console.log"):
             (self.root / f"{key}{suffix}").unlink(missing_ok=True)
 
-    def put(self, key: str, cell: JSON, console: Path | None) -> None:
+    def put(self, key: str, cell: Cell, console: Path | None) -> None:
         """Store a complete ``ok`` cell (others are ignored: they are rerun next time)."""
         if mark_incomplete(cell).get("status") != "ok":
             return

@@ -10,8 +10,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
+
+from typing_extensions import TypedDict
 
 from kmatrix import catalog
+from kmatrix.results.contract_oom import (
+    ExperimentKill,
+    OomBoot,
+    OomCgroup,
+    OomExperiment,
+    OomKill,
+    OomRepeat,
+    OomStatus,
+    ShmemAccount,
+)
 from kmatrix.results.oomlog import OomEvent, OomLog, parse_oom_log
 from kmatrix.results.schema import JSON, ProbeOutput
 
@@ -28,6 +41,17 @@ class Unit:
     repeat: int
 
 
+class BootEnd(TypedDict, total=False):
+    """How one OOM boot ended (``cells.oom_boots``); ``{}`` when there was no boot (a
+    container). Not part of the results but through ``OomBoot``."""
+
+    duration_s: float
+    timed_out: bool
+    returncode: int | None
+    panic: str | None
+    console_tail: list[str]
+
+
 @dataclass
 class BootOutput:
     """What one OOM boot returned: its plan, the probe's records, its console, how it ended."""
@@ -36,7 +60,7 @@ class BootOutput:
     units: list[Unit]
     probe: ProbeOutput
     console: str
-    end: JSON
+    end: BootEnd
 
     def records(self, event: str) -> dict[Unit, JSON]:
         """The probe's ``oom`` records of one kind (``start`` / ``result``) by unit."""
@@ -50,18 +74,28 @@ class BootOutput:
         """Units this boot finished or at least started (a started one is not rerun)."""
         return set(self.records("start")) | set(self.records("result"))
 
-    def summary(self) -> JSON:
+    def summary(self) -> OomBoot:
         """The boot as recorded in the cell (``oom_boots``)."""
         hello = self.probe.hello or {}
-        return {
+        out: OomBoot = {
             "index": self.index,
             "units": len(self.units),
             "finished": len(self.records("result")),
             "mem_total": hello.get("mem_total"),
             "release": hello.get("release"),
             "probe_uptime_s": hello.get("uptime"),  # when the probe started, since boot
-            **{k: v for k, v in self.end.items() if k != "console_tail"},
         }
+        # How it ended, but for the console tail (the console log has it all).
+        end = self.end
+        if "duration_s" in end:
+            out["duration_s"] = end["duration_s"]
+        if "timed_out" in end:
+            out["timed_out"] = end["timed_out"]
+        if "returncode" in end:
+            out["returncode"] = end["returncode"]
+        if "panic" in end:
+            out["panic"] = end["panic"]
+        return out
 
 
 def _pids(record: JSON) -> dict[int, str]:
@@ -69,10 +103,15 @@ def _pids(record: JSON) -> dict[int, str]:
     return {int(pid): role for role, pid in pids.items() if isinstance(pid, int)}
 
 
-def kills_for(log: OomLog, roles: dict[int, str]) -> tuple[list[JSON], list[OomEvent]]:
+def kills_for(log: OomLog, roles: dict[int, str]) -> tuple[list[OomKill], list[OomEvent]]:
     """Kernel kills of the events that involve these pids, with the role of each victim."""
     events = [e for e in log.events if e.pids() & roles.keys()]
-    kills = [asdict(k) | {"role": roles.get(k.pid, "other")} for e in events for k in e.kills]
+    # OomKill is oomlog.Kill's fields plus the role (tests/test_contract.py checks that).
+    kills = [
+        cast(OomKill, asdict(k) | {"role": roles.get(k.pid, "other")})
+        for e in events
+        for k in e.kills
+    ]
     return kills, events
 
 
@@ -81,66 +120,75 @@ def _constraint(events: list[OomEvent]) -> str | None:
     return found[0] if found else None
 
 
-def _ordered_roles(kills: list[JSON]) -> list[str]:
+def _ordered_roles(kills: list[OomKill]) -> list[str]:
     return list(dict.fromkeys(str(k["role"]) for k in kills))
 
 
-def _from_probe(result: JSON) -> JSON:
-    """Guest-side facts of one finished repeat."""
-    shmem = result.get("shmem") or {}
-    cgroup = result.get("cgroup") or {}
-    keep = (
-        *("pids", "sizes", "mem_total", "pre_oom", "model_points", "predicted_by_oom_score"),
-        *("died", "exit", "probe_victims", "hog_bytes", "outcome", "duration_s"),
-        *("t_ready", "t_watched", "memcg", "oom_score_adj", "knobs", "knobs_during"),
-        *("writer_protected",),
-        *("write_error", "stall", "cross", "holder_role"),
-    )
-    return {k: result.get(k) for k in keep} | {
-        "predicted_victim": result.get("predicted_victim"),
+def _from_probe(entry: OomRepeat, result: JSON) -> None:
+    """Add the guest-side facts of one finished repeat to its entry."""
+    shmem: ShmemAccount = result.get("shmem") or {}
+    cgroup: OomCgroup = result.get("cgroup") or {}
+    g = result.get
+    entry |= {
+        "pids": g("pids"), "sizes": g("sizes"), "mem_total": g("mem_total"),
+        "pre_oom": g("pre_oom"), "model_points": g("model_points"),
+        "predicted_by_oom_score": g("predicted_by_oom_score"),
+        "died": g("died"), "exit": g("exit"), "probe_victims": g("probe_victims"),
+        "hog_bytes": g("hog_bytes"), "outcome": g("outcome"), "duration_s": g("duration_s"),
+        "t_ready": g("t_ready"), "t_watched": g("t_watched"), "memcg": g("memcg"),
+        "oom_score_adj": g("oom_score_adj"), "knobs": g("knobs"),
+        "knobs_during": g("knobs_during"), "writer_protected": g("writer_protected"),
+        "write_error": g("write_error"), "stall": g("stall"), "cross": g("cross"),
+        "holder_role": g("holder_role"),
+        "predicted_victim": g("predicted_victim"),
         "shmem_freed": shmem.get("freed_by_oom"),
         "shmem_restored": shmem.get("restored"),
         "shmem": shmem,
         "cgroup": cgroup,
         "memory_events_oom_kill": (cgroup.get("events") or {}).get("oom_kill"),
-        "vmstat_oom_kill": result.get("vmstat_oom_kill"),
-    }
+        "vmstat_oom_kill": g("vmstat_oom_kill"),
+    }  # fmt: skip
 
 
-def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> JSON:
+def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> OomRepeat:
     """One repeat: the probe's record (if it finished) merged with the kernel's account."""
     result = boot.records("result").get(unit)
     start = boot.records("start").get(unit)
-    entry: JSON = {"repeat": unit.repeat, "boot": boot.index, "panic": False}
+    entry: OomRepeat = {"repeat": unit.repeat, "boot": boot.index, "panic": False,
+                        "status": "not run"}  # fmt: skip
     if result is None and start is None:
-        return entry | {"status": "not run", "error": _no_start_reason(boot), "victims": []}
+        return entry | {"error": _no_start_reason(boot), "victims": []}
     roles = _pids(result or start or {})
     entry["start_uptime_s"] = (start or {}).get("uptime")
     kills, events = kills_for(log, roles)
     victims = _ordered_roles(kills)
-    entry.update(kills=kills, constraint=_constraint(events))
+    entry |= {"kills": kills, "constraint": _constraint(events)}
     entry["no_killable"] = any(e.no_killable for e in events)
     # A protected task faulting in a full memcg re-enters the OOM killer again and again.
     entry["no_killable_reports"] = sum(e.no_killable for e in events)
     if result is not None:
-        entry.update(_from_probe(result), status=result.get("status"), error=result.get("error"))
+        _from_probe(entry, result)
+        # The probe's result records always carry a status (probes/README.md).
+        entry |= {"status": cast(str, result.get("status")), "error": result.get("error")}
         if not victims and result.get("probe_victims"):
             victims, entry["victims_source"] = list(result["probe_victims"]), "probe"
     else:  # started, never finished: the boot ended under it
-        entry.update(_crashed(boot, log, roles), holder_role=(start or {}).get("holder_role"))
-    entry.update(victims=victims, first_victim=victims[0] if victims else None)
+        _crashed(entry, boot, log, roles)
+        entry["holder_role"] = (start or {}).get("holder_role")
+    entry |= {"victims": victims, "first_victim": victims[0] if victims else None}
     entry.setdefault("victims_source", "kernel")
     return entry
 
 
-def _crashed(boot: BootOutput, log: OomLog, roles: dict[int, str]) -> JSON:
+def _crashed(entry: OomRepeat, boot: BootOutput, log: OomLog, roles: dict[int, str]) -> None:
+    """Record that the boot died under a repeat that had started."""
     panic = log.panic is not None
     why = (
         f"kernel panic: {log.panic}"
         if panic
         else ("the guest hung (boot timeout)" if boot.end.get("timed_out") else "the guest died")
     )
-    return {
+    entry |= {
         "status": "panic" if panic else "crashed",
         "panic": panic,
         "panic_message": log.panic,
@@ -156,7 +204,7 @@ def _no_start_reason(boot: BootOutput) -> str:
     return f"OOM boot {boot.index} ended before this repeat ({_end_text(boot.end)})"
 
 
-def _end_text(end: JSON) -> str:
+def _end_text(end: BootEnd) -> str:
     if end.get("panic"):
         return f"kernel panic: {end['panic']}"
     if end.get("timed_out"):
@@ -164,15 +212,16 @@ def _end_text(end: JSON) -> str:
     return f"QEMU exit {end.get('returncode')}"
 
 
-def ending(run: JSON) -> str:
+def ending(run: OomRepeat) -> str:
     """How one repeat ended: panic, writer-died, write-error ENOMEM, writer-stalled, ..."""
     if run.get("panic"):
         return "panic"
     outcome = str(run.get("outcome") or run.get("status") or "unknown")
-    return f"{outcome} {run['write_error']}" if run.get("write_error") else outcome
+    write_error = run.get("write_error")
+    return f"{outcome} {write_error}" if write_error else outcome
 
 
-def _survived(run: JSON) -> bool | None:
+def _survived(run: OomRepeat) -> bool | None:
     """Did the role holding the memory outlive the OOM? (the writer, in growth experiments)"""
     holder = str(run.get("holder_role") or "holder")
     if run.get("panic") or run.get("status") != "ok":
@@ -180,11 +229,12 @@ def _survived(run: JSON) -> bool | None:
     return holder not in run.get("victims", [])
 
 
-def summarize(name: str, runs: list[JSON]) -> JSON:
+def summarize(name: str, runs: list[OomRepeat]) -> OomExperiment:
     """The results.json entry of one experiment from its repeats."""
     ran = [r for r in runs if r.get("status") in ("ok", "panic")]
     unavailable = [r for r in runs if r.get("status") == "not available"]
-    status, reason = "ok", None
+    status: OomStatus = "ok"
+    reason: str | None = None
     if unavailable and len(unavailable) == len(runs):
         status, reason = "not available", unavailable[0].get("error")
     elif len(ran) < len(runs):
@@ -207,19 +257,23 @@ def summarize(name: str, runs: list[JSON]) -> JSON:
         "ended": [ending(r) for r in ran],
         "memory_events_oom_kill": [r.get("memory_events_oom_kill") for r in ran],
         "constraint": constraints.most_common(1)[0][0] if constraints else None,
-        "kills": [k | {"repeat": r["repeat"]} for r in ran for k in r.get("kills", [])],
+        "kills": [_with_repeat(k, r["repeat"]) for r in ran for k in r.get("kills", [])],
         "runs": runs,
     }
 
 
-def assemble(units: Sequence[Unit], boots: Sequence[BootOutput]) -> list[JSON]:
+def _with_repeat(kill: OomKill, repeat: int) -> ExperimentKill:
+    return {**kill, "repeat": repeat}
+
+
+def assemble(units: Sequence[Unit], boots: Sequence[BootOutput]) -> list[OomExperiment]:
     """Every experiment's entry, in canonical order, from all OOM boots of a cell."""
     logs = {b.index: parse_oom_log(b.console) for b in boots}
-    runs: dict[str, list[JSON]] = {}
+    runs: dict[str, list[OomRepeat]] = {}
     for unit in units:
         boot = next((b for b in boots if unit in b.covered()), boots[-1] if boots else None)
         if boot is None:
-            entry: JSON = {"repeat": unit.repeat, "status": "not run", "error": "no OOM boot"}
+            entry: OomRepeat = {"repeat": unit.repeat, "status": "not run", "error": "no OOM boot"}
         else:
             entry = unit_outcome(unit, boot, logs[boot.index])
         runs.setdefault(unit.name, []).append(entry)
@@ -237,7 +291,7 @@ def experiment_names(cells: Sequence[JSON]) -> list[str]:
 PROBE_VICTIMS = "probe"
 
 
-def entries_from_probe(probe: ProbeOutput) -> list[JSON]:
+def entries_from_probe(probe: ProbeOutput) -> list[OomExperiment]:
     """Experiment entries from one probe run without a kernel console (e.g. a container,
     where the host's kernel log is not ours to read): victims come from the probe.
 
@@ -254,9 +308,9 @@ def entries_from_probe(probe: ProbeOutput) -> list[JSON]:
     entries = assemble(units, [boot]) if units else []
     for entry in entries:
         entry["victims_source"] = PROBE_VICTIMS
-        for run in entry["runs"]:
+        for run in entry.get("runs", []):
             run["victims_source"] = PROBE_VICTIMS
-        first = next((r for r in entry["runs"] if r.get("status") == "ok"), None)
+        first = next((r for r in entry.get("runs", []) if r.get("status") == "ok"), None)
         if first is not None:  # where it ran and how the harness stayed out of the way
             entry["memcg"] = first.get("memcg")
             entry["cgroup_version"] = (first.get("cgroup") or {}).get("version")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
+from kmatrix.results.contract import Scenario, ScenarioRepeat
 from kmatrix.results.schema import JSON, scenario_result
 
 
@@ -24,33 +25,34 @@ def _majority(values: list[str | None]) -> str | None:
     return Counter(values).most_common(1)[0][0] if values else None
 
 
-def aggregate(records: list[JSON]) -> JSON:
+def aggregate(records: list[JSON]) -> Scenario:
     """One scenario from its repeat records (same name), in repeat order.
 
     ``detail``, ``before`` and ``after`` are the first repeat's: they describe how the
     scenario ran, which the repeats share.
     """
-    first = scenario_result(records[0])
     keys = sorted({k for r in records for k in (r.get("metrics") or {})})
     values = {k: [r["metrics"][k] for r in records if k in (r.get("metrics") or {})] for k in keys}
-    return first | {
+    repeats: list[ScenarioRepeat] = [
+        {
+            "metrics": r.get("metrics") or {},
+            "errno": r.get("errno"),
+            "error": r.get("error"),
+            "duration_s": r.get("duration_s"),
+        }
+        for r in records
+    ]
+    scenario: Scenario = scenario_result(records[0]) | {
         "metrics": {k: median_int(v) for k, v in values.items()},
         "spread": {k: max(v) - min(v) for k, v in values.items()},
         "errno": _majority([r.get("errno") for r in records]),
         "error": _majority([r.get("error") for r in records]),
-        "repeats": [
-            {
-                "metrics": r.get("metrics") or {},
-                "errno": r.get("errno"),
-                "error": r.get("error"),
-                "duration_s": r.get("duration_s"),
-            }
-            for r in records
-        ],
+        "repeats": repeats,
     }
+    return scenario
 
 
-def aggregate_scenarios(records: list[JSON]) -> list[JSON]:
+def aggregate_scenarios(records: list[JSON]) -> list[Scenario]:
     """Scenario records of every repeat -> one scenario per name, in first-seen order."""
     by_name: dict[str, list[JSON]] = {}
     for rec in records:

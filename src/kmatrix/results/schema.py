@@ -1,27 +1,38 @@
 """The results contract (results.json, schema_version 1) and atomic file writes.
 
 Results are plain JSON-compatible dicts so that other tools can read them without
-kmatrix; this module owns their shape, the probe-output parser and the atomic writer.
+kmatrix; their types are in ``results.contract``. This module writes and loads (and
+validates) them, starts a cell, and parses the probe's output.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast, get_args
+
+import pydantic
+from pydantic_core import ErrorDetails
 
 from kmatrix.errors import UserError
+from kmatrix.results.contract import Backend, Cell, CellStatus, Hello, Results, Scenario
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 RECORD_PREFIX = "KMX1 "
-CELL_STATUSES = ("ok", "incomplete", "failed", "timeout", "panic", "error", "skipped")
+CELL_STATUSES: tuple[CellStatus, ...] = get_args(CellStatus)
 
+#: An untyped JSON object: a probe record before it becomes part of a cell, or a results
+#: document as the readers (report/, gate/, results/view.py) take it.
 JSON = dict[str, Any]
+#: A results document as the readers take it: a :class:`Results`, or the plain dict of an
+#: older or partial file (readers tolerate missing keys).
+AnyResults = Mapping[str, Any]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -44,13 +55,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def write_results(path: Path, results: JSON) -> None:
+def write_results(path: Path, results: Results) -> None:
     """Write a results document atomically, pretty-printed with sorted keys for clean diffs."""
     atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
-def load_results(path: Path) -> JSON:
-    """Read a results.json, checking it is one this version of kmatrix understands."""
+#: What a user can do about a results file kmatrix cannot use.
+_FIX = (
+    "regenerate it with `invoke matrix` (or `invoke merge`), or check the file is a "
+    "kmatrix results.json"
+)
+
+
+def load_results(path: Path) -> Results:
+    """Read a results.json and validate it against the contract (``results.contract``).
+
+    Every reader (``invoke report``, ``check``, ``diff``, ``merge``, a run's previous
+    results) loads through here. A file that is not UTF-8 JSON, has another
+    ``schema_version`` or departs from the types is a :class:`UserError` naming the file,
+    the first field at fault (``cells[2].oom[0].runs[1].kills``) and what to do. The
+    document is returned as read: validation neither converts nor drops anything.
+    """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -60,55 +85,81 @@ def load_results(path: Path) -> JSON:
     except (json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc}); was it truncated?") from None
     if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(f"{path}: not a kmatrix results file with schema_version {SCHEMA_VERSION}")
+        raise UserError(
+            f"{path}: not a kmatrix results file with schema_version {SCHEMA_VERSION}; {_FIX}"
+        )
     problem = shape_problem(data)
     if problem:
-        raise UserError(
-            f"{path}: not a valid kmatrix results file: {problem}; regenerate it with "
-            "`invoke matrix` or `invoke merge`"
-        )
-    return data
+        raise UserError(f"{path}: not a valid kmatrix results file: {problem}; {_FIX}")
+    return cast(Results, data)
 
 
-def shape_problem(data: JSON) -> str | None:
-    """The first way ``data`` departs from the results schema (the parts readers use), or None."""
-    if not isinstance(data.get("run"), dict):
-        return "'run' must be an object"
-    cells = data.get("cells")
-    if not isinstance(cells, list):
-        return "'cells' must be a list"
-    for i, cell in enumerate(cells):
-        where = f"cells[{i}]"
-        if not isinstance(cell, dict):
-            return f"{where} must be an object"
-        if not isinstance(cell.get("id"), str) or not cell["id"]:
-            return f"{where}.id must be a non-empty string"
-        if cell.get("status") not in CELL_STATUSES:
-            return f"{where}.status must be one of {', '.join(CELL_STATUSES)}"
-        for key in ("scenarios", "oom"):
-            items = cell.get(key, [])
-            if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-                return f"{where}.{key} must be a list of objects"
-        for key in ("kernel", "probe"):
-            if not isinstance(cell.get(key, {}), dict):
-                return f"{where}.{key} must be an object"
-        for sc in cell.get("scenarios", []):
-            if not isinstance(sc.get("name"), str) or not isinstance(sc.get("metrics", {}), dict):
-                return f"{where}: a scenario needs a string name and a metrics object"
-            bad = [k for k, v in sc.get("metrics", {}).items() if type(v) is not int]
-            if bad:
-                return f"{where} scenario {sc['name']}: metric {bad[0]} is not an integer"
-        for exp in cell.get("oom", []):
-            if not isinstance(exp.get("name"), str):
-                return f"{where}: an OOM entry needs a string name"
+@functools.cache
+def _validator() -> pydantic.TypeAdapter[Results]:
+    # Built on first use: it takes a quarter of a second, which commands that never load
+    # a results file should not pay.
+    return pydantic.TypeAdapter(Results)
+
+
+def shape_problem(data: object) -> str | None:
+    """The first way ``data`` departs from :class:`Results`, as ``path: problem``, or None.
+
+    Strict: nothing is coerced (``"5"`` is not an integer, ``1`` not a boolean); keys the
+    contract does not know are ignored.
+    """
+    try:
+        _validator().validate_python(data, strict=True)
+    except pydantic.ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        return describe_error(errors[0]) + more
     return None
+
+
+#: pydantic error types in words; anything else keeps pydantic's message.
+_WANTED = {
+    "missing": "is missing",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "dict_type": "must be an object",
+    "list_type": "must be a list",
+    "model_type": "must be an object",
+    "none_required": "must be null",
+    "too_short": "must not be empty",
+    "string_too_short": "must be a non-empty string",
+}
+
+
+def describe_error(error: ErrorDetails) -> str:
+    """One pydantic error as ``cells[2].oom[0].repeats must be an integer (found '3')``."""
+    where = field_path(error["loc"]) or "the document"
+    kind = error["type"]
+    if kind == "literal_error":
+        wanted = f"must be one of {error.get('ctx', {}).get('expected', '?')}"
+    else:
+        wanted = _WANTED.get(kind, error["msg"][:1].lower() + error["msg"][1:])
+    if kind == "missing":
+        return f"{where} {wanted}"
+    found = json.dumps(error.get("input"), default=str)
+    found = found if len(found) <= 60 else found[:57] + "..."
+    return f"{where} {wanted} (found {found})"
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """pydantic's ``("cells", 2, "oom", 0, "kills")`` as ``cells[2].oom[0].kills``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 @dataclass
 class ProbeOutput:
     """What the probe reported over the result channel, parsed and checked."""
 
-    hello: JSON | None = None
+    hello: Hello | None = None  # as the probe sent it: not checked beyond its type
     scenarios: list[JSON] = field(default_factory=list)
     oom: list[JSON] = field(default_factory=list)
     done: JSON | None = None
@@ -163,7 +214,7 @@ def _crc_ok(payload: str, crc: str) -> bool:
 def _file_record(out: ProbeOutput, rec: JSON, lineno: int) -> None:
     kind = rec["type"]
     if kind == "hello":
-        out.hello = rec
+        out.hello = cast(Hello, rec)
     elif kind == "scenario":
         if not isinstance(rec.get("name"), str) or not isinstance(rec.get("metrics"), dict):
             out.problems.append(f"line {lineno}: scenario record without name or metrics")
@@ -181,13 +232,27 @@ def _file_record(out: ProbeOutput, rec: JSON, lineno: int) -> None:
         out.problems.append(f"line {lineno}: unknown record type {kind!r}")
 
 
-def scenario_result(rec: JSON) -> JSON:
+def scenario_result(rec: JSON) -> Scenario:
     """The results.json form of one probe scenario record (contract keys first)."""
-    keep = ("name", "size_bytes", "metrics", "errno", "error", "detail", "before", "after")
-    return {k: rec.get(k) for k in keep if k in rec} | {"errno": rec.get("errno")}
+    out: Scenario = {
+        "name": rec["name"],
+        "metrics": rec["metrics"],
+        "errno": rec.get("errno"),
+        "error": rec.get("error"),
+    }
+    # The probe always sends these; a record without one makes a scenario without it.
+    if "size_bytes" in rec:
+        out["size_bytes"] = rec["size_bytes"]
+    if "detail" in rec:
+        out["detail"] = rec["detail"]
+    if "before" in rec:
+        out["before"] = rec["before"]
+    if "after" in rec:
+        out["after"] = rec["after"]
+    return out
 
 
-def new_cell(cell_id: str, backend: str) -> JSON:
+def new_cell(cell_id: str, backend: Backend) -> Cell:
     """An empty cell, filled in by a backend."""
     return {
         "id": cell_id,
@@ -203,7 +268,7 @@ def new_cell(cell_id: str, backend: str) -> JSON:
     }
 
 
-def mark_incomplete(cell: JSON) -> JSON:
+def mark_incomplete(cell: Cell) -> Cell:
     """An ``ok`` cell with an OOM experiment in ``error`` becomes ``incomplete``.
 
     Its accounting numbers stand, but a part of what the matrix asked for is missing: such

@@ -23,7 +23,8 @@ from tabulate import tabulate
 from kmatrix.config import load_matrix
 from kmatrix.debian.archive import Archive, default_cache_dir, resolve_mirror
 from kmatrix.guest.userland import build_userland
-from kmatrix.results.schema import JSON
+from kmatrix.results.contract import Results
+from kmatrix.results.schema import AnyResults
 from kmatrix.run.matrix import RunOptions, run_matrix
 from kmatrix.run.progress import Progress
 
@@ -90,7 +91,7 @@ def run_bench(
     work = Path(tempfile.mkdtemp(prefix="kmatrix-bench-"))
     quiet = Progress(io.StringIO(), live=False)
 
-    def run(name: str, force: bool, kernels: tuple[str, ...] = ()) -> tuple[float, JSON]:
+    def run(name: str, force: bool, kernels: tuple[str, ...] = ()) -> tuple[float, Results]:
         opts = RunOptions(
             matrix_path=matrix_path, name=name, reports_dir=work, force=force, kernels=kernels
         )
@@ -111,7 +112,7 @@ def run_bench(
                 seconds, _ = run("cold", force=True)
             add("whole matrix, cold (download + build + boot)", seconds)
             shutil.rmtree(work / "cold-cache", ignore_errors=True)
-        results: JSON = {"cells": []}
+        results: AnyResults = {"cells": []}
         for i in range(repeats):
             log(f"warm run {i + 1}/{repeats}: downloads cached, every cell booted")
             seconds, results = run(f"warm{i}", force=True)

@@ -15,6 +15,7 @@ from kmatrix.config import load_matrix
 from kmatrix.errors import UserError
 from kmatrix.gate.check import gate_run
 from kmatrix.report.markdown import REPORTS
+from kmatrix.results.contract import Results
 from kmatrix.results.schema import JSON, write_results
 from kmatrix.run.matrix import RunOptions, run_matrix
 from kmatrix.run.progress import Progress
@@ -53,7 +54,7 @@ def run_cell(
     accel: str = "",
     reports_dir: Path = REPORTS,
     progress: Progress | None = None,
-) -> JSON:
+) -> Results:
     """`invoke cell`: run one cell through the normal runner, write its one-cell results.json
     to ``output``, then check the matrix's expectations on it.
 

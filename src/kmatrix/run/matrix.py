@@ -29,7 +29,7 @@ from kmatrix.errors import InfraError, UserError
 from kmatrix.guest.kernels import DebianSource, LocalSource
 from kmatrix.guest.userland import build_userland
 from kmatrix.report.dirs import check_report_name, previous_cells, run_lock
-from kmatrix.results.schema import JSON
+from kmatrix.results.contract import Results
 from kmatrix.run.interrupt import sigterm_as_interrupt
 from kmatrix.run.pool import Source, run_cells
 from kmatrix.run.progress import Progress
@@ -41,7 +41,7 @@ __all__ = ["MAX_JOBS", "RunOptions", "kernel_sources", "run_matrix", "summarize"
 MAX_JOBS = 64
 
 
-def run_matrix(opts: RunOptions, progress: Progress | None = None) -> JSON:
+def run_matrix(opts: RunOptions, progress: Progress | None = None) -> Results:
     """Run the matrix and return the results document (also written to reports/NAME/).
 
     The expectations are not checked here: see kmatrix.gate.check.gate_run.
@@ -128,13 +128,15 @@ def _foreign_userlands(run: MatrixRun, progress: Progress) -> None:
         if arch == "amd64":
             continue
         binary = qemu.arch_for(arch).binary
-        run.results["run"]["host"][f"qemu_{arch}"] = qemu.qemu_version(binary)
+        if arch != "arm64":  # backends.qemu.ARCHES: amd64 and arm64; HostInfo, GuestInfo too
+            raise AssertionError(f"results.contract has no qemu_{arch} / packages_{arch} keys")
+        run.results["run"]["host"]["qemu_arm64"] = qemu.qemu_version(binary)
         userland = build_userland(archive, run.matrix.guest.suite, run.cache, progress.log)
         run.userlands[arch] = userland
-        run.results["run"]["guest"][f"packages_{arch}"] = userland.packages
+        run.results["run"]["guest"]["packages_arm64"] = userland.packages
 
 
-def summarize(results: JSON) -> tuple[int, str]:
+def summarize(results: Results) -> tuple[int, str]:
     """Exit code and one-line summary: 0 when every cell is ok, 1 when any is not."""
     cells = results["cells"]
     bad = [f"{c['id']} ({c['status']})" for c in cells if c["status"] not in ("ok", "skipped")]

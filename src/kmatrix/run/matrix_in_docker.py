@@ -20,7 +20,8 @@ from kmatrix.config import DebianKernel, Kernel, load_matrix
 from kmatrix.debian.archive import default_cache_dir, resolve_mirror
 from kmatrix.errors import ExpectationFailed, InfraError
 from kmatrix.report.markdown import REPORTS
-from kmatrix.results.schema import JSON, load_results
+from kmatrix.results.contract import Results
+from kmatrix.results.schema import load_results
 from kmatrix.run.ci import run_cell
 from kmatrix.run.in_docker import run_cell_in_docker, stop_runners
 from kmatrix.run.merge import merge_files
@@ -96,7 +97,7 @@ def run_matrix_in_docker(
     force: bool = False,
     reports_dir: Path = REPORTS,
     log: Callable[[str], None] = print,
-) -> JSON:
+) -> Results:
     """Run the matrix with its QEMU cells in runner containers; the merged results document.
 
     The image is built (or found) once before the cells start, so parallel cells never build

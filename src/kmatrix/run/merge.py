@@ -16,12 +16,13 @@ from pathlib import Path
 from kmatrix.config import load_matrix
 from kmatrix.errors import UserError
 from kmatrix.report.markdown import REPORTS, write_report
-from kmatrix.results.schema import JSON, load_results, write_results
+from kmatrix.results.contract import Cell, Results, RunHeader
+from kmatrix.results.schema import load_results, write_results
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
-def _check_same(docs: Sequence[JSON], sources: Sequence[str]) -> None:
+def _check_same(docs: Sequence[Results], sources: Sequence[str]) -> None:
     """Refuse inputs that cannot share one report, naming the file and what differs."""
     first = docs[0]
     for doc, src in zip(docs[1:], sources[1:], strict=True):
@@ -52,11 +53,11 @@ def _when(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
 
 
-def _merged_run(docs: Sequence[JSON], name: str | None) -> JSON:
+def _merged_run(docs: Sequence[Results], name: str | None) -> RunHeader:
     """The first input's run, spanning the earliest start to the latest finish."""
-    run: JSON = copy.deepcopy(docs[0]["run"])
-    started = [d["run"]["started"] for d in docs if d["run"].get("started")]
-    finished = [d["run"]["finished"] for d in docs if d["run"].get("finished")]
+    run = copy.deepcopy(docs[0]["run"])
+    started = [s for d in docs if (s := d["run"].get("started"))]
+    finished = [f for d in docs if (f := d["run"].get("finished"))]
     run["started"] = min(started, key=_when) if started else None
     run["finished"] = max(finished, key=_when) if finished else None
     if name is not None:
@@ -65,12 +66,12 @@ def _merged_run(docs: Sequence[JSON], name: str | None) -> JSON:
 
 
 def merge_results(
-    docs: list[JSON],
+    docs: list[Results],
     *,
     name: str | None = None,
     order: Sequence[str] = (),
     sources: Sequence[str] = (),
-) -> JSON:
+) -> Results:
     """Merge results documents into one: cells in ``order`` (cell ids), others in input order.
 
     ``sources`` names the inputs in error messages (default: "input 1", "input 2", ...).
@@ -81,7 +82,7 @@ def merge_results(
     labels = list(sources) or [f"input {i + 1}" for i in range(len(docs))]
     _check_same(docs, labels)
     per_host = len({json.dumps(d["run"].get("host"), sort_keys=True) for d in docs}) > 1
-    cells: list[JSON] = []
+    cells: list[Cell] = []
     for doc in docs:
         for cell in doc.get("cells") or []:
             cells.append((cell | {"host": doc["run"].get("host")}) if per_host else cell)

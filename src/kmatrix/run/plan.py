@@ -8,7 +8,9 @@ change to any of them measures the cell again.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kmatrix.backends import qemu
 from kmatrix.cells.docker import DEFAULT_PIDS_LIMIT, DEFAULT_SHM_SIZE, require_engine
@@ -17,7 +19,6 @@ from kmatrix.config import DockerKernel, Matrix, QemuKernel
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.userland import INIT_FILE, Userland
 from kmatrix.results.cache import cell_key
-from kmatrix.results.schema import JSON
 
 
 def probe_plan(matrix: Matrix) -> ProbePlan:
@@ -96,7 +97,7 @@ def parsers_digest() -> str:
     return h.hexdigest()
 
 
-def qemu_version_of(host: JSON, arch: str) -> str | None:
+def qemu_version_of(host: Mapping[str, Any], arch: str) -> str | None:
     """The recorded version of the QEMU binary that boots ``arch`` guests."""
     return host.get("qemu") if arch == "amd64" else host.get(f"qemu_{arch}")
 

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import cast
 
 from kmatrix.backends import docker as docker_backend
 from kmatrix.backends import qemu
@@ -21,7 +22,8 @@ from kmatrix.errors import InfraError, KmatrixError, UserError
 from kmatrix.guest.kernels import KernelSource, PreparedKernel
 from kmatrix.guest.userland import Userland
 from kmatrix.report.dirs import disk_errors
-from kmatrix.results.schema import JSON, mark_incomplete, new_cell
+from kmatrix.results.contract import Cell, KernelInfo
+from kmatrix.results.schema import mark_incomplete, new_cell
 from kmatrix.run.plan import cache_key, docker_plan, qemu_plan, qemu_version_of
 from kmatrix.run.session import MatrixRun, now
 
@@ -30,7 +32,7 @@ from kmatrix.run.session import MatrixRun, now
 Source = KernelSource | InfraError
 
 
-def _qemu_cell(run: MatrixRun, k: QemuKernel, source: KernelSource, userland: Userland) -> JSON:
+def _qemu_cell(run: MatrixRun, k: QemuKernel, source: KernelSource, userland: Userland) -> Cell:
     userland = run.userlands.get(k.arch, userland)
     if phase := source.phase():
         run.progress.phase(k.name, phase)
@@ -64,7 +66,7 @@ def _qemu_cell(run: MatrixRun, k: QemuKernel, source: KernelSource, userland: Us
     return cell | {"cached": False}
 
 
-def _docker_cell(run: MatrixRun, k: DockerKernel, userland: Userland) -> JSON:
+def _docker_cell(run: MatrixRun, k: DockerKernel, userland: Userland) -> Cell:
     run.progress.phase(k.name, "container on the host kernel")
     console_dest = run.out_dir / "console" / f"{k.name}.log"
     plan = docker_plan(run.matrix, k)
@@ -74,22 +76,23 @@ def _docker_cell(run: MatrixRun, k: DockerKernel, userland: Userland) -> JSON:
 class _CellError(Exception):
     """kmatrix itself failed in a cell: the cell (status error) and the error."""
 
-    def __init__(self, cell: JSON, error: KmatrixError) -> None:
+    def __init__(self, cell: Cell, error: KmatrixError) -> None:
         super().__init__(str(error))
         self.cell, self.error = cell, error
 
 
-def _refresh_provenance(cell: JSON, prepared: PreparedKernel) -> JSON:
+def _refresh_provenance(cell: Cell, prepared: PreparedKernel) -> Cell:
     """A cached cell with today's provenance: same kernel, but e.g. a pin may have gone stale."""
     current = kernel_info(prepared)
     kernel = {k: v for k, v in (cell.get("kernel") or {}).items() if k not in PROVENANCE_KEYS}
-    return cell | {"kernel": kernel | {k: v for k, v in current.items() if k in PROVENANCE_KEYS}}
+    fresh = {k: v for k, v in current.items() if k in PROVENANCE_KEYS}
+    return cell | {"kernel": cast(KernelInfo, kernel | fresh)}  # KernelInfo's keys, by name
 
 
-def unresolved_cell(k: Kernel, exc: InfraError) -> JSON:
+def unresolved_cell(k: Kernel, exc: InfraError) -> Cell:
     """The cell of a kernel whose archive could not be used: the reason says which and why."""
     cell = new_cell(k.name, k.backend)
-    cell.update(status="error", reason=f"kernel {k.source} not resolved: {exc}")
+    cell |= {"status": "error", "reason": f"kernel {k.source} not resolved: {exc}"}
     cell["kernel"] = {"name": k.name, "requested": k.source}
     cell["arch"] = k.arch
     return cell
@@ -97,7 +100,7 @@ def unresolved_cell(k: Kernel, exc: InfraError) -> JSON:
 
 def _run_one(
     run: MatrixRun, k: Kernel, sources: dict[str, Source], userland: Userland
-) -> JSON | None:
+) -> Cell | None:
     """One cell. What the guest does is its status; kmatrix failing is a :class:`_CellError`.
 
     An archive that could not be used is that cell's error only. None: the cell did not
@@ -119,7 +122,7 @@ def _run_one(
     except KmatrixError as exc:
         run.failed.set()  # a worker picking up the next cell must not start it
         cell = new_cell(k.name, k.backend)
-        cell.update(status="error", reason=str(exc))
+        cell |= {"status": "error", "reason": str(exc)}
         raise _CellError(cell, exc) from None
 
 

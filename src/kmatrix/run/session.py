@@ -19,7 +19,8 @@ from kmatrix.guest.userland import Userland, probe_sha256
 from kmatrix.report.dirs import disk_errors, usable_cache
 from kmatrix.report.markdown import write_report
 from kmatrix.results.cache import CellCache
-from kmatrix.results.schema import JSON, SCHEMA_VERSION, write_results
+from kmatrix.results.contract import Cell, HostInfo, Results
+from kmatrix.results.schema import SCHEMA_VERSION, write_results
 from kmatrix.run.progress import Progress
 
 
@@ -41,7 +42,7 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _host_info() -> JSON:
+def _host_info() -> HostInfo:
     return {
         "kernel": platform.release(),
         "machine": platform.machine(),
@@ -61,14 +62,14 @@ class MatrixRun:
         self.cache = usable_cache(default_cache_dir())
         self.cell_cache = CellCache(self.cache / "cells")
         self.work_root = self.cache / "work" / opts.name
-        self.carried: list[JSON] = []
+        self.carried: list[Cell] = []
         self.failed = threading.Event()  # set by the first cell kmatrix itself failed in
         self._lock = threading.Lock()
         self._accel: str | None = None
         # Per Debian architecture (amd64 always; arm64 when a kernel asks for it).
         self.archives: dict[str, Archive] = {}
         self.userlands: dict[str, Userland] = {}
-        self.results: JSON = {
+        self.results: Results = {
             "schema_version": SCHEMA_VERSION,
             "run": {
                 "name": opts.name,
@@ -95,13 +96,13 @@ class MatrixRun:
             self.results["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
             done = {c["id"] for c in self.results["cells"]}
             old = [] if final else [c for c in self.carried if c["id"] not in done]
-            doc = self.results | {"cells": [*self.results["cells"], *old]}
+            doc: Results = self.results | {"cells": [*self.results["cells"], *old]}
             doc["cells"].sort(key=lambda c: order.get(c["id"], len(order)))
             with disk_errors(self.out_dir):
                 write_results(self.out_dir / "results.json", doc)
                 write_report(doc, self.out_dir, charts=final)
 
-    def add(self, cell: JSON) -> None:
+    def add(self, cell: Cell) -> None:
         """Record a finished cell and save at once."""
         with self._lock:
             self.results["cells"].append(cell)
