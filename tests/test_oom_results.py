@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,26 @@ def test_report_section_shows_distributions_and_panics() -> None:
     assert "not available" in text
     assert "yes (expected)" in text
     assert distribution(["hog", "holder", "hog"]) == "hog 2/3, holder 1/3"
+
+
+def test_report_section_renders_like_the_rest_of_the_report() -> None:
+    """The shared view helpers: ties by name, MiB and seconds with one decimal, cell labels."""
+    assert distribution(["holder", "hog"]) == "hog 1/2, holder 1/2"  # a tie: by name
+    assert distribution([]) == "—"
+    qemu = {
+        "id": "5.10",
+        "oom": assemble(UNITS, [BOOT1, BOOT2]),
+        "oom_memory_bytes": 192 * 1024 * 1024,
+        "oom_boots": [{"finished": 3, "duration_s": 44}],
+    }
+    docker = {
+        "id": "host",
+        "backend": "docker",
+        "oom": [{"name": "oom-memcg-v1", "status": "refused"}],
+    }
+    text = oom_section([qemu, docker])
+    assert "| 5.10   |       192.0 |       1 |                  3 |          44.0 |" in text
+    assert re.search(r"^\| experiment +\| 5\.10 +\| host \(container\) +\|$", text, re.M)
 
 
 # ---- the booleans can come out either way ----------------------------------------------
