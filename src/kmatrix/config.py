@@ -26,6 +26,7 @@ from kmatrix import catalog
 from kmatrix.catalog import unknown_names
 from kmatrix.errors import UserError
 from kmatrix.gate.expectations import ExpectationSyntaxError, parse_expectation
+from kmatrix.units import GIB, MIB
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
@@ -34,8 +35,6 @@ GUEST_OVERHEAD = 96 * 1024 * 1024
 MIN_GUEST_MEMORY = 192 * 1024 * 1024
 MIN_OOM_MEMORY = 192 * 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-
-MIB = 1024 * 1024
 
 
 def parse_size(value: Any) -> int:
@@ -55,7 +54,6 @@ def parse_size(value: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
-GIB = 1024**3
 #: The largest guest or container memory, disk or limit kmatrix accepts.
 MAX_SIZE = 64 * GIB
 

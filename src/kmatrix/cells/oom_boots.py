@@ -36,7 +36,6 @@ from kmatrix.guest.userland import Userland, cell_archive, write_initrd
 from kmatrix.results.oom import EXPERIMENTS, BootOutput, Unit, assemble
 from kmatrix.results.schema import JSON, parse_probe_output
 
-MIB = 1024 * 1024
 #: /dev/shm size= in the OOM boots, as a fraction of guest memory: large enough for the
 #: tmpfile-shm and shm-named holders (40 % of MemTotal), so ENOSPC never ends them early.
 SHM_FRACTION = 0.9

@@ -22,7 +22,6 @@ from kmatrix.results.repeats import repeat_count
 from kmatrix.results.schema import JSON, atomic_write_text, load_results
 from kmatrix.results.view import (
     METRICS,
-    MIB,
     cell_label,
     fmt_metric,
     get_path,
@@ -31,6 +30,7 @@ from kmatrix.results.view import (
     scenario,
     scenario_names,
 )
+from kmatrix.units import MIB
 
 # Re-exported: older callers import these helpers from kmatrix.report.markdown.
 __all__ = ["cell_label", "fmt_metric", "mib", "render_report", "write_report"]

@@ -27,7 +27,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-KIB = 1024
+from kmatrix.units import KIB
 
 _TS = re.compile(r"^\[\s*(\d+\.\d+)\]\s?")
 #: The Killed lines of one memory.oom.group kill are printed in one go (3 ms for 3 tasks
