@@ -21,6 +21,7 @@ import pytest
 
 from kmatrix.errors import UserError
 from kmatrix.report.charts import planned_charts, write_charts
+from kmatrix.report.dirs import check_report_name
 from kmatrix.report.findings import DISAGREE_MARK, Answer, answer_all
 from kmatrix.report.findings_chart import answer_fill, short_answer
 from kmatrix.report.markdown import render_report, report_from_file, write_report
@@ -236,6 +237,14 @@ def test_report_from_file_copies_results(tmp_path: Path) -> None:
     report_from_file(tmp_path / "named" / "results.json")
     with pytest.raises(UserError, match=re.escape("report name '../x'")):
         report_from_file(FIXTURES / "dev-6.1.json", "../x", reports_dir=tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["a" * 101, "..", "a..b", "a/b", "/abs", "-x", ".x", ""])
+def test_report_names_are_plain_and_at_most_100_characters(bad: str) -> None:
+    assert check_report_name("a" * 100) == "a" * 100
+    assert check_report_name("v1.2_rc+3-x") == "v1.2_rc+3-x"
+    with pytest.raises(UserError, match="use a plain name"):
+        check_report_name(bad)
 
 
 def test_full_run_marks_noexec_seal_as_the_disagreement() -> None:

@@ -34,7 +34,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
 GUEST_OVERHEAD = 96 * 1024 * 1024
 MIN_GUEST_MEMORY = 192 * 1024 * 1024
 MIN_OOM_MEMORY = 192 * 1024 * 1024
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+#: A kernel, report or merged run name: it becomes a directory (reports/NAME, work dirs).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def parse_size(value: Any) -> int:
@@ -245,7 +246,7 @@ class KernelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_source(self) -> KernelConfig:
-        if not _NAME_RE.match(self.name):
+        if not NAME_RE.match(self.name):
             raise ValueError(
                 f"name {self.name!r} must start with a letter or digit and use only "
                 "letters, digits and . _ + -"
