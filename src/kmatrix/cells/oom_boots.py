@@ -26,6 +26,7 @@ from kmatrix.backends.qemu import (
     make_swap_image,
     run_qemu,
 )
+from kmatrix.backends.qemu import read_log as _read
 from kmatrix.catalog import ENDS_BOOT, NEEDS_SWAP
 from kmatrix.cells.console import analyze_console
 from kmatrix.config import Matrix
@@ -261,7 +262,3 @@ def _run_lane(
             break  # no unit even started: another boot would fail the same way
         remaining = [u for u in remaining if u not in covered]
     return boots
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
