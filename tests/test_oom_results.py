@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kmatrix.report.oom import distribution, oom_section
+from kmatrix import catalog
+from kmatrix.report.oom import SETUPS, distribution, oom_section
 from kmatrix.results.oom import (
     EXPERIMENTS,
     BootOutput,
@@ -153,6 +154,15 @@ def test_report_section_renders_like_the_rest_of_the_report() -> None:
     text = oom_section([qemu, docker])
     assert "| 5.10   |       192.0 |       1 |                  3 |          44.0 |" in text
     assert re.search(r"^\| experiment +\| 5\.10 +\| host \(container\) +\|$", text, re.M)
+
+
+def test_every_experiment_has_its_setup_line_in_catalog_order() -> None:
+    """SETUPS follows the one catalog, and docs/architecture.md's table says the same."""
+    assert tuple(SETUPS) == catalog.EXPERIMENTS
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    section = doc.split("\n## OOM experiments\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (.*) \|$", section, re.M)
+    assert rows == list(SETUPS.items())
 
 
 # ---- the booleans can come out either way ----------------------------------------------

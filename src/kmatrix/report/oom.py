@@ -21,9 +21,6 @@ SETUPS = {
     "oom-global-tmpfile-shm": "holder keeps an unlinked O_TMPFILE on /dev/shm",
     "oom-global-shm-named": "holder writes a named /dev/shm file (killing it frees nothing)",
     "oom-global-fd-passed": "memfd passed over SCM_RIGHTS to the holder; its creator exits",
-    "oom-memcg-v2": "holder, bystander and hog in a v2 memory cgroup with memory.max",
-    "oom-memcg-v2-group": "as oom-memcg-v2 with memory.oom.group=1",
-    "oom-memcg-v1": "as oom-memcg-v2 in a v1 memory cgroup (memory.limit_in_bytes)",
     "oom-global-memfd-swapped": "as oom-global-memfd-unmapped with swap on: the holder "
     "pushes its memfd out to swap first",
     "oom-global-memfd-growth": "a writer grows an unmapped memfd towards 2x RAM among three "
@@ -32,6 +29,8 @@ SETUPS = {
     "oom_score_adj -1000",
     "oom-global-memfd-growth-kill-allocating": "as oom-global-memfd-growth with "
     "vm.oom_kill_allocating_task=1",
+    "oom-memcg-v2": "holder, bystander and hog in a v2 memory cgroup with memory.max",
+    "oom-memcg-v2-group": "as oom-memcg-v2 with memory.oom.group=1",
     "oom-memcg-v2-memfd-growth": "as oom-global-memfd-growth inside a v2 memory cgroup "
     "(bystanders are fractions of memory.max)",
     "oom-memcg-v2-memfd-growth-protected": "as oom-memcg-v2-memfd-growth, the writer at "
@@ -39,6 +38,7 @@ SETUPS = {
     "oom-memcg-cross-charge": "a memfd written in cgroup A (half its limit) is passed to a "
     "receiver in cgroup B, which appends, maps and touches it; the creator exits; a hog in A "
     "then runs A out of memory",
+    "oom-memcg-v1": "as oom-memcg-v2 in a v1 memory cgroup (memory.limit_in_bytes)",
     "oom-no-killable": "every process is oom_score_adj -1000: nothing can be killed",
 }
 
