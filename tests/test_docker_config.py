@@ -110,6 +110,9 @@ def test_content_hash_changes_with_every_input() -> None:
     assert base != content_hash("u1", {"probe.py": b"b"}, b"FROM scratch")
     assert base != content_hash("u1", {"probe.py": b"a", "x.py": b""}, b"FROM scratch")
     assert base != content_hash("u1", {"probe.py": b"a"}, b"FROM scratch\n")
+    # Pinned: the same inputs keep their tag, so images already built are reused.
+    probe = {"probe.py": b"a", "b/x.py": b"zz"}
+    assert content_hash("u1", probe, b"FROM scratch") == "687bd56050e2e03c"
     assert image_tag(base) == f"kmatrix-probe:{base}"
 
 

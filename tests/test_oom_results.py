@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from kmatrix.report.oom import distribution, oom_section
+from kmatrix import catalog
+from kmatrix.report.oom import SETUPS, distribution, oom_section
 from kmatrix.results.oom import (
     EXPERIMENTS,
     BootOutput,
@@ -132,6 +134,35 @@ def test_report_section_shows_distributions_and_panics() -> None:
     assert "not available" in text
     assert "yes (expected)" in text
     assert distribution(["hog", "holder", "hog"]) == "hog 2/3, holder 1/3"
+
+
+def test_report_section_renders_like_the_rest_of_the_report() -> None:
+    """The shared view helpers: ties by name, MiB and seconds with one decimal, cell labels."""
+    assert distribution(["holder", "hog"]) == "hog 1/2, holder 1/2"  # a tie: by name
+    assert distribution([]) == "—"
+    qemu = {
+        "id": "5.10",
+        "oom": assemble(UNITS, [BOOT1, BOOT2]),
+        "oom_memory_bytes": 192 * 1024 * 1024,
+        "oom_boots": [{"finished": 3, "duration_s": 44}],
+    }
+    docker = {
+        "id": "host",
+        "backend": "docker",
+        "oom": [{"name": "oom-memcg-v1", "status": "refused"}],
+    }
+    text = oom_section([qemu, docker])
+    assert "| 5.10   |       192.0 |       1 |                  3 |          44.0 |" in text
+    assert re.search(r"^\| experiment +\| 5\.10 +\| host \(container\) +\|$", text, re.M)
+
+
+def test_every_experiment_has_its_setup_line_in_catalog_order() -> None:
+    """SETUPS follows the one catalog, and docs/architecture.md's table says the same."""
+    assert tuple(SETUPS) == catalog.EXPERIMENTS
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    section = doc.split("\n## OOM experiments\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (.*) \|$", section, re.M)
+    assert rows == list(SETUPS.items())
 
 
 # ---- the booleans can come out either way ----------------------------------------------

@@ -1,7 +1,10 @@
 """Rendering report.md from recorded real results: golden files, Findings, charts, provenance.
 
-Golden files live in tests/golden/; after an intended change to the report, regenerate them
-with ``KMATRIX_UPDATE_GOLDEN=1 pytest tests/test_report.py`` and review the diff.
+Golden files live in tests/golden/, and the committed reports (reports/latest/, ...) are
+golden files of their own results.json. After an intended change to the report, regenerate
+them with ``KMATRIX_UPDATE_GOLDEN=1 pytest tests/test_report.py``: every golden test then
+rewrites its file and fails, so a variable left set can never hide a change. Review the diff
+and run again without it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import copy
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import pytest
 
 from kmatrix.errors import UserError
 from kmatrix.report.charts import planned_charts, write_charts
+from kmatrix.report.dirs import check_report_name
 from kmatrix.report.findings import DISAGREE_MARK, Answer, answer_all
 from kmatrix.report.findings_chart import answer_fill, short_answer
 from kmatrix.report.markdown import render_report, report_from_file, write_report
@@ -25,6 +30,20 @@ HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures" / "results"
 GOLDEN = HERE / "golden"
 RECORDED = sorted(p.name for p in FIXTURES.glob("*.json"))
+#: Committed report directories whose report.md must be what `invoke report` renders from
+#: their results.json. A real run rewrites them with the same renderer, so the test holds
+#: for whatever results they carry; only a renderer change without re-rendering breaks it.
+REPORTS = HERE.parent / "reports"
+COMMITTED_REPORTS = ("latest",)
+UPDATE_GOLDEN = "KMATRIX_UPDATE_GOLDEN"
+
+
+def check_golden(golden: Path, text: str) -> None:
+    """``text`` must equal ``golden``; under KMATRIX_UPDATE_GOLDEN rewrite it, then fail."""
+    if os.environ.get(UPDATE_GOLDEN):
+        golden.write_text(text)
+        pytest.fail(f"golden file rewritten: review the diff and rerun without {UPDATE_GOLDEN}")
+    assert text == golden.read_text(), f"report changed; see module docstring to update {golden}"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -53,11 +72,31 @@ def with_oom(results: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", RECORDED)
 def test_report_matches_golden(name: str) -> None:
-    text = render_report(load(name))
-    golden = GOLDEN / name.replace(".json", ".md")
-    if os.environ.get("KMATRIX_UPDATE_GOLDEN"):
-        golden.write_text(text)
-    assert text == golden.read_text(), f"report changed; see module docstring to update {golden}"
+    check_golden(GOLDEN / name.replace(".json", ".md"), render_report(load(name)))
+
+
+@pytest.mark.parametrize("name", COMMITTED_REPORTS)
+def test_committed_report_is_what_invoke_report_renders(name: str, tmp_path: Path) -> None:
+    """`invoke report --results reports/NAME/results.json` (report_from_file) reproduces the
+    committed report.md exactly, OOM section included, and the same set of charts.
+
+    The chart files are compared by name only: their bytes depend on matplotlib and the
+    fonts it finds (test_charts_are_deterministic_and_stale_ones_removed checks they do not
+    change between two renders on one machine).
+    """
+    committed = REPORTS / name
+    if os.environ.get(UPDATE_GOLDEN):
+        report_from_file(committed / "results.json")  # rewrites report.md and its charts
+        pytest.fail(f"golden file rewritten: review the diff and rerun without {UPDATE_GOLDEN}")
+    shutil.copyfile(committed / "results.json", tmp_path / "results.json")
+    rendered = report_from_file(tmp_path / "results.json")
+    assert rendered.read_text() == (committed / "report.md").read_text(), (
+        f"{committed}/report.md is not what the renderer makes of its results.json; "
+        f"regenerate it with `invoke report --results {committed}/results.json` (or "
+        f"{UPDATE_GOLDEN}=1, see the module docstring) and review the diff"
+    )
+    charts = sorted(p.name for p in tmp_path.glob("chart-*.svg"))
+    assert charts == sorted(p.name for p in committed.glob("chart-*.svg"))
 
 
 def test_sections_in_order_findings_first() -> None:
@@ -198,6 +237,14 @@ def test_report_from_file_copies_results(tmp_path: Path) -> None:
     report_from_file(tmp_path / "named" / "results.json")
     with pytest.raises(UserError, match=re.escape("report name '../x'")):
         report_from_file(FIXTURES / "dev-6.1.json", "../x", reports_dir=tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["a" * 101, "..", "a..b", "a/b", "/abs", "-x", ".x", ""])
+def test_report_names_are_plain_and_at_most_100_characters(bad: str) -> None:
+    assert check_report_name("a" * 100) == "a" * 100
+    assert check_report_name("v1.2_rc+3-x") == "v1.2_rc+3-x"
+    with pytest.raises(UserError, match="use a plain name"):
+        check_report_name(bad)
 
 
 def test_full_run_marks_noexec_seal_as_the_disagreement() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,10 @@ def test_content_hash_changes_with_each_input() -> None:
     assert h != runner_image.content_hash(args[0], b"FROM y", *args[2:])
     assert h != runner_image.content_hash(*args[:2], {"src/a.py": b"2"}, args[3])
     assert h != runner_image.content_hash(*args[:3], {"w.whl": "01"})
+    # Pinned: the same inputs keep their tag, so images already built are reused.
+    project = {"src/a.py": b"1", "tasks.py": b"t"}
+    wheels = {"w.whl": "00", "a.whl": "ff"}
+    assert runner_image.content_hash("sha256:aa", b"FROM x", project, wheels) == "37dfee499505de58"
 
 
 def test_build_args_carry_mirror_and_proxies() -> None:
@@ -194,3 +199,22 @@ def test_matrix_runtime_docker_plans_qemu_cells_into_the_runner(tmp_path: Path) 
         ("6.1", "runner"), ("big", "runner"), ("mine", "host"), ("host", "host")
     ]  # fmt: skip
     assert [c.output for c in plan] == [tmp_path / f"{k.name}.json" for k in kernels]
+
+
+def test_build_context_holds_dockerfile_wheels_and_project(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "b.whl").write_bytes(b"bb")
+    (wheels / "a.whl").write_bytes(b"aa")
+    (wheels / ".complete").touch()  # bookkeeping: neither in the context nor in the hash
+    project = {"tasks.py": b"t", "images/guest/init": b"#!/bin/sh\n"}
+    runner_image.write_context(tmp_path / "ctx.tar", b"FROM x", wheels, project)
+    with tarfile.open(tmp_path / "ctx.tar") as tf:
+        members = [(m.name, m.mode) for m in tf]
+    assert [name for name, _ in members] == [
+        "Dockerfile", "wheels/a.whl", "wheels/b.whl", "project/images/guest/init",
+        "project/tasks.py",
+    ]  # fmt: skip
+    assert dict(members)["project/images/guest/init"] == 0o755
+    assert dict(members)["project/tasks.py"] == 0o644
+    assert set(runner_image.wheel_set(wheels)) == {"a.whl", "b.whl"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from kmatrix.errors import CacheCorrupted as CacheCorrupted
@@ -86,3 +87,28 @@ def file_digest(path: Path) -> str | None:
         return recorded if sha256_of(path) == recorded else None
     except OSError:
         return None
+
+
+def image_content_hash(
+    origin: tuple[str, str],
+    dockerfile: bytes,
+    files: tuple[str, Mapping[str, bytes]],
+    digests: tuple[str, Mapping[str, str]] | None = None,
+) -> str:
+    """16 hex digits over every input of a Docker image (pure), for its content-hash tag.
+
+    ``origin`` is (kind, value) of what the image starts from (the userland key, a base
+    image id); ``files`` (kind, name -> content) what is copied in; ``digests`` (kind, name
+    -> hex SHA256) inputs known by their digest. The tag changes exactly when one does.
+    """
+    kind, value = origin
+    h = hashlib.sha256()
+    h.update(kind.encode() + b"\0" + value.encode() + b"\0")
+    h.update(b"dockerfile\0" + hashlib.sha256(dockerfile).digest())
+    kind, named = files
+    for name, data in sorted(named.items()):
+        h.update(kind.encode() + b"\0" + name.encode() + b"\0" + hashlib.sha256(data).digest())
+    kind, known = digests or ("", {})
+    for name, digest in sorted(known.items()):
+        h.update(kind.encode() + b"\0" + name.encode() + b"\0" + digest.encode())
+    return h.hexdigest()[:16]

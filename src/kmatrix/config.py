@@ -28,7 +28,6 @@ from kmatrix.matrixfile.kernels import QemuKernel as QemuKernel
 from kmatrix.matrixfile.matrix import Matrix as Matrix
 from kmatrix.matrixfile.sections import GUEST_OVERHEAD as GUEST_OVERHEAD
 from kmatrix.matrixfile.sections import MAX_SIZE as MAX_SIZE
-from kmatrix.matrixfile.sections import MIB as MIB
 from kmatrix.matrixfile.sections import MIN_GUEST_MEMORY as MIN_GUEST_MEMORY
 from kmatrix.matrixfile.sections import MIN_OOM_MEMORY as MIN_OOM_MEMORY
 from kmatrix.matrixfile.sections import NAME_RE as NAME_RE
@@ -38,6 +37,7 @@ from kmatrix.matrixfile.sections import OomConfig as OomConfig
 from kmatrix.matrixfile.sections import ProbeConfig as ProbeConfig
 from kmatrix.matrixfile.sections import Size as Size
 from kmatrix.matrixfile.sections import parse_size as parse_size
+from kmatrix.units import MIB as MIB
 
 
 def check_local_paths(kernels: Sequence[Kernel], source: str) -> None:

@@ -21,6 +21,7 @@ from kmatrix.gate.check import check_file, gate_run
 from kmatrix.guest.probe_image import build_images
 from kmatrix.report.diff import diff_files
 from kmatrix.report.markdown import report_from_file
+from kmatrix.results.contract import Results
 from kmatrix.run.bench import run_bench
 from kmatrix.run.ci import cell_report_dir, ci_matrix, run_cell
 from kmatrix.run.in_docker import check_runtime, run_cell_in_docker
@@ -43,6 +44,14 @@ def kmatrix_errors() -> Iterator[None]:
         raise Exit(f"kmatrix: {exc}", code=exc.exit_code) from None
     except OSError as exc:
         raise Exit(f"kmatrix: {exc.filename or 'a file'}: {exc.strerror or exc}", code=2) from None
+
+
+def _finish(results: Results, note: str = "") -> None:
+    """Print the run's one-line summary (and ``note``); exit 1 unless every cell is ok."""
+    code, summary = summarize(results)
+    print(summary + note)
+    if code:
+        raise Exit(code=code)
 
 
 @task(
@@ -76,10 +85,7 @@ def matrix(
             results, log = run_matrix(opts, progress), progress.log
         # matrix.yaml's expectations gate a release: ExpectationFailed (exit 1) names each one.
         log(gate_run(results, path, selected))
-    code, summary = summarize(results)
-    print(summary)
-    if code:
-        raise Exit(code=code)
+    _finish(results)
 
 
 @task(
@@ -203,10 +209,7 @@ def cell(
         results = run_cell(
             Path(matrix_file).resolve(), kernel, Path(output), force=force, accel=accel
         )
-    code, summary = summarize(results)
-    print(f"{summary}; wrote {output} (report: {cell_report_dir(kernel)})")
-    if code:
-        raise Exit(code=code)
+    _finish(results, f"; wrote {output} (report: {cell_report_dir(kernel)})")
 
 
 @task(

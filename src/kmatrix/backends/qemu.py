@@ -314,8 +314,12 @@ def kvm_smoke_test(vmlinuz: Path, workdir: Path, timeout: float = 20.0) -> bool:
         accel="kvm",
     )
     run_qemu(build_argv(spec), timeout)
-    text = console.read_text(errors="replace") if console.exists() else ""
-    return "Linux version" in text
+    return "Linux version" in read_log(console)
+
+
+def read_log(path: Path) -> str:
+    """What a guest wrote to a console or results log; empty when it wrote nothing."""
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def make_swap_image(path: Path, size_bytes: int) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from kmatrix.results.oomlog import panic_message
+
 # init prints these so a console log alone tells how far a cell got.
 INIT_MARK = "kmatrix-init:"
 
-_PANIC_RE = re.compile(r"Kernel panic - not syncing: ?(.*)")
 _VERSION_RE = re.compile(r"Linux version (\S+)")
 
 
@@ -34,8 +35,8 @@ def analyze_console(text: str, tail_lines: int = 40) -> ConsoleSummary:
     for line in lines:
         if summary.release is None and (m := _VERSION_RE.search(line)):
             summary.release = m.group(1)
-        if summary.panic is None and (m := _PANIC_RE.search(line)):
-            summary.panic = m.group(1).strip() or "kernel panic"
+        if summary.panic is None and (panic := panic_message(line)):
+            summary.panic = panic
         idx = line.find(INIT_MARK)
         if idx >= 0:
             summary.init_marks.append(line[idx + len(INIT_MARK) :].strip())

@@ -28,8 +28,7 @@ from kmatrix.results.contract_oom import OomExperiment
 from kmatrix.results.oom import entries_from_probe
 from kmatrix.results.repeats import aggregate_scenarios
 from kmatrix.results.schema import ProbeOutput, new_cell, parse_probe_output
-
-MIB = 1024 * 1024
+from kmatrix.units import MIB
 
 #: Docker's own default --shm-size; used when the cell sets none, but always passed explicitly.
 DEFAULT_SHM_SIZE = 64 * MIB

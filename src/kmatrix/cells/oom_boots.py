@@ -26,6 +26,7 @@ from kmatrix.backends.qemu import (
     make_swap_image,
     run_qemu,
 )
+from kmatrix.backends.qemu import read_log as _read
 from kmatrix.catalog import ENDS_BOOT, NEEDS_SWAP
 from kmatrix.cells.console import analyze_console
 from kmatrix.cells.plan import OomPlan, QemuPlan
@@ -37,7 +38,6 @@ from kmatrix.results.contract_oom import OomBoot, OomExperiment
 from kmatrix.results.oom import BootEnd, BootOutput, Unit, assemble
 from kmatrix.results.schema import parse_probe_output
 
-MIB = 1024 * 1024
 #: /dev/shm size= in the OOM boots, as a fraction of guest memory: large enough for the
 #: tmpfile-shm and shm-named holders (40 % of MemTotal), so ENOSPC never ends them early.
 SHM_FRACTION = 0.9
@@ -247,7 +247,3 @@ def _run_lane(
             break  # no unit even started: another boot would fail the same way
         remaining = [u for u in remaining if u not in covered]
     return boots
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""

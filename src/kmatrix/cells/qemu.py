@@ -17,6 +17,7 @@ from kmatrix.backends.qemu import (
     make_disk,
     run_qemu,
 )
+from kmatrix.backends.qemu import read_log as _read
 from kmatrix.cells.console import ConsoleSummary, analyze_console
 from kmatrix.cells.oom_boots import (
     EARLY_CRASH_RETRIES,
@@ -249,7 +250,3 @@ def kernel_info(kernel: PreparedKernel) -> KernelInfo:
     provenance = cast(KernelInfo, {k: kernel.provenance.get(k) for k in PROVENANCE_KEYS
                                    if k in always or k in kernel.provenance})  # fmt: skip
     return info | provenance | {"arch": kernel.arch}
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""

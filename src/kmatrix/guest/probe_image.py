@@ -7,12 +7,11 @@ reused without talking to any registry.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import docker.errors
 import requests.exceptions
 
+from kmatrix.artifacts import image_content_hash
 from kmatrix.backends.docker import LABEL, connect
 from kmatrix.config import load_matrix
 from kmatrix.debian.archive import Archive, default_cache_dir, resolve_mirror
@@ -50,12 +50,7 @@ class ProbeImage:
 
 def content_hash(userland_key: str, probe: dict[str, bytes], dockerfile: bytes) -> str:
     """Hash of every input of the image (pure): the tag changes exactly when they do."""
-    h = hashlib.sha256()
-    h.update(b"userland\0" + userland_key.encode() + b"\0")
-    h.update(b"dockerfile\0" + hashlib.sha256(dockerfile).digest())
-    for name, data in sorted(probe.items()):
-        h.update(b"probe\0" + name.encode() + b"\0" + hashlib.sha256(data).digest())
-    return h.hexdigest()[:16]
+    return image_content_hash(("userland", userland_key), dockerfile, ("probe", probe))
 
 
 def image_tag(digest: str) -> str:
@@ -63,21 +58,39 @@ def image_tag(digest: str) -> str:
     return f"{IMAGE_REPO}:{digest}"
 
 
-def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), 0o644
+    info.size, info.mode = len(data), mode
     tf.addfile(info, io.BytesIO(data))
+
+
+def write_build_context(
+    dest: Path,
+    dockerfile: bytes,
+    paths: Mapping[str, Path],
+    files: Mapping[str, bytes],
+    executables: Collection[str] = (),
+) -> None:
+    """A custom build context as a tar (this image's and the runner image's).
+
+    The Dockerfile first, then ``paths`` (name in the context -> file on disk) in their
+    order, then ``files`` (name -> content) sorted by name, mode 0644 or 0755 for the names
+    in ``executables``.
+    """
+    with tarfile.open(dest, "w") as tf:
+        _add_bytes(tf, "Dockerfile", dockerfile, 0o644)
+        for name, path in paths.items():
+            tf.add(path, arcname=name)
+        for name, data in sorted(files.items()):
+            _add_bytes(tf, name, data, 0o755 if name in executables else 0o644)
 
 
 def write_context(
     dest: Path, userland_tar: Path, probe: dict[str, bytes], dockerfile: bytes
 ) -> None:
     """The build context as a tar: Dockerfile, userland.tar and probe/."""
-    with tarfile.open(dest, "w") as tf:
-        _add_bytes(tf, "Dockerfile", dockerfile)
-        tf.add(userland_tar, arcname="userland.tar")
-        for name, data in sorted(probe.items()):
-            _add_bytes(tf, f"probe/{name}", data)
+    probe_files = {f"probe/{name}": data for name, data in probe.items()}
+    write_build_context(dest, dockerfile, {"userland.tar": userland_tar}, probe_files)
 
 
 def _image_exists(client: Any, tag: str) -> bool:

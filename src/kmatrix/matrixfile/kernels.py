@@ -23,7 +23,6 @@ from pydantic import Discriminator, Tag, model_validator
 from kmatrix.errors import UserError
 from kmatrix.matrixfile.sections import (
     MAX_SIZE,
-    MIB,
     NAME_RE,
     ArchiveConfig,
     Size,
@@ -31,6 +30,7 @@ from kmatrix.matrixfile.sections import (
     SuiteList,
     within,
 )
+from kmatrix.units import MIB
 
 if TYPE_CHECKING:
     from kmatrix.matrixfile.matrix import Matrix

@@ -12,7 +12,6 @@ from kmatrix.gate.expectations import ExpectationSyntaxError, parse_expectation
 from kmatrix.matrixfile.kernels import DebianKernel, Kernel
 from kmatrix.matrixfile.sections import (
     GUEST_OVERHEAD,
-    MIB,
     MIN_GUEST_MEMORY,
     ArchiveConfig,
     GuestConfig,
@@ -20,6 +19,7 @@ from kmatrix.matrixfile.sections import (
     ProbeConfig,
     Strict,
 )
+from kmatrix.units import MIB
 
 
 def _check_expectation(text: str) -> str:

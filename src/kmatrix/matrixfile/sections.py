@@ -14,17 +14,16 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from kmatrix import catalog
 from kmatrix.catalog import unknown_names
+from kmatrix.units import GIB, MIB
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
 # Guest RAM the kernel and the in-RAM userland take before the probe allocates anything.
-GUEST_OVERHEAD = 96 * 1024 * 1024
-MIN_GUEST_MEMORY = 192 * 1024 * 1024
-MIN_OOM_MEMORY = 192 * 1024 * 1024
+GUEST_OVERHEAD = 96 * MIB
+MIN_GUEST_MEMORY = 192 * MIB
+MIN_OOM_MEMORY = 192 * MIB
 #: A kernel, report or merged run name: it becomes a directory (reports/NAME, work dirs).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-
-MIB = 1024 * 1024
 
 
 def parse_size(value: Any) -> int:
@@ -44,7 +43,6 @@ def parse_size(value: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
-GIB = 1024**3
 #: The largest guest or container memory, disk or limit kmatrix accepts.
 MAX_SIZE = 64 * GIB
 

@@ -3,5 +3,5 @@
 ``markdown`` writes report.md, ``oom`` its OOM section, ``findings`` / ``findings_memfd``
 the Findings table and ``findings_chart`` / ``charts`` the SVGs; ``diff`` compares two
 results files; ``dirs`` manages reports/NAME/ (the run lock, results kept from earlier
-runs). Reads results/ only; called by run/ and tasks.
+runs). Reads results/ only (and the name pattern of config); called by run/ and tasks.
 """

@@ -27,7 +27,6 @@ from kmatrix.report.findings_chart import FILENAME as FINDINGS_FILE
 from kmatrix.report.findings_chart import findings_figure
 from kmatrix.results.schema import JSON, AnyResults, atomic_write_bytes
 from kmatrix.results.view import (
-    MIB,
     cell_label,
     metric,
     oom_experiment,
@@ -36,6 +35,7 @@ from kmatrix.results.view import (
     scenario_names,
     victim_distribution,
 )
+from kmatrix.units import MIB
 
 # Metrics drawn per accounting scenario: all in bytes (oom_score, in points, stays in the
 # tables), chosen to show where the pages went: process RSS, system Shmem, cgroup, fs.

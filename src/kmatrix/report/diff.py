@@ -33,8 +33,8 @@ from kmatrix.results.view import (
     scenario_names,
     victim_distribution,
 )
+from kmatrix.units import MIB
 
-MIB = 1024 * 1024
 _PART_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>%|b|kib|mib|gib|pt|points)\s*$", re.I)
 _UNITS = {"b": 1, "kib": 1024, "mib": MIB, "gib": 1024 * MIB}
 

@@ -13,21 +13,22 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from kmatrix.config import NAME_RE
 from kmatrix.errors import InfraError, RunLocked, UserError
 from kmatrix.results.contract import Cell
 from kmatrix.results.schema import load_results
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+#: The longest name a report directory may have (characters).
+MAX_NAME = 100
 LOCK_FILE = ".kmatrix.lock"
 
 
 def check_report_name(name: str, option: str = "--name") -> str:
     """``name`` if it is a plain directory name; else UserError naming the fix."""
-    if not _NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.match(name) or len(name) > MAX_NAME or ".." in name:
         raise UserError(
             f"{option} {name!r}: use a plain name of letters, digits and . _ + - (at most 100, "
             "no '/' or '..'); it becomes a directory under reports/"

@@ -7,12 +7,12 @@ charts and finally where every kernel came from.
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kmatrix.config import NAME_RE
 from kmatrix.errors import UserError
 from kmatrix.report.charts import planned_charts, write_charts
 from kmatrix.report.findings import DISAGREE_MARK, answer_all, findings_table
@@ -22,7 +22,6 @@ from kmatrix.results.repeats import repeat_count
 from kmatrix.results.schema import JSON, AnyResults, atomic_write_text, load_results
 from kmatrix.results.view import (
     METRICS,
-    MIB,
     cell_label,
     fmt_metric,
     get_path,
@@ -31,13 +30,13 @@ from kmatrix.results.view import (
     scenario,
     scenario_names,
 )
+from kmatrix.units import MIB
 
 # Re-exported: older callers import these helpers from kmatrix.report.markdown.
 __all__ = ["cell_label", "fmt_metric", "mib", "render_report", "write_report"]
 
 #: reports/ of the directory kmatrix runs in (relative: resolved when used, not at import).
 REPORTS = Path("reports")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 UNITS_NOTE = (
     "Values are before→after deltas measured around each scenario, in MiB "
     "(oom_score in points); — means not measured. Raw bytes are in `results.json`."
@@ -345,7 +344,7 @@ def report_from_file(results_path: Path, name: str = "", reports_dir: Path = REP
     With a name the results file is copied there too, so that the report directory is
     self-contained like one written by ``invoke matrix --name``.
     """
-    if name and not _NAME_RE.match(name):
+    if name and not NAME_RE.match(name):
         raise UserError(
             f"report name {name!r}: use letters, digits and . _ + - only (it becomes a "
             f"directory under {reports_dir})"

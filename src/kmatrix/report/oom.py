@@ -1,21 +1,18 @@
 """The OOM section of report.md: whom the OOM killer killed, per experiment and kernel.
 
-Reads results only (cell["oom"], see kmatrix.results.oom); never runs anything.
+Reads results only (cell["oom"], see kmatrix.results.oom); never runs anything. Labels,
+tables, MiB and distributions come from kmatrix.results.view, as in the rest of the report.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
-
-from tabulate import tabulate
 
 from kmatrix.report.findings import DISAGREE_MARK
 from kmatrix.results.oom import experiment_names
-
-JSON = dict[str, Any]
-MIB = 1024 * 1024
+from kmatrix.results.schema import JSON
+from kmatrix.results.view import cell_label, fmt_distribution, md_table, mib, oom_experiment
 
 #: One line per experiment: what its holder does (docs/architecture.md, "OOM experiments").
 SETUPS = {
@@ -24,9 +21,6 @@ SETUPS = {
     "oom-global-tmpfile-shm": "holder keeps an unlinked O_TMPFILE on /dev/shm",
     "oom-global-shm-named": "holder writes a named /dev/shm file (killing it frees nothing)",
     "oom-global-fd-passed": "memfd passed over SCM_RIGHTS to the holder; its creator exits",
-    "oom-memcg-v2": "holder, bystander and hog in a v2 memory cgroup with memory.max",
-    "oom-memcg-v2-group": "as oom-memcg-v2 with memory.oom.group=1",
-    "oom-memcg-v1": "as oom-memcg-v2 in a v1 memory cgroup (memory.limit_in_bytes)",
     "oom-global-memfd-swapped": "as oom-global-memfd-unmapped with swap on: the holder "
     "pushes its memfd out to swap first",
     "oom-global-memfd-growth": "a writer grows an unmapped memfd towards 2x RAM among three "
@@ -35,6 +29,8 @@ SETUPS = {
     "oom_score_adj -1000",
     "oom-global-memfd-growth-kill-allocating": "as oom-global-memfd-growth with "
     "vm.oom_kill_allocating_task=1",
+    "oom-memcg-v2": "holder, bystander and hog in a v2 memory cgroup with memory.max",
+    "oom-memcg-v2-group": "as oom-memcg-v2 with memory.oom.group=1",
     "oom-memcg-v2-memfd-growth": "as oom-global-memfd-growth inside a v2 memory cgroup "
     "(bystanders are fractions of memory.max)",
     "oom-memcg-v2-memfd-growth-protected": "as oom-memcg-v2-memfd-growth, the writer at "
@@ -42,6 +38,7 @@ SETUPS = {
     "oom-memcg-cross-charge": "a memfd written in cgroup A (half its limit) is passed to a "
     "receiver in cgroup B, which appends, maps and touches it; the creator exits; a hog in A "
     "then runs A out of memory",
+    "oom-memcg-v1": "as oom-memcg-v2 in a v1 memory cgroup (memory.limit_in_bytes)",
     "oom-no-killable": "every process is oom_score_adj -1000: nothing can be killed",
 }
 
@@ -63,20 +60,9 @@ NOTES = (
 )
 
 
-def _label(cell: JSON) -> str:
-    return str(cell["id"])
-
-
-def _entry(cell: JSON, name: str) -> JSON | None:
-    return next((e for e in cell.get("oom", []) if e.get("name") == name), None)
-
-
 def distribution(outcomes: Sequence[str]) -> str:
-    """``["hog", "hog", "holder"]`` -> ``"hog 2/3, holder 1/3"`` (most frequent first)."""
-    if not outcomes:
-        return "—"
-    total = len(outcomes)
-    return ", ".join(f"{what} {n}/{total}" for what, n in Counter(outcomes).most_common())
+    """``["hog", "hog", "holder"]`` -> ``"hog 2/3, holder 1/3"`` (view.fmt_distribution)."""
+    return fmt_distribution(Counter(outcomes))
 
 
 def _not_run(entry: JSON | None) -> str | None:
@@ -146,19 +132,19 @@ ROWS: tuple[tuple[str, Callable[[JSON], str]], ...] = (
 def experiment_table(cells: Sequence[JSON], name: str) -> str:
     """One experiment: a row per fact, a column per cell; rows where kernels differ marked."""
     rows = []
-    blocked = [_not_run(_entry(cell, name)) for cell in cells]
+    blocked = [_not_run(oom_experiment(cell, name)) for cell in cells]
     if all(b is not None for b in blocked):
         return ""  # nothing ran anywhere: the summary table already says why
     for label, fn in ROWS:
         values = [
-            b if b is not None else fn(_entry(cell, name) or {})
+            b if b is not None else fn(oom_experiment(cell, name) or {})
             for cell, b in zip(cells, blocked, strict=True)
         ]
         shown = [v for v in values if v not in ("—", "refused", "not available")]
         mark = f" {DISAGREE_MARK}" if len(set(shown)) > 1 else ""
         if shown:  # a row that no kernel measured says nothing
             rows.append([label + mark, *values])
-    return tabulate(rows, ["", *(_label(c) for c in cells)], tablefmt="github")
+    return md_table(rows, ["", *(cell_label(c) for c in cells)])
 
 
 def summary_table(cells: Sequence[JSON], names: Sequence[str]) -> str:
@@ -167,11 +153,11 @@ def summary_table(cells: Sequence[JSON], names: Sequence[str]) -> str:
     for name in names:
         values = []
         for cell in cells:
-            entry = _entry(cell, name)
+            entry = oom_experiment(cell, name)
             blocked = _not_run(entry)
             values.append(blocked if blocked is not None else _victims(entry or {}))
         rows.append([f"`{name}`", *values])
-    return tabulate(rows, ["experiment", *(_label(c) for c in cells)], tablefmt="github")
+    return md_table(rows, ["experiment", *(cell_label(c) for c in cells)])
 
 
 def timing_table(cells: Sequence[JSON]) -> str:
@@ -183,17 +169,16 @@ def timing_table(cells: Sequence[JSON]) -> str:
             continue
         mem = c.get("oom_memory_bytes")
         rows.append([
-            _label(c),
-            f"{mem / MIB:.0f}" if mem else "—",
-            len(boots),
-            sum(int(b.get("finished") or 0) for b in boots),
+            cell_label(c),
+            mib(mem) if mem else "—",
+            str(len(boots)),
+            str(sum(int(b.get("finished") or 0) for b in boots)),
             f"{sum(float(b.get('duration_s') or 0) for b in boots):.1f}",
         ])  # fmt: skip
     if not rows:
         return ""
-    return tabulate(
-        rows, ["cell", "guest MiB", "boots", "repeats finished", "OOM seconds"], tablefmt="github"
-    )
+    headers = ["cell", "guest MiB", "boots", "repeats finished", "OOM seconds"]
+    return md_table(rows, headers, numeric=True)
 
 
 def container_notes(cells: Sequence[JSON]) -> list[str]:
@@ -206,7 +191,7 @@ def container_notes(cells: Sequence[JSON]) -> list[str]:
         adj = ran[0].get("oom_score_adj") or {}
         names = ", ".join(f"`{e['name']}`" for e in ran)
         notes.append(
-            f"- **{_label(cell)}**: {names} ran in the "
+            f"- **{cell_label(cell)}**: {names} ran in the "
             f"container's own {ran[0].get('cgroup_version') or ''} memory cgroup (limit = its "
             f"`--memory`; sizes are fractions of it), harness included; every role at "
             f"oom_score_adj {adj.get('roles')}, the harness at {adj.get('harness')}. Victims "

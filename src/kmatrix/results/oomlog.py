@@ -27,7 +27,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-KIB = 1024
+from kmatrix.units import KIB
 
 _TS = re.compile(r"^\[\s*(\d+\.\d+)\]\s?")
 #: The Killed lines of one memory.oom.group kill are printed in one go (3 ms for 3 tasks
@@ -55,6 +55,12 @@ _PANIC = re.compile(r"Kernel panic - not syncing: ?(?P<msg>.*)")
 _ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
 NO_KILLABLE = "Out of memory and no killable processes"
 TASKS_STATE = "Tasks state (memory values in pages):"
+
+
+def panic_message(line: str) -> str | None:
+    """What a ``Kernel panic - not syncing`` line says ("kernel panic" if nothing), else None."""
+    m = _PANIC.search(line)
+    return (m.group("msg").strip() or "kernel panic") if m else None
 
 
 @dataclass
@@ -243,8 +249,8 @@ class _Parser:
                 for kill in event.kills:
                     if kill.pid == int(m.group("pid")):
                         kill.reaped = True
-        elif (m := _PANIC.search(line)) and self.log.panic is None:
-            self.log.panic = m.group("msg").strip() or "kernel panic"
+        elif (panic := panic_message(line)) and self.log.panic is None:
+            self.log.panic = panic
             self.log.panic_line = lineno
 
     def _task_line(self, line: str) -> bool:

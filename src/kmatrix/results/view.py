@@ -14,8 +14,7 @@ from typing import Any
 from tabulate import tabulate
 
 from kmatrix.results.schema import JSON
-
-MIB = 1024 * 1024
+from kmatrix.units import MIB
 
 # Row order of the per-scenario tables (metric names: docs/architecture.md, "Metrics").
 METRICS = (

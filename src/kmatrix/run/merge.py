@@ -9,17 +9,14 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from kmatrix.config import load_matrix
+from kmatrix.config import NAME_RE, load_matrix
 from kmatrix.errors import UserError
 from kmatrix.report.markdown import REPORTS, write_report
 from kmatrix.results.contract import Cell, Results, RunHeader
 from kmatrix.results.schema import load_results, write_results
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def _check_same(docs: Sequence[Results], sources: Sequence[str]) -> None:
@@ -106,7 +103,7 @@ def merge_files(
 
     Cells follow the matrix file's order when one is given. Returns the report's path.
     """
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise UserError(
             f"--name {name!r}: use letters, digits and . _ + - only (it becomes a directory "
             f"under {reports_dir})"

@@ -15,13 +15,11 @@ unchanged project is never rebuilt; the debootstrap base is cached by its own ta
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterable
@@ -32,11 +30,12 @@ from typing import Any, Literal
 import docker.errors
 import requests.exceptions
 
+from kmatrix.artifacts import image_content_hash, sha256_of
 from kmatrix.backends.docker import LABEL, connect
 from kmatrix.config import load_matrix
 from kmatrix.debian.archive import default_cache_dir, resolve_mirror
 from kmatrix.errors import InfraError, UserError
-from kmatrix.guest.probe_image import docker_build
+from kmatrix.guest.probe_image import docker_build, write_build_context
 from kmatrix.guest.userland import IMAGES_DIR, ROOT
 from kmatrix.resources import is_checkout
 
@@ -146,27 +145,23 @@ def project_files(root: Path = ROOT) -> dict[str, bytes]:
     return files
 
 
+def _wheel_files(wheels: Path) -> list[Path]:
+    """The files of the wheel directory (requirements.txt too; not .complete), by name."""
+    return [p for p in sorted(wheels.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
 def wheel_set(wheels: Path) -> dict[str, str]:
     """File name -> SHA256 of every file in the wheel directory."""
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(wheels.iterdir())
-        if p.is_file() and not p.name.startswith(".")
-    }
+    return {p.name: sha256_of(p) for p in _wheel_files(wheels)}
 
 
 def content_hash(
     base_id: str, dockerfile: bytes, project: dict[str, bytes], wheels: dict[str, str]
 ) -> str:
     """Hash of every input of the image (pure): the tag changes exactly when they do."""
-    h = hashlib.sha256()
-    h.update(b"base\0" + base_id.encode() + b"\0")
-    h.update(b"dockerfile\0" + hashlib.sha256(dockerfile).digest())
-    for name, data in sorted(project.items()):
-        h.update(b"project\0" + name.encode() + b"\0" + hashlib.sha256(data).digest())
-    for name, digest in sorted(wheels.items()):
-        h.update(b"wheel\0" + name.encode() + b"\0" + digest.encode())
-    return h.hexdigest()[:16]
+    return image_content_hash(
+        ("base", base_id), dockerfile, ("project", project), ("wheel", wheels)
+    )
 
 
 def build_args(base: str, mirror: str, environ: dict[str, str]) -> dict[str, str]:
@@ -178,22 +173,15 @@ def build_args(base: str, mirror: str, environ: dict[str, str]) -> dict[str, str
     return args
 
 
-def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), mode
-    tf.addfile(info, io.BytesIO(data))
-
-
 def write_context(dest: Path, dockerfile: bytes, wheels: Path, project: dict[str, bytes]) -> None:
     """The build context as a tar: Dockerfile, wheels/ (with requirements.txt), project/."""
-    with tarfile.open(dest, "w") as tf:
-        _add_bytes(tf, "Dockerfile", dockerfile)
-        for p in sorted(wheels.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                tf.add(p, arcname=f"wheels/{p.name}")
-        for name, data in sorted(project.items()):
-            mode = 0o755 if name in _EXECUTABLES else 0o644
-            _add_bytes(tf, f"project/{name}", data, mode)
+    write_build_context(
+        dest,
+        dockerfile,
+        {f"wheels/{p.name}": p for p in _wheel_files(wheels)},
+        {f"project/{name}": data for name, data in project.items()},
+        {f"project/{name}" for name in _EXECUTABLES},
+    )
 
 
 # --------------------------------------------------------------------------------------------
