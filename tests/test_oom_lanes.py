@@ -1,4 +1,5 @@
-"""How a cell's OOM units are split into boots that run side by side (cells.oom_boots)."""
+"""How a cell's OOM units are split into boots that run side by side (cells.oom_boots), and
+in which order cells start (run.pool)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ def test_only_panicking_repeats() -> None:
     units = _units(("oom-no-killable",))
     assert plan_lanes(units) == [[u] for u in units]
     assert plan_lanes([]) == []
+
+
+def test_foreign_architecture_cells_start_first_in_matrix_order_otherwise() -> None:
+    from kmatrix.config import parse_matrix
+    from kmatrix.run.pool import start_order
+
+    matrix = parse_matrix(
+        """
+check_valid_until: false
+kernels:
+  - {name: a, suite: bookworm, package: linux-image-cloud-amd64}
+  - {name: b, suite: trixie, package: linux-image-cloud-arm64, arch: arm64}
+  - {name: c, suite: trixie, package: linux-image-cloud-amd64}
+  - {name: host, backend: docker, memory: 512M}
+"""
+    )
+    assert [k.name for k in start_order(list(matrix.kernels))] == ["b", "a", "c", "host"]

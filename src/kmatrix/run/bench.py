@@ -112,21 +112,7 @@ def run_bench(
                 seconds, _ = run("cold", force=True)
             add("whole matrix, cold (download + build + boot)", seconds)
             shutil.rmtree(work / "cold-cache", ignore_errors=True)
-        results: AnyResults = {"cells": []}
-        for i in range(repeats):
-            log(f"warm run {i + 1}/{repeats}: downloads cached, every cell booted")
-            seconds, results = run(f"warm{i}", force=True)
-            add("whole matrix, warm (every cell booted)", seconds)
-            for cell in results["cells"]:
-                # wall_s: a cell's boots run side by side; duration_s sums them.
-                wall = cell.get("wall_s") or cell.get("duration_s")
-                add(f"cell {cell['id']} ({cell['backend']}), in the matrix", wall)
-                console = work / f"warm{i}" / "console" / f"{cell['id']}.log"
-                if console.exists():
-                    add(
-                        f"boot to init {cell['id']}",
-                        boot_to_init_seconds(console.read_text(errors="replace")),
-                    )
+        results = _warm_runs(run, add, work, repeats, log)
         alone = next((c["id"] for c in results["cells"] if c["backend"] == "qemu"), None)
         for i in range(repeats if alone else 0):
             log(f"one cell alone {i + 1}/{repeats}: {alone}")
@@ -148,6 +134,30 @@ def run_bench(
     cores = os.cpu_count()
     note = f"Machine: {cores} cores, {_mem_total_gib():.0f} GiB RAM; cells in parallel: {cores}."
     return render_figures(list(figures.values()), note)
+
+
+def _warm_runs(
+    run: Callable[..., tuple[float, Results]],
+    add: Callable[[str, float | None], None],
+    work: Path,
+    repeats: int,
+    log: Callable[[str], None],
+) -> AnyResults:
+    """The forced warm runs: the whole matrix, each cell's wall time and boot to init."""
+    results: AnyResults = {"cells": []}
+    for i in range(repeats):
+        log(f"warm run {i + 1}/{repeats}: downloads cached, every cell booted")
+        seconds, results = run(f"warm{i}", force=True)
+        add("whole matrix, warm (every cell booted)", seconds)
+        for cell in results["cells"]:
+            # wall_s: a cell's boots run side by side; duration_s sums them.
+            wall = cell.get("wall_s") or cell.get("duration_s")
+            add(f"cell {cell['id']} ({cell['backend']}), in the matrix", wall)
+            console = work / f"warm{i}" / "console" / f"{cell['id']}.log"
+            if console.exists():
+                text = console.read_text(errors="replace")
+                add(f"boot to init {cell['id']}", boot_to_init_seconds(text))
+    return results
 
 
 def _time_userland_build(matrix_path: Path) -> float:

@@ -126,6 +126,13 @@ def _run_one(
         raise _CellError(cell, exc) from None
 
 
+def start_order(kernels: list[Kernel]) -> list[Kernel]:
+    """Cells in the order they start: foreign-architecture guests first (TCG runs an arm64
+    guest about 1.5x slower than an amd64 one), so the longest cell does not run alone at
+    the end; then matrix order. Results keep matrix order (MatrixRun.save)."""
+    return sorted(kernels, key=lambda k: k.arch == "amd64")
+
+
 def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) -> None:
     """Every cell of the run, ``--jobs`` at a time, each saved as soon as it is done."""
     jobs = run.opts.jobs or os.cpu_count() or 1
@@ -133,7 +140,9 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
     qemu.set_parallel(max(jobs, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
     try:
-        futures = [pool.submit(_run_one, run, k, sources, userland) for k in run.kernels]
+        futures = [
+            pool.submit(_run_one, run, k, sources, userland) for k in start_order(run.kernels)
+        ]
         failed: _CellError | None = None
         cancelled = 0
         for future in as_completed(futures):
