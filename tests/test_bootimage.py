@@ -71,3 +71,13 @@ def test_not_a_bzimage(tmp_path: Path) -> None:
     plain.write_bytes(b"\0" * 4096)
     assert bootimage.boot_file(plain, "amd64", tmp_path / "out") == (plain, "bzimage")
     assert bootimage.boot_file(plain, "arm64", tmp_path / "out") == (plain, "image")
+
+
+def test_a_corrupt_or_truncated_payload_boots_as_a_bzimage(bzimages: dict[str, bytes]) -> None:
+    """A stream that ends early or is damaged gives no vmlinux (never a half kernel)."""
+    for name in ("6.1", "6.12"):
+        packed = bootimage.payload(bzimages[name]) or b""
+        assert bootimage.decompress(packed) is not None
+        assert bootimage.decompress(packed[: len(packed) // 2]) is None, name
+        damaged = packed[:64] + bytes(b ^ 0xFF for b in packed[64:4096]) + packed[4096:]
+        assert bootimage.decompress(damaged) is None, name

@@ -53,3 +53,21 @@ kernels:
 """
     )
     assert [k.name for k in start_order(list(matrix.kernels))] == ["b", "a", "c", "host"]
+
+
+def test_a_repeat_no_boot_started_is_told_by_its_own_lane() -> None:
+    """With lanes, the last boot may be another lane's: a repeat whose own boot died before
+    the probe started is recorded against that boot, not the last one."""
+    from kmatrix.results.oom import BootOutput, assemble
+    from kmatrix.results.schema import parse_probe_output
+
+    first, second = Unit("oom-no-killable", 0), Unit("oom-no-killable", 1)
+    nothing = parse_probe_output([])
+    boots = [
+        BootOutput(1, [first], nothing, "", {"timed_out": True, "panic": None}),
+        BootOutput(2, [second], nothing, "", {"timed_out": False, "panic": "System is deadlocked"}),
+    ]
+    (entry,) = assemble([first, second], boots)
+    runs = entry["runs"]
+    assert [r.get("boot") for r in runs] == [1, 2]
+    assert "deadlocked" not in str(runs[0].get("error"))

@@ -208,10 +208,17 @@ def kill_all() -> int:
 _SLOTS = threading.Semaphore(os.cpu_count() or 1)
 
 
+#: Set by ``--runtime docker`` in each runner container: the container's memory limit
+#: allows this many guests at once, whatever the host's core count.
+SLOTS_ENV = "KMATRIX_QEMU_SLOTS"
+
+
 def set_parallel(n: int) -> None:
-    """Let at most ``n`` QEMU processes run at once (``--jobs``; default: one per core)."""
+    """Let at most ``n`` QEMU processes run at once (``--jobs``; default: one per core), or
+    what KMATRIX_QEMU_SLOTS says."""
     global _SLOTS
-    _SLOTS = threading.Semaphore(max(1, n))
+    env = os.environ.get(SLOTS_ENV, "")
+    _SLOTS = threading.Semaphore(max(1, int(env) if env.isdigit() else n))
 
 
 def run_qemu(argv: list[str], timeout: float) -> QemuRun:

@@ -239,7 +239,7 @@ def _run_lane(
     while remaining:
         boot = boot_units(remaining)
         boots.append(boot)
-        covered = boot.covered()
+        covered = boot.covered() & set(remaining)
         if not covered:
             if crashed_early(boot.probe.hello, boot.end.get("panic")) and retries:
                 retries -= 1  # measured nothing: boot again

@@ -184,7 +184,8 @@ def _check_started(run: QemuRun, console_text: str, spec: QemuSpec) -> None:
     said = "; ".join(lines[-3:]) or "no error output"
     raise QemuFailedToStart(
         f"{spec.arch.binary} exited at once (status {run.returncode}) before the guest printed "
-        f"anything: {said[:500]}; check the kernel file {spec.vmlinuz} and the QEMU installation"
+        f"anything: {said[:500]}; check the kernel file {spec.vmlinuz} (a vmlinux is the one "
+        "kmatrix took out of the package's bzImage, guest/bootimage.py) and the QEMU installation"
     )
 
 
@@ -205,7 +206,7 @@ def _record_oom(cell: Cell, oom: OomRun, plan: QemuPlan, console_dest: Path) -> 
 
 
 # Where the kernel came from: the same for every run of one package, except the stale-pin
-# note, which follows the archive; a cached cell gets these refreshed (kmatrix.run.matrix).
+# note, which follows the archive; a cached cell gets these refreshed (kmatrix.run.pool).
 PROVENANCE_KEYS = (
     "package", "version", "sha256", "suite", "packages",
     "archive", "archive_url", "suites", "skipped_suites", "stale_pin",

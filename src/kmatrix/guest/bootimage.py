@@ -42,47 +42,67 @@ def payload(bzimage: bytes) -> bytes | None:
 
 
 def decompress(data: bytes) -> bytes | None:
-    """The payload decompressed, for the formats Debian's kernels use; None otherwise."""
+    """The payload decompressed, for the formats Debian's kernels use; None for another
+    format or a stream that is corrupt or ends early (the bzImage is booted then)."""
+    try:
+        return _decompress(data)
+    except (lzma.LZMAError, zstandard.ZstdError, OSError, EOFError, lz4.block.LZ4BlockError):
+        return None
+
+
+def _decompress(data: bytes) -> bytes | None:
     if data.startswith(b"\x28\xb5\x2f\xfd"):
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        zstd = zstandard.ZstdDecompressor().decompressobj()
+        out = zstd.decompress(data)
+        return out if zstd.eof else None
     if data.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMADecompressor().decompress(data)
+        xz = lzma.LZMADecompressor()
+        out = xz.decompress(data)
+        return out if xz.eof else None
     if data.startswith(b"\x1f\x8b"):
-        return gzip.decompress(data)
+        return gzip.decompress(data)  # raises on a truncated stream (EOFError)
     if data.startswith(_LZ4_LEGACY_MAGIC):
         return _unlz4_legacy(data)
     return None
 
 
 def _unlz4_legacy(data: bytes) -> bytes:
-    """Blocks of [size LE32][lz4 block], each at most 8 MiB decompressed; the kernel's build
-    appends the decompressed size, which is no block: stop at anything that is not one."""
+    """Blocks of [size LE32][lz4 block], each at most 8 MiB decompressed, then the 4-byte
+    decompressed size the kernel's build appends (scripts/Makefile.lib size_append): a
+    stream that does not end exactly so is damaged or cut short."""
     out, pos = bytearray(), len(_LZ4_LEGACY_MAGIC)
-    while pos + 4 <= len(data):
+    while len(data) - pos > 4:
         (size,) = struct.unpack_from("<I", data, pos)
         if size == 0 or pos + 4 + size > len(data):
-            break
-        block = data[pos + 4 : pos + 4 + size]
-        try:
-            out += lz4.block.decompress(block, uncompressed_size=_LZ4_LEGACY_BLOCK)
-        except lz4.block.LZ4BlockError:
-            break
+            raise EOFError("LZ4 block beyond the end of the payload")
+        out += lz4.block.decompress(
+            data[pos + 4 : pos + 4 + size], uncompressed_size=_LZ4_LEGACY_BLOCK
+        )
         pos += 4 + size
+    if len(data) - pos != 4 or struct.unpack_from("<I", data, pos)[0] != len(out):
+        raise EOFError("LZ4 stream without the kernel's size trailer")
     return bytes(out)
+
+
+def _program_headers(elf: bytes) -> list[tuple[int, int, int]]:
+    """(p_type, p_offset, p_filesz) of a 64-bit little-endian ELF; [] for anything else."""
+    if not elf.startswith(b"\x7fELF\x02\x01"):
+        return []
+    try:
+        (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+        headers = [struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize) for i in range(phnum)]
+    except struct.error:
+        return []
+    return [(h[0], h[2], h[5]) for h in headers]
 
 
 def has_pvh_note(elf: bytes) -> bool:
     """True for a 64-bit little-endian ELF with a Xen PHYS32_ENTRY note in a PT_NOTE."""
-    if not elf.startswith(b"\x7fELF\x02\x01"):
-        return False
-    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        header = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
-        p_type, p_offset, p_filesz = header[0], header[2], header[5]
-        if p_type == 4 and _notes_have(elf[p_offset : p_offset + p_filesz]):
-            return True
-    return False
+    return any(
+        kind == 4 and _notes_have(elf[offset : offset + size])
+        for kind, offset, size in _program_headers(elf)
+    )
 
 
 def _notes_have(notes: bytes) -> bool:
@@ -104,7 +124,12 @@ def pvh_vmlinux(bzimage: bytes) -> bytes | None:
     """The bzImage's vmlinux if it can be booted through PVH, else None."""
     packed = payload(bzimage)
     elf = decompress(packed) if packed else None
-    return elf if elf and has_pvh_note(elf) else None
+    return elf if elf and has_pvh_note(elf) and _segments_inside(elf) else None
+
+
+def _segments_inside(elf: bytes) -> bool:
+    """Every program header's file range lies within the file (not a truncated vmlinux)."""
+    return all(offset + size <= len(elf) for _, offset, size in _program_headers(elf))
 
 
 def boot_file(vmlinuz: Path, arch: str, dest: Path) -> tuple[Path, str]:

@@ -271,7 +271,10 @@ def assemble(units: Sequence[Unit], boots: Sequence[BootOutput]) -> list[OomExpe
     logs = {b.index: parse_oom_log(b.console) for b in boots}
     runs: dict[str, list[OomRepeat]] = {}
     for unit in units:
-        boot = next((b for b in boots if unit in b.covered()), boots[-1] if boots else None)
+        # A repeat no boot started is told by the last boot that was to run it (with lanes,
+        # another lane's last boot knows nothing about it).
+        planned = next((b for b in reversed(boots) if unit in b.units), None)
+        boot = next((b for b in boots if unit in b.covered()), planned)
         if boot is None:
             entry: OomRepeat = {"repeat": unit.repeat, "status": "not run", "error": "no OOM boot"}
         else:

@@ -133,10 +133,17 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
+#: QEMUs a runner container runs at once (backends.qemu.SLOTS_ENV): the accounting boot
+#: beside an OOM boot, or two OOM lanes.
+RUNNER_SLOTS = 2
+
+
 def runner_memory(matrix: Matrix, kernel: DebianKernel) -> int:
-    """The container's memory limit: the largest guest this cell boots, plus QEMU and Python."""
+    """The container's memory limit: the guests it runs at once (RUNNER_SLOTS), plus QEMU
+    and Python."""
     guest = kernel.memory or matrix.guest.memory
-    return max(guest, matrix.oom.memory) + RUNNER_OVERHEAD
+    oom = matrix.oom.memory
+    return max(guest + oom, RUNNER_SLOTS * oom) + RUNNER_OVERHEAD
 
 
 def runner_timeout(matrix: Matrix) -> float:
@@ -333,7 +340,9 @@ def run_cell_in_docker(
         name=f"kmatrix-runner-{kernel.name}-{secrets.token_hex(4)}",
         kvm_gid=gid,
         reports_dir=reports_dir.resolve(),
-        env=proxy_env(dict(os.environ)) | _security_env(matrix, mirror),
+        env=proxy_env(dict(os.environ))
+        | _security_env(matrix, mirror)
+        | {qemu.SLOTS_ENV: str(RUNNER_SLOTS)},
     )
     code = run_runner(client, runner_config(spec), timeout or runner_timeout(matrix), log)
     # The container printed its own mount points; these are the same files on this host.

@@ -77,15 +77,21 @@ def docker_plan(matrix: Matrix, kernel: DockerKernel) -> DockerPlan:
     )
 
 
-#: Host-side code that builds a QEMU cell's results from what the guest printed, by path
-#: under the kmatrix package.
+#: Host-side code that shapes a QEMU cell: how it boots (command line, devices, modules,
+#: the initrd, the PVH image) and how its results are built from what the guest printed, by
+#: path under the kmatrix package.
 PARSERS = (
     "results/oomlog.py",
     "results/oom.py",
+    "results/repeats.py",
     "cells/console.py",
     "results/schema.py",
     "cells/qemu.py",
     "cells/oom_boots.py",
+    "backends/qemu.py",
+    "guest/bootimage.py",
+    "guest/kmods.py",
+    "guest/userland.py",
 )
 
 

@@ -130,7 +130,8 @@ def start_order(kernels: list[Kernel]) -> list[Kernel]:
     """Cells in the order they start: foreign-architecture guests first (TCG runs an arm64
     guest about 1.5x slower than an amd64 one), so the longest cell does not run alone at
     the end; then matrix order. Results keep matrix order (MatrixRun.save)."""
-    return sorted(kernels, key=lambda k: k.arch == "amd64")
+    native = platform.machine()
+    return sorted(kernels, key=lambda k: qemu.arch_for(k.arch).uname_machine == native)
 
 
 def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) -> None:
