@@ -3,6 +3,8 @@ in which order cells start (run.pool)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from kmatrix import catalog
 from kmatrix.cells.oom_boots import plan_lanes
 from kmatrix.results.oom import EXPERIMENTS, Unit
@@ -71,3 +73,17 @@ def test_a_repeat_no_boot_started_is_told_by_its_own_lane() -> None:
     runs = entry["runs"]
     assert [r.get("boot") for r in runs] == [1, 2]
     assert "deadlocked" not in str(runs[0].get("error"))
+
+
+def test_a_cancelled_lane_starts_no_boot() -> None:
+    """Once the cell has failed elsewhere (its accounting boot raised), no lane boots again."""
+    from kmatrix.cells.oom_boots import _run_lane
+
+    booted: list[list[Unit]] = []
+
+    def boot(rest: list[Unit]) -> Any:
+        booted.append(rest)
+        raise AssertionError("must not boot")
+
+    assert _run_lane([Unit("oom-no-killable", 0)], boot, lambda: True) == []
+    assert booted == []

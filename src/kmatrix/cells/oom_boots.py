@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -197,12 +198,14 @@ def run_oom_boots(
     workdir: Path,
     keep_workdir: bool = False,
     image: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> OomRun:
     """Run every OOM unit of the plan on ``kernel``: its lanes side by side, each one boot
     plus one per early end. QEMU's slots (backends.qemu) bound how many run at once.
 
     ``keep_workdir`` keeps each boot's raw console and result logs (for fixtures); ``image``
-    is what QEMU boots (kmatrix.guest.bootimage), the kernel's vmlinuz by default.
+    is what QEMU boots (kmatrix.guest.bootimage), the kernel's vmlinuz by default; once
+    ``cancel`` is set (the cell failed elsewhere) no lane starts another boot.
     """
     units = list(plan.oom.units)
     if not units:
@@ -210,11 +213,12 @@ def run_oom_boots(
     workdir.mkdir(parents=True, exist_ok=True)
     lanes = plan_lanes(units)
     counter = itertools.count(1)
+    stop = cancel or threading.Event()
 
     def run_lane(lane: list[Unit]) -> list[BootOutput]:
         return _run_lane(lane, lambda rest: _boot(
             kernel, userland, plan, workdir, rest, next(counter),
-            image or kernel.vmlinuz))  # fmt: skip
+            image or kernel.vmlinuz), stop.is_set)  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="oom-lane") as pool:
         per_lane = list(pool.map(run_lane, lanes))
@@ -230,13 +234,15 @@ def run_oom_boots(
 
 
 def _run_lane(
-    units: list[Unit], boot_units: Callable[[list[Unit]], BootOutput]
+    units: list[Unit],
+    boot_units: Callable[[list[Unit]], BootOutput],
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> list[BootOutput]:
     """Boot ``units``, and again for what is left after each boot that ended early."""
     boots: list[BootOutput] = []
     remaining = units
     retries = EARLY_CRASH_RETRIES
-    while remaining:
+    while remaining and not cancelled():
         boot = boot_units(remaining)
         boots.append(boot)
         covered = boot.covered() & set(remaining)

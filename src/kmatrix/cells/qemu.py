@@ -91,14 +91,17 @@ def run_qemu_cell(
     cell["boot"] = entry
     spec = _accounting_spec(kernel, userland, plan, workdir, image)
     started = time.monotonic()
-    booted = threading.Event()
+    booted, cancel = threading.Event(), threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oom") as pool:
         oom_future = pool.submit(
             _oom_once_booted, spec.console_log, booted, kernel, userland, plan,
-            workdir / "oom", image,
+            workdir / "oom", image, cancel,
         )  # fmt: skip
         try:
             run, console_text, earlier = _boot_until_probe(spec, plan.cell_timeout_s)
+        except BaseException:
+            cancel.set()  # the cell has failed: its OOM lanes start no further boot
+            raise
         finally:
             booted.set()
         oom = oom_future.result()
@@ -156,7 +159,7 @@ def _accounting_spec(
 
 def _oom_once_booted(
     console_log: Path, accounting_ended: threading.Event, kernel: PreparedKernel,
-    userland: Userland, plan: QemuPlan, workdir: Path, image: Path,
+    userland: Userland, plan: QemuPlan, workdir: Path, image: Path, cancel: threading.Event,
 ) -> OomRun | None:  # fmt: skip
     """The OOM boots, started alongside the accounting boot once its init has printed (a
     kernel that cannot boot our init cannot run OOM boots either: None then)."""
@@ -165,7 +168,7 @@ def _oom_once_booted(
             if not _init_started(console_log):
                 return None
             break
-    return run_oom_boots(kernel, userland, plan, workdir, image=image)
+    return run_oom_boots(kernel, userland, plan, workdir, image=image, cancel=cancel)
 
 
 def _init_started(console_log: Path) -> bool:
