@@ -13,7 +13,8 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kmatrix.config import NAME_RE
@@ -76,19 +77,25 @@ def run_lock(out_dir: Path, work_dir: Path) -> Iterator[None]:
             os.close(fd)  # closing releases the flock; the file (and pid) may stay
 
 
-def previous_cells(out_dir: Path, names: list[str]) -> list[Cell]:
+def previous_cells(
+    out_dir: Path, names: list[str], log: Callable[[str], None] = lambda _: None
+) -> list[Cell]:
     """Cells of the last run of this name for ``names``, marked as carried over.
 
     A new run saves after every cell; until a kernel's new cell is in, its previous one
     stays readable (flagged ``carried_over``), so an interrupted run never leaves the name
-    with fewer results than before. An unreadable previous file carries nothing over.
+    with fewer results than before. A previous file kmatrix cannot read (an older format, or
+    damaged) carries nothing over; it is kept as results.unreadable.json, and ``log`` says so.
     """
     path = out_dir / "results.json"
     if not path.is_file():
         return []
     try:
         old = load_results(path)
-    except UserError:
+    except UserError as exc:
+        kept = path.with_name("results.unreadable.json")
+        shutil.copyfile(path, kept)
+        log(f"{exc}; kept as {kept}, this run starts without its cells")
         return []
     started = old.get("run", {}).get("started")
     keep = [c for c in old.get("cells", []) if c.get("id") in names]

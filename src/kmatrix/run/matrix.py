@@ -59,7 +59,7 @@ def run_matrix(opts: RunOptions, progress: Progress | None = None) -> Results:
     with progress, sigterm_as_interrupt():
         run = MatrixRun(opts, matrix, kernels, progress)
         with run_lock(run.out_dir, run.work_root):
-            run.carried = previous_cells(run.out_dir, [k.name for k in kernels])
+            run.carried = previous_cells(run.out_dir, [k.name for k in kernels], progress.log)
             _run_locked(run, progress)
     return run.results
 
