@@ -136,11 +136,12 @@ def _accounting(cells: Sequence[JSON]) -> str:
     ok = [c for c in cells if c.get("scenarios")]
     if not ok:
         return "## Accounting\n\nNo cell measured any scenario."
-    parts = ["## Accounting", UNITS_NOTE + _repeats_note(ok)]
+    note = _repeats_note(ok)
+    parts = ["## Accounting", UNITS_NOTE + note]
     for name in scenario_names(ok):
         size = next((s.get("size_bytes") for c in ok if (s := scenario(c, name))), None)
         counts = {repeat_count(s) for c in ok if (s := scenario(c, name))}
-        once = ", run once" if counts == {1} and _repeats_note(ok) else ""
+        once = ", run once" if counts == {1} and note else ""
         parts += [f"### `{name}` ({mib(size)} MiB{once})", scenario_table(ok, name)]
     return "\n\n".join(parts)
 
