@@ -122,7 +122,7 @@ CASES = [
     matrix("timeout-float", _m("cell_timeout: 120", "cell_timeout: 1.5"), "cell_timeout"),
     matrix("oom-repeats-zero", _m("oom: {", "oom: {repeats: 0, "), "between 1 and 20"),
     matrix("oom-timeout-negative", _m("oom: {", "oom: {timeout: -5, "), "oom.timeout"),
-    matrix("oom-memory-small", _m("oom: {", "oom: {memory: 100M, "), "at least 192M"),
+    matrix("oom-memory-small", _m("oom: {", "oom: {memory: 100M, "), "at least 144M"),
     matrix("pids-limit-small", GOOD + "  - {name: h, backend: docker, memory: 256M, "
            "pids_limit: 10}\n", "at least 16"),
     matrix("docker-memory-tiny", GOOD + "  - {name: h, backend: docker, memory: 1M}\n",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmatrix.backends import lifeline
+from kmatrix.backends.slots import Slots
 from kmatrix.errors import InfraError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -205,7 +206,7 @@ def kill_all() -> int:
 
 # How many QEMUs run at once, whoever starts them (cells, a cell's OOM lanes): TCG guests
 # are CPU-bound, and a guest starved of CPU time stretches the timers some experiments use.
-_SLOTS = threading.Semaphore(os.cpu_count() or 1)
+_SLOTS = Slots(os.cpu_count() or 1)
 
 
 #: Set by ``--runtime docker`` in each runner container: the container's memory limit
@@ -218,16 +219,19 @@ def set_parallel(n: int) -> None:
     what KMATRIX_QEMU_SLOTS says."""
     global _SLOTS
     env = os.environ.get(SLOTS_ENV, "")
-    _SLOTS = threading.Semaphore(max(1, int(env) if env.isdigit() else n))
+    _SLOTS = Slots(int(env) if env.isdigit() else n)
 
 
-def run_qemu(argv: list[str], timeout: float) -> QemuRun:
+def run_qemu(argv: list[str], timeout: float, weight: float = 0.0) -> QemuRun:
     """Run QEMU to completion or ``timeout`` once a slot is free (set_parallel); QEMU never
-    outlives this call (even on Ctrl-C). The timeout and duration start with QEMU."""
+    outlives this call (even on Ctrl-C). The timeout and duration start with QEMU.
+
+    ``weight`` is how much the boot will run (scenario runs, OOM repeats): of the boots
+    waiting for a slot, the heaviest starts first (backends.slots).
+    """
     slots = _SLOTS
-    while not slots.acquire(timeout=0.2):
-        if _STOPPING.is_set():
-            raise InfraError("the run is being interrupted; QEMU was not started")
+    if not slots.acquire(weight, _STOPPING.is_set):
+        raise InfraError("the run is being interrupted; QEMU was not started")
     try:
         return _run_qemu(argv, timeout)
     finally:
@@ -320,7 +324,8 @@ def kvm_smoke_test(vmlinuz: Path, workdir: Path, timeout: float = 20.0) -> bool:
         memory_bytes=256 * 1024 * 1024,
         accel="kvm",
     )
-    run_qemu(build_argv(spec), timeout)
+    # Ahead of every waiting boot: the run's accelerator waits for this answer.
+    run_qemu(build_argv(spec), timeout, weight=float("inf"))
     return "Linux version" in read_log(console)
 
 

@@ -134,7 +134,8 @@ def _boot(
         append=f"{OOM_APPEND} {plan.cmdline}".strip(),
         arch=arch,
     )
-    run = run_qemu(build_argv(spec), timeout=_boot_timeout(cfg, units))
+    # Weighed by its repeats: the main boot gets a slot before the panicking repeats' boots.
+    run = run_qemu(build_argv(spec), timeout=_boot_timeout(cfg, units), weight=len(units))
     initrd.unlink(missing_ok=True)
     if swap is not None:
         swap.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from kmatrix import catalog
 from kmatrix.results.oom import EXPERIMENTS, Unit
 
 
@@ -22,6 +23,12 @@ class ProbePlan:
     size_bytes: int  # each scenario's size (whole MiB)
     scenarios: tuple[str, ...] | Literal["all"]
     repeats: int  # passes over the scenarios in one boot or container
+
+    @property
+    def runs(self) -> int:
+        """How many scenario runs the passes make (catalog.FIRST_PASS_ONLY ones run once)."""
+        names = catalog.SCENARIOS if self.scenarios == "all" else self.scenarios
+        return sum(1 if n in catalog.FIRST_PASS_ONLY else self.repeats for n in names)
 
 
 @dataclass(frozen=True)

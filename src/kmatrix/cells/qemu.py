@@ -98,7 +98,9 @@ def run_qemu_cell(
             workdir / "oom", image, cancel,
         )  # fmt: skip
         try:
-            run, console_text, earlier = _boot_until_probe(spec, plan.cell_timeout_s)
+            run, console_text, earlier = _boot_until_probe(
+                spec, plan.cell_timeout_s, plan.probe.runs
+            )
         except BaseException:
             cancel.set()  # the cell has failed: its OOM lanes start no further boot
             raise
@@ -220,24 +222,26 @@ PROVENANCE_KEYS = (
 EARLY_CRASH_MARK = "===== kmatrix: this boot panicked before the probe started; booted again"
 
 
-def _boot_until_probe(spec: QemuSpec, timeout: float) -> tuple[QemuRun, str, str]:
+def _boot_until_probe(
+    spec: QemuSpec, timeout: float, weight: float
+) -> tuple[QemuRun, str, str]:
     """Boot; again (EARLY_CRASH_RETRIES times at most) while it panics before the probe.
 
     Returns the last run, its console and the consoles of the boots that crashed early.
     """
     earlier = ""
     for _ in range(EARLY_CRASH_RETRIES):
-        run, console_text = _boot_once(spec, timeout)
+        run, console_text = _boot_once(spec, timeout, weight)
         hello = parse_probe_output(_read(spec.result_log).splitlines()).hello
         if not crashed_early(hello, analyze_console(console_text).panic):
             return run, console_text, earlier
         earlier += f"{console_text}\n{EARLY_CRASH_MARK} =====\n"
-    run, console_text = _boot_once(spec, timeout)
+    run, console_text = _boot_once(spec, timeout, weight)
     return run, console_text, earlier
 
 
-def _boot_once(spec: QemuSpec, timeout: float) -> tuple[QemuRun, str]:
-    run = run_qemu(build_argv(spec), timeout=timeout)
+def _boot_once(spec: QemuSpec, timeout: float, weight: float) -> tuple[QemuRun, str]:
+    run = run_qemu(build_argv(spec), timeout=timeout, weight=weight)
     console_text = _read(spec.console_log)
     _check_started(run, console_text, spec)
     return run, console_text
