@@ -26,7 +26,7 @@ def test_default_matrix_is_valid() -> None:
     m = load_matrix(ROOT / "matrix.yaml")
     assert [k.name for k in m.kernels][:5] == ["5.10", "6.1", "6.12", "unstable", "7.3-rc"]
     assert {k.backend for k in m.kernels} == {"qemu", "docker"}
-    assert m.guest.memory == 384 * 1024 * 1024
+    assert m.guest.memory == 448 * 1024 * 1024
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ class GuestConfig(Strict):
     """The guest userland and VM shape shared by every QEMU cell."""
 
     suite: str = "bookworm"
-    memory: Size = 384 * MIB
+    memory: Size = 448 * MIB
     shm_size: Size = 64 * MIB
     disk_size: Size = 256 * MIB
     # vCPUs (-smp): per-CPU counters, batching and the OOM killer's timing differ on one.
