@@ -126,7 +126,7 @@ class OomConfig(Strict):
 
     repeats: int = 3
     experiments: list[str] | Literal["all"] = "all"
-    memory: Size = 160 * MIB  # guest RAM of the OOM boots (the accounting boot keeps guest.memory)
+    memory: Size = 192 * MIB  # guest RAM of the OOM boots (the accounting boot keeps guest.memory)
     timeout: int = 30  # seconds per repeat inside the guest before it counts as hung
 
     @model_validator(mode="after")
