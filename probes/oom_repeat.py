@@ -39,6 +39,9 @@ def new_record(exp: Experiment, repeat: int, env: Env) -> Record:
         "mem_total": env.mem_total, "sizes": role_sizes(exp, env), "knobs": knobs.oom_knobs(),
         "memcg": env.memcg if exp.scope != "global" else None,
         "oom_score_adj": {"harness": _own_adj(), "roles": env.role_adj},
+        # The kernel names the task whose allocation invoked each OOM: the harness's own
+        # page faults (after a kill, before the victim's memory is freed) can be one.
+        "harness_pid": os.getpid(),
         "shmem": {"baseline": shmem(), "swap_baseline": swap_used()}, "cgroup": {},
         "vmstat_oom_kill": None,
     }  # fmt: skip
@@ -75,6 +78,7 @@ def armed(rec: Record, roles: list[Role], scope: oom_scope.Scope, emit: Emit, en
             "name": rec["name"],
             "repeat": rec["repeat"],
             "pids": rec["pids"],
+            "harness_pid": rec["harness_pid"],
             "holder_role": rec.get("holder_role"),
             "mem_total": env.mem_total,
             "uptime": system.uptime(),

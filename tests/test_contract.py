@@ -207,7 +207,7 @@ def test_cells_and_scenarios_are_of_the_contract() -> None:
 def test_generic_copies_have_the_keys_of_their_types() -> None:
     """Where a producer copies keys it does not name (casts), the sources have those keys."""
     kill_fields = {f.name for f in dataclasses.fields(oomlog.Kill)}
-    assert kill_fields | {"role"} == set(typing.get_type_hints(contract_oom.OomKill))
+    assert kill_fields | {"role", "trigger"} == set(typing.get_type_hints(contract_oom.OomKill))
     info = EngineInfo("27.0", "1.46", "6.1.0", "v2", "systemd", "Debian", 1 << 30, True)
     assert set(info.as_json()) | {"image"} == set(typing.get_type_hints(contract.Engine))
     assert typing.get_args(contract.CellStatus) == CELL_STATUSES

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kmatrix.results.oom import kills_for
 from kmatrix.results.oomlog import (
     NO_KILLABLE,
     condense_floods,
@@ -183,3 +184,29 @@ def test_a_headless_kill_after_a_group_kill_is_another_oom() -> None:
     assert group.group_memcg == "/kmx-oom-memcg-v2-group"
     assert [k.pid for k in group.kills] == [267, 265, 266, 267]
     assert [k.pid for k in later.kills] == [270] and not later.header
+
+
+def test_a_kill_the_harness_set_off_is_told_apart() -> None:
+    """Real 7.2 lines (oom.memory 160M): the hog is killed, and 14 ms later the harness's own
+    page fault (python3, oom_score_adj -1000) invokes the OOM killer again before the hog's
+    memory is back, which kills the bystander. mm/oom_kill.c dump_header() names the task
+    whose allocation invoked it (``%s invoked oom-killer``, then ``PID: %d Comm: %s`` of
+    current): the kill's ``trigger`` is that task's role, "harness" for the probe itself."""
+    log = parse_oom_log((FIXTURES / "7.2-harness-triggered-kill.console.log").read_text())
+    roles = {127: "holder", 128: "bystander", 129: "hog"}
+    kills, _ = kills_for(log, roles, harness_pid=120)
+    assert [(k["role"], k.get("trigger")) for k in kills] == [
+        ("hog", "hog"),
+        ("bystander", "harness"),
+    ]
+    # Without the harness's pid (results of an older probe) the trigger is just not a role.
+    kills, _ = kills_for(log, roles)
+    assert [k.get("trigger") for k in kills] == ["hog", "other"]
+
+
+def test_a_kill_without_its_header_has_no_known_trigger() -> None:
+    """dump_header() is rate limited (mm/oom_kill.c oom_kill_process, __ratelimit(&oom_rs)):
+    a Killed line without its header does not say whose allocation invoked the OOM."""
+    log = parse_oom_log((FIXTURES / "6.12-group-then-headless-kill.console.log").read_text())
+    kills, _ = kills_for(log, {270: "hog"})
+    assert [(k["pid"], k.get("trigger")) for k in kills] == [(270, None)]

@@ -222,9 +222,7 @@ PROVENANCE_KEYS = (
 EARLY_CRASH_MARK = "===== kmatrix: this boot panicked before the probe started; booted again"
 
 
-def _boot_until_probe(
-    spec: QemuSpec, timeout: float, weight: float
-) -> tuple[QemuRun, str, str]:
+def _boot_until_probe(spec: QemuSpec, timeout: float, weight: float) -> tuple[QemuRun, str, str]:
     """Boot; again (EARLY_CRASH_RETRIES times at most) while it panics before the probe.
 
     Returns the last run, its console and the consoles of the boots that crashed early.

@@ -54,6 +54,11 @@ NOTES = (
     "reference to any file: both can come out either way. With swap on "
     "(`oom-global-memfd-swapped`) swap used counts as the file's too, so other roles' "
     'swapped pages lean it towards "not freed".',
+    "*kills the harness set off*: the kernel's report names the task whose allocation invoked "
+    "each OOM (mm/oom_kill.c dump_header()); when that is the probe's own harness (a page "
+    "fault of its Python process, just after a kill and before the victim's memory is back), "
+    "the kill is the harness's doing, not the experiment's. The row is shown only where that "
+    "happened.",
     "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
     "`writer-stalled` (alive, no progress for 1.5 s: see the repeat's `stall` record), "
     "`panic` (the boot ended: the next boot ran the remaining repeats).",
@@ -108,6 +113,16 @@ def _memcg_kills(entry: JSON) -> str:
     return ", ".join(str(v) for v in values) if values else "—"
 
 
+def _harness_kills(entry: JSON) -> str:
+    """Kills whose OOM the harness's own allocation invoked ("—": none, or not known)."""
+    kills = entry.get("kills") or []
+    set_off = [k for k in kills if k.get("trigger") == "harness"]
+    if not set_off:
+        return "—"
+    roles = ", ".join(dict.fromkeys(str(k.get("role")) for k in set_off))
+    return f"{len(set_off)} of {len(kills)} kills ({roles})"
+
+
 def _panic(entry: JSON) -> str:
     text = "yes" if entry.get("panic") else "no"
     if entry.get("panic_expected"):
@@ -117,6 +132,7 @@ def _panic(entry: JSON) -> str:
 
 ROWS: tuple[tuple[str, Callable[[JSON], str]], ...] = (
     ("victims (kill order)", _victims),
+    ("kills the harness set off", _harness_kills),
     ("model predicts", _model),
     ("model = kernel's first victim", _agree),
     ("ended", lambda e: distribution([str(x) for x in e.get("ended", [])])),

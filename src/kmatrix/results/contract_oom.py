@@ -29,6 +29,9 @@ class OomKill(TypedDict):
     reaped: bool
     allocating_task: bool
     role: str  # the probe's role of that pid, "other" when none
+    # Whose allocation invoked the OOM that killed it: a role, "harness" (the probe itself),
+    # "other", or None when the kernel's rate limit dropped the report's header.
+    trigger: NotRequired[str | None]
 
 
 class ExperimentKill(OomKill):

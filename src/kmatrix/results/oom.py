@@ -103,16 +103,28 @@ def _pids(record: JSON) -> dict[int, str]:
     return {int(pid): role for role, pid in pids.items() if isinstance(pid, int)}
 
 
-def kills_for(log: OomLog, roles: dict[int, str]) -> tuple[list[OomKill], list[OomEvent]]:
-    """Kernel kills of the events that involve these pids, with the role of each victim."""
+def kills_for(
+    log: OomLog, roles: dict[int, str], harness_pid: int | None = None
+) -> tuple[list[OomKill], list[OomEvent]]:
+    """Kernel kills of the events that involve these pids, with the role of each victim and
+    of the task whose allocation invoked the OOM (``harness`` for the probe itself)."""
     events = [e for e in log.events if e.pids() & roles.keys()]
-    # OomKill is oomlog.Kill's fields plus the role (tests/test_contract.py checks that).
+    named = roles | ({harness_pid: "harness"} if harness_pid is not None else {})
+    # OomKill is oomlog.Kill's fields plus role and trigger (tests/test_contract.py checks).
     kills = [
-        cast(OomKill, asdict(k) | {"role": roles.get(k.pid, "other")})
+        cast(
+            OomKill, asdict(k) | {"role": roles.get(k.pid, "other"), "trigger": _trigger(e, named)}
+        )
         for e in events
         for k in e.kills
     ]
     return kills, events
+
+
+def _trigger(event: OomEvent, named: dict[int, str]) -> str | None:
+    if event.trigger_pid is None:  # no header (rate limited): the kernel did not say
+        return None
+    return named.get(event.trigger_pid, "other")
 
 
 def _constraint(events: list[OomEvent]) -> str | None:
@@ -160,7 +172,8 @@ def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> OomRepeat:
         return entry | {"error": _no_start_reason(boot), "victims": []}
     roles = _pids(result or start or {})
     entry["start_uptime_s"] = (start or {}).get("uptime")
-    kills, events = kills_for(log, roles)
+    harness = (result or start or {}).get("harness_pid")
+    kills, events = kills_for(log, roles, harness if isinstance(harness, int) else None)
     victims = _ordered_roles(kills)
     entry |= {"kills": kills, "constraint": _constraint(events)}
     entry["no_killable"] = any(e.no_killable for e in events)
