@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kmatrix probe: measure how memfd / O_TMPFILE / shm pages are accounted.
 
-Stdlib-only; runs in the QEMU guest (``python3 /probe/probe.py``), in a container and on
+Stdlib-only; runs in the QEMU guest (``python3 -S /probe/probe.py``: no site), in a container and on
 a host. The command line, the ``hello`` and ``done`` records, and the order of things:
 one ``scenario`` record per scenario as soon as it finishes (scenario_child.py), in
 whole passes (``--repeats``), then ``oom`` records for the OOM experiments (``--oom``,

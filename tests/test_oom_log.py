@@ -210,3 +210,15 @@ def test_a_kill_without_its_header_has_no_known_trigger() -> None:
     log = parse_oom_log((FIXTURES / "6.12-group-then-headless-kill.console.log").read_text())
     kills, _ = kills_for(log, {270: "hog"})
     assert [(k["pid"], k.get("trigger")) for k in kills] == [(270, None)]
+
+
+def test_the_report_counts_kills_the_harness_set_off_once_each() -> None:
+    """The OOM table's row for the kills of the 7.2 fixture: one of two, the bystander; a
+    kill listed twice (a memory.oom.group victim has two Killed lines) counts once."""
+    from kmatrix.report.oom import _harness_kills
+
+    log = parse_oom_log((FIXTURES / "7.2-harness-triggered-kill.console.log").read_text())
+    kills, _ = kills_for(log, {127: "holder", 128: "bystander", 129: "hog"}, harness_pid=120)
+    entry = {"kills": [dict(k, repeat=0) for k in [*kills, kills[0]]]}
+    assert _harness_kills(entry) == "1 of 2 kills (bystander)"
+    assert _harness_kills({"kills": [dict(kills[0], repeat=0)]}) == "—"

@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
+
 from kmatrix.backends.slots import Slots
 
 
@@ -71,3 +73,18 @@ def test_giving_up_takes_no_slot_and_lets_the_next_waiter_go() -> None:
     slots.release()  # the one slot: it must reach the light waiter, not vanish
     assert light_got.wait(5)
     light.join(5)
+
+
+def test_an_exception_in_the_wait_leaves_no_stale_ticket() -> None:
+    """Ctrl-C (KeyboardInterrupt) while waiting: the ticket goes, so the rest can start."""
+    slots = Slots(1)
+    assert slots.acquire(0, lambda: False)
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        slots.acquire(9, interrupted, 0.01)
+    assert slots._waiting == []
+    slots.release()
+    assert slots.acquire(1, lambda: False, 0.01)

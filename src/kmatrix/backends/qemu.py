@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,16 +223,22 @@ def set_parallel(n: int) -> None:
     _SLOTS = Slots(int(env) if env.isdigit() else n)
 
 
-def run_qemu(argv: list[str], timeout: float, weight: float = 0.0) -> QemuRun:
+def run_qemu(
+    argv: list[str],
+    timeout: float,
+    weight: float = 0.0,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> QemuRun:
     """Run QEMU to completion or ``timeout`` once a slot is free (set_parallel); QEMU never
     outlives this call (even on Ctrl-C). The timeout and duration start with QEMU.
 
     ``weight`` is how much the boot will run (scenario runs, OOM repeats): of the boots
-    waiting for a slot, the heaviest starts first (backends.slots).
+    waiting for a slot, the heaviest starts first (backends.slots). Once ``cancelled()`` is
+    true (the cell failed elsewhere) a boot still waiting for its slot is not started.
     """
     slots = _SLOTS
-    if not slots.acquire(weight, _STOPPING.is_set):
-        raise InfraError("the run is being interrupted; QEMU was not started")
+    if not slots.acquire(weight, lambda: _STOPPING.is_set() or cancelled()):
+        raise InfraError("the run is being interrupted or the cell failed; QEMU was not started")
     try:
         return _run_qemu(argv, timeout)
     finally:

@@ -31,17 +31,25 @@ class Slots:
         ticket = (-weight, next(self._arrivals))
         with self._cond:
             heapq.heappush(self._waiting, ticket)
-            while not (self._free and self._waiting[0] == ticket):
-                if give_up():
-                    self._waiting.remove(ticket)
-                    heapq.heapify(self._waiting)
-                    self._cond.notify_all()  # the next in line may be able to go now
-                    return False
-                self._cond.wait(poll_s)
+            try:
+                while not (self._free and self._waiting[0] == ticket):
+                    if give_up():
+                        self._leave(ticket)
+                        return False
+                    self._cond.wait(poll_s)
+            except BaseException:  # Ctrl-C in the wait: a stale ticket would block the rest
+                self._leave(ticket)
+                raise
             heapq.heappop(self._waiting)
             self._free -= 1
             self._cond.notify_all()  # a second free slot goes to the next in line
             return True
+
+    def _leave(self, ticket: tuple[float, int]) -> None:
+        """Drop a waiter's ticket (the lock held) and let the next in line go."""
+        self._waiting.remove(ticket)
+        heapq.heapify(self._waiting)
+        self._cond.notify_all()
 
     def release(self) -> None:
         """Give a slot back."""

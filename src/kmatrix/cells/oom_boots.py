@@ -98,7 +98,7 @@ def _boot_timeout(oom: OomPlan, units: list[Unit]) -> float:
 
 def _boot(
     kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path,
-    units: list[Unit], index: int, image: Path,
+    units: list[Unit], index: int, image: Path, cancelled: Callable[[], bool],
 ) -> BootOutput:  # fmt: skip
     """One OOM boot running ``units``; returns what came back (never raises on a panic)."""
     cfg = plan.oom
@@ -135,10 +135,14 @@ def _boot(
         arch=arch,
     )
     # Weighed by its repeats: the main boot gets a slot before the panicking repeats' boots.
-    run = run_qemu(build_argv(spec), timeout=_boot_timeout(cfg, units), weight=len(units))
-    initrd.unlink(missing_ok=True)
-    if swap is not None:
-        swap.unlink(missing_ok=True)
+    try:
+        run = run_qemu(
+            build_argv(spec), _boot_timeout(cfg, units), weight=len(units), cancelled=cancelled
+        )
+    finally:
+        initrd.unlink(missing_ok=True)
+        if swap is not None:
+            swap.unlink(missing_ok=True)
     console = _read(spec.console_log)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
     return BootOutput(index, units, probe, console, _boot_end(run, console))
@@ -219,7 +223,7 @@ def run_oom_boots(
     def run_lane(lane: list[Unit]) -> list[BootOutput]:
         return _run_lane(lane, lambda rest: _boot(
             kernel, userland, plan, workdir, rest, next(counter),
-            image or kernel.vmlinuz), stop.is_set)  # fmt: skip
+            image or kernel.vmlinuz, stop.is_set), stop.is_set)  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="oom-lane") as pool:
         per_lane = list(pool.map(run_lane, lanes))

@@ -44,11 +44,11 @@ PACKAGES_FILE = IMAGES_DIR / "guest" / "packages.txt"
 INIT_FILE = IMAGES_DIR / "guest" / "init"
 
 # Bump when the pruning below changes, so cached userlands are rebuilt.
-USERLAND_LAYOUT = 3  # 3: the stdlib packages and extension modules the probe never imports
+USERLAND_LAYOUT = 4  # 3: no stdlib packages or extensions the probe never imports; 4: urllib back
 
 # Parts of the packages the probe never needs. Every byte of the initrd sits in guest RAM
 # (rootfs) for the whole run, and every byte is unpacked at every boot: the 38 MiB of
-# layout 2 came down to about 22 MiB, which leaves the OOM boots' experiments the same room
+# layout 2 came down to 22 MiB, which leaves the OOM boots' experiments the same room
 # in less guest RAM (less memory to fill before each OOM under TCG).
 _PRUNE = (
     "usr/share/doc",
@@ -66,9 +66,10 @@ _PRUNE = (
             "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
             "distutils", "config-3.11-x86_64-linux-gnu", "config-3.11-aarch64-linux-gnu",
             # Stdlib packages no probe module imports (the probe's own imports are listed by
-            # _IMPORTS_SCRIPT; top-level modules stay, for the stdlib's lazy imports).
+            # _IMPORTS_SCRIPT, and tests/test_userland_prune.py checks none is pruned;
+            # top-level modules and urllib, which pathlib needs, stay for lazy imports).
             "asyncio", "email", "xml", "xmlrpc", "multiprocessing", "unittest", "http",
-            "urllib", "html", "concurrent", "wsgiref", "venv", "zoneinfo", "tomllib", "dbm",
+            "html", "concurrent", "wsgiref", "venv", "zoneinfo", "tomllib", "dbm",
             "curses", "sqlite3", "__phello__",
         )
     ),

@@ -136,7 +136,7 @@ class OomConfig(Strict):
         if self.memory < MIN_OOM_MEMORY:
             # The initrd and its unpacked copy are both in RAM while the kernel unpacks it.
             # Measured with 2 vCPUs: the 38 MiB userland of layout 2 failed at 160M
-            # ("Initramfs unpacking failed: write error"); layout 3's 23 MiB boots 7.3-rc,
+            # ("Initramfs unpacking failed: write error"); layout 3's 22 MiB boots 7.3-rc,
             # the largest kernel, at 144M with 30 MiB left for the experiments.
             raise ValueError(
                 f"memory: the OOM boots need at least {MIN_OOM_MEMORY // MIB}M (the userland "

@@ -115,8 +115,9 @@ def _memcg_kills(entry: JSON) -> str:
 
 def _harness_kills(entry: JSON) -> str:
     """Kills whose OOM the harness's own allocation invoked ("—": none, or not known)."""
-    kills = entry.get("kills") or []
-    set_off = [k for k in kills if k.get("trigger") == "harness"]
+    # A memory.oom.group victim has two Killed lines (oom_kill_process, then the group): one kill.
+    kills = {(k.get("repeat"), k.get("pid")): k for k in entry.get("kills") or []}
+    set_off = [k for k in kills.values() if k.get("trigger") == "harness"]
     if not set_off:
         return "—"
     roles = ", ".join(dict.fromkeys(str(k.get("role")) for k in set_off))
@@ -129,6 +130,9 @@ def _panic(entry: JSON) -> str:
         text += " (expected)" if entry.get("panic") else " (panic expected!)"
     return text
 
+
+#: Rows about the harness, not the kernel: never marked as kernels disagreeing.
+NOT_KERNEL_ROWS = frozenset({"kills the harness set off"})
 
 ROWS: tuple[tuple[str, Callable[[JSON], str]], ...] = (
     ("victims (kill order)", _victims),
@@ -157,7 +161,8 @@ def experiment_table(cells: Sequence[JSON], name: str) -> str:
             for cell, b in zip(cells, blocked, strict=True)
         ]
         shown = [v for v in values if v not in ("—", "refused", "not available")]
-        mark = f" {DISAGREE_MARK}" if len(set(shown)) > 1 else ""
+        differ = len(set(shown)) > 1 and label not in NOT_KERNEL_ROWS
+        mark = f" {DISAGREE_MARK}" if differ else ""
         if shown:  # a row that no kernel measured says nothing
             rows.append([label + mark, *values])
     return md_table(rows, ["", *(cell_label(c) for c in cells)])
