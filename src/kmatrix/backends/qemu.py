@@ -240,12 +240,16 @@ def run_qemu(
     if not slots.acquire(weight, lambda: _STOPPING.is_set() or cancelled()):
         raise InfraError("the run is being interrupted or the cell failed; QEMU was not started")
     try:
-        return _run_qemu(argv, timeout)
+        return _run_qemu(argv, timeout, cancelled)
     finally:
         slots.release()
 
 
-def _run_qemu(argv: list[str], timeout: float) -> QemuRun:
+#: How often a running QEMU's caller looks at ``cancelled``.
+CANCEL_POLL_S = 0.5
+
+
+def _run_qemu(argv: list[str], timeout: float, cancelled: Callable[[], bool]) -> QemuRun:
     start = time.monotonic()
     # Start and register under the lock kill_all takes after setting _STOPPING: a QEMU
     # started while a run is being interrupted would otherwise escape the kill.
@@ -267,13 +271,21 @@ def _run_qemu(argv: list[str], timeout: float) -> QemuRun:
             pass_fds=fds,
         )
         _LIVE.add(proc)
-    timed_out = False
+    timed_out = stopped = False
     try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc)
-        _, err = proc.communicate()
+        while True:
+            left = start + timeout - time.monotonic()
+            try:
+                # Retrying communicate() after its timeout loses no output (subprocess docs).
+                _, err = proc.communicate(timeout=max(0.0, min(CANCEL_POLL_S, left)))
+                break
+            except subprocess.TimeoutExpired:
+                stopped = cancelled()
+                if stopped or left <= CANCEL_POLL_S:
+                    timed_out = not stopped
+                    _kill_group(proc)
+                    _, err = proc.communicate()
+                    break
     except BaseException:
         _kill_group(proc)
         proc.wait()
@@ -283,6 +295,8 @@ def _run_qemu(argv: list[str], timeout: float) -> QemuRun:
             _LIVE.discard(proc)
     if _STOPPING.is_set():
         raise InfraError("the run was interrupted; QEMU was killed")
+    if stopped:
+        raise InfraError("the cell failed elsewhere; this boot of it was stopped")
     return QemuRun(
         returncode=None if timed_out else proc.returncode,
         timed_out=timed_out,
