@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from oomboots import run_oom_matrix
+from oomboots import measured_boots, run_oom_matrix
 
 pytestmark = pytest.mark.qemu
 
@@ -58,7 +58,7 @@ def test_no_killable_ends_in_a_panic_recorded_as_its_outcome(oom_run: dict[str, 
 
 
 def test_each_panic_costs_one_boot(oom_run: dict[str, Any]) -> None:
-    boots = oom_run["boots"]
+    boots = measured_boots(oom_run["boots"])
     assert len(boots) == 2
     assert boots[0]["finished"] == 2 and boots[1]["finished"] == 0
     assert all(b["panic"] == "System is deadlocked on memory" for b in boots)
