@@ -170,9 +170,10 @@ def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> OomRepeat:
                         "status": "not run"}  # fmt: skip
     if result is None and start is None:
         return entry | {"error": _no_start_reason(boot), "victims": []}
-    roles = _pids(result or start or {})
+    record = result or start or {}
+    roles = _pids(record)
     entry["start_uptime_s"] = (start or {}).get("uptime")
-    harness = (result or start or {}).get("harness_pid")
+    harness = record.get("harness_pid")
     kills, events = kills_for(log, roles, harness if isinstance(harness, int) else None)
     victims = _ordered_roles(kills)
     entry |= {"kills": kills, "constraint": _constraint(events)}
