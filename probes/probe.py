@@ -23,6 +23,7 @@ import catalog
 import knobs
 import oom
 import oom_run
+import resume
 import swap
 import system
 from scenario_child import run_scenario
@@ -31,6 +32,8 @@ from scenarios import SCENARIOS
 from wire import Output
 
 PROBE_VERSION = 1
+#: How long --oom-from waits for its plan; the host saves the guest within seconds.
+PLAN_TIMEOUT_S = 300.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -52,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--oom",
         default="",
         help="OOM experiments: all, or name[:first-last],... (repeat indexes); default none",
+    )
+    p.add_argument(
+        "--oom-from",
+        default="",
+        help="a device to read the --oom plan from, once the probe is ready (resume.py: the "
+        "host saves the guest while it waits); replaces --oom",
     )
     p.add_argument("--oom-repeats", type=int, default=3, help="repeats per experiment (3)")
     p.add_argument(
@@ -203,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join([*SCENARIOS, *oom.EXPERIMENTS]))
         return 0
     names = select_scenarios(args.scenarios) if args.scenarios else []
+    if args.oom_from:
+        args.oom = resume.await_plan(args.oom_from, PLAN_TIMEOUT_S)
     plan = select_oom(args)
     out = Output(args.out)
     settings = make_settings(args)

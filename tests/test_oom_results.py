@@ -152,7 +152,8 @@ def test_report_section_renders_like_the_rest_of_the_report() -> None:
         "oom": [{"name": "oom-memcg-v1", "status": "refused"}],
     }
     text = oom_section([qemu, docker])
-    assert "| 5.10   |       192.0 |       1 |                  3 |          44.0 |" in text
+    cells = "| 5.10   |       192.0 |              1 |          0 |"
+    assert cells + "                  3 |          44.0 |" in text
     assert re.search(r"^\| experiment +\| 5\.10 +\| host \(container\) +\|$", text, re.M)
 
 

@@ -30,7 +30,8 @@ kernels:
 def oom_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two repeats of each experiment: one boot, plus one for the second panic."""
     run = run_oom_matrix(MATRIX, Path(tmp_path_factory.mktemp("oom")))
-    return {"experiments": {e["name"]: e for e in run.experiments}, "boots": run.boots}
+    return {"experiments": {e["name"]: e for e in run.experiments}, "boots": run.boots,
+            "snapshot": run.snapshot}  # fmt: skip
 
 
 def test_unmapped_memfd_holder_is_never_the_first_victim(oom_run: dict[str, Any]) -> None:
@@ -62,3 +63,26 @@ def test_each_panic_costs_one_boot(oom_run: dict[str, Any]) -> None:
     assert len(boots) == 2
     assert boots[0]["finished"] == 2 and boots[1]["finished"] == 0
     assert all(b["panic"] == "System is deadlocked on memory" for b in boots)
+
+
+def test_both_panics_ran_in_restores_of_one_saved_boot(oom_run: dict[str, Any]) -> None:
+    """The kernel booted once: both boots were restored from the saved one and each still
+    ended in out_of_memory()'s panic (mm/oom_kill.c: no task chosen, not a memcg OOM)."""
+    saved = oom_run["snapshot"]
+    assert saved["error"] is None and saved["size_bytes"] > 32 << 20
+    boots = measured_boots(oom_run["boots"])
+    assert [b["restored"] for b in boots] == [True, True]
+    assert boots[0]["release"] == boots[1]["release"] and boots[0]["mem_total"]
+
+
+def test_snapshot_off_boots_each_lane(tmp_path: Path) -> None:
+    """oom.snapshot: false: no saved boot; the panic (mm/oom_kill.c out_of_memory(), nothing
+    killable) ends a boot that booted the kernel itself."""
+    text = MATRIX.replace("timeout: 30}", "timeout: 30, snapshot: false}").replace(
+        "repeats: 2, experiments: [oom-global-memfd-unmapped, oom-no-killable]",
+        "repeats: 1, experiments: [oom-no-killable]",
+    )
+    run = run_oom_matrix(text, tmp_path)
+    assert run.snapshot is None
+    (boot,) = measured_boots(run.boots)
+    assert boot["restored"] is False and boot["panic"] == "System is deadlocked on memory"

@@ -21,9 +21,11 @@ from kmatrix.resources import data_root
 PROBES_DIR = data_root() / "probes"
 
 
-def _load() -> ModuleType:
-    path = PROBES_DIR / "catalog.py"
-    spec = importlib.util.spec_from_file_location("kmatrix_probe_catalog", path)
+def probe_module(name: str) -> ModuleType:
+    """A probe module that imports only the standard library (``catalog``, ``resume``),
+    loaded by path: the host reads the probe's own constants instead of copying them."""
+    path = PROBES_DIR / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"kmatrix_probe_{name}", path)
     if spec is None or spec.loader is None:  # pragma: no cover - the file ships with kmatrix
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
@@ -31,7 +33,7 @@ def _load() -> ModuleType:
     return module
 
 
-_CATALOG = _load()
+_CATALOG = probe_module("catalog")
 SCENARIOS: tuple[str, ...] = tuple(_CATALOG.SCENARIOS)
 EXPERIMENTS: tuple[str, ...] = tuple(_CATALOG.EXPERIMENTS)
 EXPECTED_PANIC: frozenset[str] = frozenset(_CATALOG.EXPECTED_PANIC)

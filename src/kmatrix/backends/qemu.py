@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kmatrix.backends import lifeline
+from kmatrix.backends.qmp import load_command
 from kmatrix.backends.slots import Slots
 from kmatrix.errors import InfraError
 
@@ -31,6 +32,8 @@ BASE_APPEND = "panic=-1 mitigations=off"
 #: The virtio-blk serials of the ext4 and the swap disk, which the guest's init looks for.
 DISK_SERIAL = "kmxdisk"
 SWAP_SERIAL = "kmxswap"
+#: The OOM plan disk of a boot that is saved and restored (probes/resume.py reads it).
+PLAN_SERIAL = "kmxplan"
 
 # Seconds past a boot's timeout after which the guard kills QEMU on its own: kmatrix kills
 # it at the timeout; the guard is for a kmatrix that can no longer do so.
@@ -140,9 +143,12 @@ class QemuSpec:
     accel: str = "tcg"
     disk: Path | None = None
     swap: Path | None = None  # a raw image the guest's init formats as swap (serial kmxswap)
+    plan: Path | None = None  # the OOM plan disk of a saved or restored boot (serial kmxplan)
     cpus: int = 1
     append: str = ""
     arch: Arch = AMD64
+    qmp: Path | None = None  # a QMP socket to create (a boot that is saved: backends.qmp)
+    incoming: Path | None = None  # a saved guest state to start from instead of booting
 
 
 def build_argv(spec: QemuSpec) -> list[str]:
@@ -169,12 +175,19 @@ def build_argv(spec: QemuSpec) -> list[str]:
     ]  # fmt: skip
     # The guest's init finds each disk by its serial (/sys/block/vdX/serial), never by its
     # name: which one becomes vda is up to the order QEMU creates and Linux probes them.
-    for image, serial in ((spec.disk, DISK_SERIAL), (spec.swap, SWAP_SERIAL)):
+    disks = ((spec.disk, DISK_SERIAL), (spec.swap, SWAP_SERIAL), (spec.plan, PLAN_SERIAL))
+    for image, serial in disks:
         if image is not None:
             argv += [
                 "-drive", f"file={image},format=raw,if=none,id={serial},cache=unsafe",
                 "-device", f"virtio-blk-pci,drive={serial},serial={serial}",
             ]  # fmt: skip
+    # A restored QEMU must have the saved one's devices in the same order (it has: the same
+    # spec but for the files behind them); only the state comes from the file.
+    if spec.qmp is not None:
+        argv += ["-qmp", f"unix:{spec.qmp},server=on,wait=off"]
+    if spec.incoming is not None:
+        argv += ["-incoming", load_command(spec.incoming)]
     return argv
 
 
@@ -228,6 +241,7 @@ def run_qemu(
     timeout: float,
     weight: float = 0.0,
     cancelled: Callable[[], bool] = lambda: False,
+    watch: Callable[[], None] | None = None,
 ) -> QemuRun:
     """Run QEMU to completion or ``timeout`` once a slot is free (set_parallel); QEMU never
     outlives this call (even on Ctrl-C). The timeout and duration start with QEMU.
@@ -235,21 +249,30 @@ def run_qemu(
     ``weight`` is how much the boot will run (scenario runs, OOM repeats): of the boots
     waiting for a slot, the heaviest starts first (backends.slots). Once ``cancelled()`` is
     true (the cell failed elsewhere) a boot still waiting for its slot is not started.
+    ``watch`` is called every WATCH_POLL_S while QEMU runs (it may talk to QEMU over QMP;
+    what it raises kills QEMU and propagates).
     """
     slots = _SLOTS
     if not slots.acquire(weight, lambda: _STOPPING.is_set() or cancelled()):
         raise InfraError("the run is being interrupted or the cell failed; QEMU was not started")
     try:
-        return _run_qemu(argv, timeout, cancelled)
+        return _run_qemu(argv, timeout, cancelled, watch)
     finally:
         slots.release()
 
 
 #: How often a running QEMU's caller looks at ``cancelled``.
 CANCEL_POLL_S = 0.5
+#: How often ``watch`` is called: a boot that waits to be saved waits this long at most.
+WATCH_POLL_S = 0.1
 
 
-def _run_qemu(argv: list[str], timeout: float, cancelled: Callable[[], bool]) -> QemuRun:
+def _run_qemu(
+    argv: list[str],
+    timeout: float,
+    cancelled: Callable[[], bool],
+    watch: Callable[[], None] | None = None,
+) -> QemuRun:
     start = time.monotonic()
     # Start and register under the lock kill_all takes after setting _STOPPING: a QEMU
     # started while a run is being interrupted would otherwise escape the kill.
@@ -272,16 +295,19 @@ def _run_qemu(argv: list[str], timeout: float, cancelled: Callable[[], bool]) ->
         )
         _LIVE.add(proc)
     timed_out = stopped = False
+    poll = CANCEL_POLL_S if watch is None else WATCH_POLL_S
     try:
         while True:
             left = start + timeout - time.monotonic()
             try:
                 # Retrying communicate() after its timeout loses no output (subprocess docs).
-                _, err = proc.communicate(timeout=max(0.0, min(CANCEL_POLL_S, left)))
+                _, err = proc.communicate(timeout=max(0.0, min(poll, left)))
                 break
             except subprocess.TimeoutExpired:
+                if watch is not None:
+                    watch()
                 stopped = cancelled()
-                if stopped or left <= CANCEL_POLL_S:
+                if stopped or left <= poll:
                     timed_out = not stopped
                     _kill_group(proc)
                     _, err = proc.communicate()
@@ -361,6 +387,32 @@ def make_swap_image(path: Path, size_bytes: int) -> None:
     path.unlink(missing_ok=True)
     with path.open("wb") as f:
         f.truncate(size_bytes)
+
+
+def copy_sparse(src: Path, dest: Path, chunk: int = 1 << 20) -> None:
+    """Copy a disk image, leaving its all-zero chunks as holes (a formatted swap disk is a
+    header and nothing else: each restored boot gets its own copy of it)."""
+    with src.open("rb") as fin, dest.open("wb") as fout:
+        while block := fin.read(chunk):
+            if block.count(0) == len(block):
+                fout.seek(len(block), os.SEEK_CUR)
+            else:
+                fout.write(block)
+        fout.truncate(src.stat().st_size)
+
+
+#: The plan disk's size: the same for the saved boot and every restored one (a virtio disk
+#: that changed size under a restored guest would be a different device).
+PLAN_DISK_BYTES = 64 * 1024
+
+
+def write_plan_disk(path: Path, content: bytes) -> None:
+    """The plan disk: ``content`` (probes/resume.py's format, or nothing), zero-padded."""
+    if len(content) > PLAN_DISK_BYTES:
+        raise InfraError(f"an OOM plan of {len(content)} bytes does not fit its plan disk")
+    with path.open("wb") as f:
+        f.write(content)
+        f.truncate(PLAN_DISK_BYTES)
 
 
 def make_disk(path: Path, size_bytes: int) -> None:

@@ -7,12 +7,17 @@ or an unexpected panic or hang — costs only the unit that was running (the pro
 it with a ``start`` record): that unit is recorded from the console and the next boot runs
 what is left. The OOM boots use their own guest memory (``oom.memory``), not the accounting
 boot's.
+
+With ``oom.snapshot`` (the default) the kernel is booted once per cell: that boot is saved
+when its probe is ready (backends.qmp, probes/resume.py) and every boot above is a restore
+of it, told its units by a plan disk of its own. If the saving boot fails, the lanes boot.
 """
 
 from __future__ import annotations
 
 import itertools
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,18 +29,22 @@ from kmatrix.backends.qemu import (
     QemuSpec,
     arch_for,
     build_argv,
+    copy_sparse,
     make_swap_image,
     run_qemu,
+    write_plan_disk,
 )
 from kmatrix.backends.qemu import read_log as _read
-from kmatrix.catalog import ENDS_BOOT, NEEDS_SWAP
+from kmatrix.backends.qmp import Saved, save_and_quit
+from kmatrix.catalog import ENDS_BOOT, NEEDS_SWAP, probe_module
 from kmatrix.cells.console import analyze_console
 from kmatrix.cells.plan import OomPlan, QemuPlan
+from kmatrix.errors import InfraError
 from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import Module, modules_to_load
 from kmatrix.guest.userland import Userland, cell_archive, write_initrd
 from kmatrix.results.contract import Hello
-from kmatrix.results.contract_oom import OomBoot, OomExperiment
+from kmatrix.results.contract_oom import OomBoot, OomExperiment, OomSnapshot
 from kmatrix.results.oom import BootEnd, BootOutput, Unit, assemble
 from kmatrix.results.schema import parse_probe_output
 
@@ -63,6 +72,25 @@ class OomRun:
     experiments: list[OomExperiment]
     boots: list[OomBoot] = field(default_factory=list)
     consoles: list[str] = field(default_factory=list)
+    snapshot: OomSnapshot | None = None  # the saved boot the others were restored from
+    snapshot_console: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A cell's OOM boot saved while its probe waited for a plan: what each lane restores."""
+
+    state: Path  # the saved guest (backends.qmp)
+    initrd: Path  # a restored QEMU is given the saved one's command line, initrd included
+    swap: Path | None  # its swap disk, formatted by its init: each restore gets a copy
+
+
+_RESUME = probe_module("resume")
+
+
+def plan_block(units: list[Unit]) -> bytes:
+    """A plan disk's content for ``units`` (read by probes/resume.py parse_block)."""
+    return bytes(_RESUME.MAGIC) + plan_arg(units).encode("ascii") + b"\n"
 
 
 def plan_arg(units: list[Unit]) -> str:
@@ -96,56 +124,157 @@ def _boot_timeout(oom: OomPlan, units: list[Unit]) -> float:
     return BOOT_ALLOWANCE_S + len(units) * UNIT_S + HUNG_REPEATS_ALLOWED * oom.timeout_s
 
 
-def _boot(
-    kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path,
-    units: list[Unit], index: int, image: Path, cancelled: Callable[[], bool],
-) -> BootOutput:  # fmt: skip
-    """One OOM boot running ``units``; returns what came back (never raises on a panic)."""
+def _oom_args(plan: QemuPlan, units: list[Unit], swap: bool, saved: bool) -> dict[str, str]:
+    """What an OOM boot's /init reads from /kmatrix/args."""
     cfg = plan.oom
-    arch = arch_for(plan.arch)
-    args = {
+    return {
         "KMX_MODE": "oom",
-        "KMX_RESULT_DEV": arch.result_device,
+        "KMX_RESULT_DEV": arch_for(plan.arch).result_device,
         "KMX_OOM": plan_arg(units),
         "KMX_OOM_REPEATS": str(cfg.repeats),
         "KMX_OOM_TIMEOUT": str(cfg.timeout_s),
         "KMX_SHM_SIZE": str(int(cfg.memory_bytes * SHM_FRACTION)),
         "KMX_SIZE_MIB": "0",
         "KMX_SCENARIOS": "",
+        "KMX_SWAP": "1" if swap else "0",
+        "KMX_SNAPSHOT": "1" if saved else "0",
     }
-    initrd = workdir / f"oom-{index}.initrd"
-    swap = (
-        swap_image(workdir, min(plan.swap_bytes, int(cfg.memory_bytes * OOM_SWAP_FRACTION)),
-                   name=f"oom-{index}.swap.img")
-        if any(u.name in NEEDS_SWAP for u in units)
-        else None
-    )  # fmt: skip
-    args["KMX_SWAP"] = "1" if swap is not None else "0"
-    write_initrd(userland, cell_archive(args, _boot_modules(kernel, swap is not None)), initrd)
-    spec = QemuSpec(
+
+
+def _oom_spec(plan: QemuPlan, image: Path, initrd: Path, workdir: Path, name: str) -> QemuSpec:
+    """An OOM boot's QEMU, logs named after ``name``; the caller adds its disks."""
+    return QemuSpec(
         vmlinuz=image,
         initrd=initrd,
-        console_log=workdir / f"oom-{index}.console.log",
-        result_log=workdir / f"oom-{index}.results.log",
-        memory_bytes=cfg.memory_bytes,
+        console_log=workdir / f"{name}.console.log",
+        result_log=workdir / f"{name}.results.log",
+        memory_bytes=plan.oom.memory_bytes,
         accel=plan.accel,
-        swap=swap,
         cpus=plan.cpus,
         append=f"{OOM_APPEND} {plan.cmdline}".strip(),
-        arch=arch,
+        arch=arch_for(plan.arch),
     )
+
+
+def _oom_swap_bytes(plan: QemuPlan, units: list[Unit]) -> int:
+    """The swap disk an OOM boot of ``units`` gets (0: none)."""
+    if not any(u.name in NEEDS_SWAP for u in units):
+        return 0
+    return min(plan.swap_bytes, int(plan.oom.memory_bytes * OOM_SWAP_FRACTION))
+
+
+def _boot(
+    kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path,
+    units: list[Unit], index: int, image: Path, cancelled: Callable[[], bool],
+    snapshot: Snapshot | None = None,
+) -> BootOutput:  # fmt: skip
+    """One OOM boot running ``units``, booted or restored from ``snapshot``; returns what
+    came back (never raises on a panic)."""
+    name = f"oom-{index}"
+    made: list[Path] = []  # this boot's own files, removed after it
+    if snapshot is None:
+        swap = swap_image(workdir, _oom_swap_bytes(plan, units), name=f"{name}.swap.img")
+        initrd = workdir / f"{name}.initrd"
+        args = _oom_args(plan, units, swap is not None, saved=False)
+        write_initrd(userland, cell_archive(args, _boot_modules(kernel, swap is not None)), initrd)
+        made += [initrd, *([swap] if swap else [])]
+        spec = replace(_oom_spec(plan, image, initrd, workdir, name), swap=swap)
+    else:
+        swap = None
+        if snapshot.swap is not None:
+            swap = workdir / f"{name}.swap.img"
+            copy_sparse(snapshot.swap, swap)
+            made.append(swap)
+        plan_disk = workdir / f"{name}.plan.img"
+        write_plan_disk(plan_disk, plan_block(units))
+        made.append(plan_disk)
+        spec = replace(_oom_spec(plan, image, snapshot.initrd, workdir, name),
+                       swap=swap, plan=plan_disk, incoming=snapshot.state)  # fmt: skip
     # Weighed by its repeats: the main boot gets a slot before the panicking repeats' boots.
     try:
         run = run_qemu(
-            build_argv(spec), _boot_timeout(cfg, units), weight=len(units), cancelled=cancelled
-        )
+            build_argv(spec), _boot_timeout(plan.oom, units), weight=len(units),
+            cancelled=cancelled,
+        )  # fmt: skip
     finally:
-        initrd.unlink(missing_ok=True)
-        if swap is not None:
-            swap.unlink(missing_ok=True)
+        for path in made:
+            path.unlink(missing_ok=True)
     console = _read(spec.console_log)
     probe = parse_probe_output(_read(spec.result_log).splitlines())
-    return BootOutput(index, units, probe, console, _boot_end(run, console))
+    return BootOutput(index, units, probe, console, _boot_end(run, console), snapshot is not None)
+
+
+#: Seconds the saving boot may take to reach the probe and be saved (a boot takes 3-8 s).
+SAVE_BOOT_TIMEOUT_S = BOOT_ALLOWANCE_S
+#: Seconds for writing the saved state (about 0.3 s for a 192M guest).
+SAVE_TIMEOUT_S = 60.0
+
+
+class _Saver:
+    """Watches the saving boot's console; once the probe says it waits, saves and quits."""
+
+    def __init__(self, console: Path, qmp: Path, state: Path) -> None:
+        self.console, self.qmp, self.state = console, qmp, state
+        self.saved: Saved | None = None
+        self.error: str | None = None
+
+    def poll(self) -> None:
+        """Called by run_qemu while QEMU runs."""
+        if self.saved or self.error or _RESUME.MARK not in _read(self.console):
+            return
+        try:
+            self.saved = save_and_quit(self.qmp, self.state, SAVE_TIMEOUT_S)
+        except InfraError as exc:
+            self.error = str(exc)
+
+
+def take_snapshot(
+    kernel: PreparedKernel, userland: Userland, plan: QemuPlan, workdir: Path,
+    image: Path, cancelled: Callable[[], bool],
+) -> tuple[Snapshot | None, OomSnapshot, str]:  # fmt: skip
+    """Boot the OOM guest to its probe and save it: (what to restore or None, the record,
+    the saving boot's console). Never raises for what the guest did."""
+    units = list(plan.oom.units)
+    swap = swap_image(workdir, _oom_swap_bytes(plan, units), name="saved.swap.img")
+    initrd = workdir / "saved.initrd"
+    args = _oom_args(plan, [], swap is not None, saved=True)
+    # virtio_blk for the plan disk, where the kernel builds it as a module.
+    write_initrd(userland, cell_archive(args, _boot_modules(kernel, True)), initrd)
+    plan_disk = workdir / "saved.plan.img"
+    write_plan_disk(plan_disk, b"")
+    # A unix socket path is limited to 108 bytes: kept short, outside the work directory.
+    sockdir = Path(tempfile.mkdtemp(prefix="kmx-qmp-"))
+    spec = replace(_oom_spec(plan, image, initrd, workdir, "saved"),
+                   swap=swap, plan=plan_disk, qmp=sockdir / "qmp")  # fmt: skip
+    saver = _Saver(spec.console_log, sockdir / "qmp", workdir / "saved.state")
+    try:
+        run = run_qemu(build_argv(spec), SAVE_BOOT_TIMEOUT_S + SAVE_TIMEOUT_S,
+                       weight=len(units), cancelled=cancelled, watch=saver.poll)  # fmt: skip
+    finally:
+        plan_disk.unlink(missing_ok=True)
+        shutil.rmtree(sockdir, ignore_errors=True)
+    console = _read(spec.console_log)
+    record: OomSnapshot = {
+        "duration_s": run.duration_s,
+        "save_s": saver.saved.seconds if saver.saved else None,
+        "size_bytes": saver.saved.size_bytes if saver.saved else None,
+        "error": None if saver.saved else saver.error or _why_unsaved(run, console),
+    }
+    if saver.saved is None:
+        for path in (initrd, swap, saver.state):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        return None, record, console
+    return Snapshot(saver.saved.path, initrd, swap), record, console
+
+
+def _why_unsaved(run: QemuRun, console: str) -> str:
+    summary = analyze_console(console)
+    if summary.panic:
+        return f"the guest panicked before its probe was ready: {summary.panic}"
+    if run.timed_out:
+        return f"the probe was not ready within {SAVE_BOOT_TIMEOUT_S:.0f} s"
+    return f"QEMU exited (status {run.returncode}) before the probe was ready"
 
 
 #: The OOM boots' swap disk, as a fraction of oom.memory: room for the swapped holder (half
@@ -206,7 +335,8 @@ def run_oom_boots(
     cancel: threading.Event | None = None,
 ) -> OomRun:
     """Run every OOM unit of the plan on ``kernel``: its lanes side by side, each one boot
-    plus one per early end. QEMU's slots (backends.qemu) bound how many run at once.
+    plus one per early end, restored from one saved boot when ``oom.snapshot`` is on (and
+    the saving worked). QEMU's slots (backends.qemu) bound how many run at once.
 
     ``keep_workdir`` keeps each boot's raw console and result logs (for fixtures); ``image``
     is what QEMU boots (kmatrix.guest.bootimage), the kernel's vmlinuz by default; once
@@ -219,20 +349,35 @@ def run_oom_boots(
     lanes = plan_lanes(units)
     counter = itertools.count(1)
     stop = cancel or threading.Event()
+    image = image or kernel.vmlinuz
+    snapshot, record, saved_console = None, None, ""
+    if plan.oom.snapshot:
+        snapshot, record, saved_console = take_snapshot(
+            kernel, userland, plan, workdir, image, stop.is_set
+        )
 
-    def run_lane(lane: list[Unit]) -> list[BootOutput]:
-        return _run_lane(lane, lambda rest: _boot(
-            kernel, userland, plan, workdir, rest, next(counter),
-            image or kernel.vmlinuz, stop.is_set), stop.is_set)  # fmt: skip
+    def boot(rest: list[Unit]) -> BootOutput:
+        out = _boot(kernel, userland, plan, workdir, rest, next(counter), image, stop.is_set,
+                    snapshot)  # fmt: skip
+        if out.restored and out.probe.hello is None and not out.end.get("panic"):
+            # QEMU could not load the saved state (its stderr said why): boot instead.
+            out = _boot(kernel, userland, plan, workdir, rest, next(counter), image, stop.is_set)
+        return out
 
-    with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="oom-lane") as pool:
-        per_lane = list(pool.map(run_lane, lanes))
+    try:
+        with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="oom-lane") as pool:
+            per_lane = list(pool.map(lambda lane: _run_lane(lane, boot, stop.is_set), lanes))
+    finally:
+        if snapshot is not None:
+            for path in (snapshot.state, snapshot.initrd, snapshot.swap):
+                if path is not None:
+                    path.unlink(missing_ok=True)
     # Numbered in lane order, whatever order the lanes finished in.
     boots = [replace(b, index=i) for i, b in enumerate(itertools.chain(*per_lane), 1)]
-    result = OomRun(assemble(units, boots))
-    for boot in boots:
-        result.boots.append(boot.summary())
-        result.consoles.append(boot.console)
+    result = OomRun(assemble(units, boots), snapshot=record, snapshot_console=saved_console)
+    for b in boots:
+        result.boots.append(b.summary())
+        result.consoles.append(b.console)
     if not keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return result

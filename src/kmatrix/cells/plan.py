@@ -39,6 +39,7 @@ class OomPlan:
     repeats: int
     timeout_s: int  # per repeat, inside the guest or container
     memory_bytes: int  # guest RAM of the OOM boots (QEMU cells)
+    snapshot: bool = True  # boot once, save, restore every OOM boot from it (QEMU cells)
 
 
 @dataclass(frozen=True)

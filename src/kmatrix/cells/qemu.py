@@ -201,12 +201,21 @@ def _record_oom(cell: Cell, oom: OomRun, plan: QemuPlan, console_dest: Path) -> 
     cell["oom"] = oom.experiments
     cell["oom_boots"] = oom.boots
     cell["oom_memory_bytes"] = plan.oom.memory_bytes
+    saving_s = 0.0
+    if oom.snapshot is not None:
+        cell["oom_snapshot"] = oom.snapshot
+        saving_s = oom.snapshot["duration_s"]
     # Boot time summed: the boots run side by side, so this is more than the wall time.
-    cell["oom_duration_s"] = round(sum(b["duration_s"] for b in oom.boots), 2)
+    cell["oom_duration_s"] = round(sum(b["duration_s"] for b in oom.boots) + saving_s, 2)
     cell["duration_s"] = round(cell["duration_s"] + cell["oom_duration_s"], 2)
     with console_dest.open("a") as f:
+        if oom.snapshot is not None:
+            f.write("\n===== kmatrix OOM boot 0: booted to the probe and saved; the OOM boots "
+                    "below that say restored started from it =====\n")  # fmt: skip
+            f.write(oom.snapshot_console)
         for boot, text in zip(oom.boots, oom.consoles, strict=True):
-            f.write(f"\n===== kmatrix OOM boot {boot['index']} ({boot['units']} repeats) =====\n")
+            how = f"{boot['units']} repeats" + (", restored" if boot.get("restored") else "")
+            f.write(f"\n===== kmatrix OOM boot {boot['index']} ({how}) =====\n")
             f.write(condense_floods(text)[0])  # parsed in full already (results.oom)
 
 

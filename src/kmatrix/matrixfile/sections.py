@@ -128,6 +128,9 @@ class OomConfig(Strict):
     experiments: list[str] | Literal["all"] = "all"
     memory: Size = 192 * MIB  # guest RAM of the OOM boots (the accounting boot keeps guest.memory)
     timeout: int = 30  # seconds per repeat inside the guest before it counts as hung
+    #: Boot the kernel once per cell, save it when the probe is ready, and restore every OOM
+    #: boot from that (false: boot each one).
+    snapshot: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> OomConfig:

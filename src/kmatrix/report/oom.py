@@ -189,16 +189,22 @@ def timing_table(cells: Sequence[JSON]) -> str:
         if not boots:
             continue
         mem = c.get("oom_memory_bytes")
+        saved = c.get("oom_snapshot") or {}
+        restored = sum(1 for b in boots if b.get("restored"))
+        # Kernel boots: the saving one (saved or not) and every boot that was not a restore.
+        booted = len(boots) - restored + (1 if saved else 0)
+        seconds = sum(float(b.get("duration_s") or 0) for b in boots)
         rows.append([
             cell_label(c),
             mib(mem) if mem else "—",
-            str(len(boots)),
+            str(booted),
+            str(restored),
             str(sum(int(b.get("finished") or 0) for b in boots)),
-            f"{sum(float(b.get('duration_s') or 0) for b in boots):.1f}",
+            f"{seconds + float(saved.get('duration_s') or 0):.1f}",
         ])  # fmt: skip
     if not rows:
         return ""
-    headers = ["cell", "guest MiB", "boots", "repeats finished", "OOM seconds"]
+    headers = ["cell", "guest MiB", "kernel boots", "restored", "repeats finished", "OOM seconds"]
     return md_table(rows, headers, numeric=True)
 
 

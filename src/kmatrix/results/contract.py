@@ -23,7 +23,7 @@ from pydantic import StringConstraints
 # pydantic needs typing_extensions' TypedDict before Python 3.12.
 from typing_extensions import TypedDict
 
-from kmatrix.results.contract_oom import OomBoot, OomExperiment
+from kmatrix.results.contract_oom import OomBoot, OomExperiment, OomSnapshot
 
 CellStatus = Literal["ok", "incomplete", "failed", "timeout", "panic", "error", "skipped"]
 Backend = Literal["qemu", "docker"]
@@ -209,6 +209,7 @@ class Cell(TypedDict):
     console_tail: NotRequired[list[str]]
     early_crashes: NotRequired[int]
     oom_boots: NotRequired[list[OomBoot]]
+    oom_snapshot: NotRequired[OomSnapshot]
     oom_memory_bytes: NotRequired[int]
     oom_duration_s: NotRequired[float]
     wall_s: NotRequired[float]

@@ -221,7 +221,23 @@ class OomBoot(TypedDict):
     mem_total: int | None
     release: str | None
     probe_uptime_s: float | None
+    #: Started from the cell's saved OOM boot (``oom_snapshot``) instead of booting the kernel.
+    restored: NotRequired[bool]
     duration_s: NotRequired[float]
     timed_out: NotRequired[bool]
     returncode: NotRequired[int | None]
     panic: NotRequired[str | None]
+
+
+class OomSnapshot(TypedDict):
+    """The boot a QEMU cell's OOM boots were restored from (``cell.oom_snapshot``).
+
+    It booted the kernel, started the probe and was saved (QEMU migration to a file) while
+    the probe waited for its plan; ``error`` says why there was no saved boot, and the OOM
+    boots were then booted one by one.
+    """
+
+    duration_s: float  # the saving boot, from QEMU's start to its exit
+    save_s: float | None  # stopping the guest and writing its state
+    size_bytes: int | None  # of the saved state
+    error: str | None

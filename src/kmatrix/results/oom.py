@@ -61,6 +61,7 @@ class BootOutput:
     probe: ProbeOutput
     console: str
     end: BootEnd
+    restored: bool = False  # started from the cell's saved boot, not booted (cells.oom_boots)
 
     def records(self, event: str) -> dict[Unit, JSON]:
         """The probe's ``oom`` records of one kind (``start`` / ``result``) by unit."""
@@ -84,6 +85,7 @@ class BootOutput:
             "mem_total": hello.get("mem_total"),
             "release": hello.get("release"),
             "probe_uptime_s": hello.get("uptime"),  # when the probe started, since boot
+            "restored": self.restored,
         }
         # How it ended, but for the console tail (the console log has it all).
         end = self.end

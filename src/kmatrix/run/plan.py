@@ -39,6 +39,7 @@ def oom_plan(matrix: Matrix) -> OomPlan:
         repeats=cfg.repeats,
         timeout_s=cfg.timeout,
         memory_bytes=cfg.memory,
+        snapshot=cfg.snapshot,
     )
 
 
@@ -89,6 +90,7 @@ PARSERS = (
     "cells/qemu.py",
     "cells/oom_boots.py",
     "backends/qemu.py",
+    "backends/qmp.py",
     "guest/bootimage.py",
     "guest/kmods.py",
     "guest/userland.py",
