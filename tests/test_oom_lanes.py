@@ -87,3 +87,16 @@ def test_a_cancelled_lane_starts_no_boot() -> None:
 
     assert _run_lane([Unit("oom-no-killable", 0)], boot, lambda: True) == []
     assert booted == []
+
+
+def test_calm_repeats_split_into_consecutive_lanes_when_restored() -> None:
+    units = _units(EXPERIMENTS)
+    calm = [u for u in units if u.name not in catalog.ENDS_BOOT]
+    ending = [u for u in units if u.name in catalog.ENDS_BOOT]
+    first, second, *rest = plan_lanes(units, split=2)
+    assert first + second == calm + ending[:1]  # the canonical order, cut once
+    assert abs(len(first) - (len(second) - 1)) <= 1
+    assert rest == [[u] for u in ending[1:]]
+    assert plan_lanes(_units(("oom-no-killable",)), split=2) == plan_lanes(
+        _units(("oom-no-killable",))
+    )
