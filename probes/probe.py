@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--oom-from",
-        default="",
+        default=None,
         help="a device to read the --oom plan from, once the probe is ready (resume.py: the "
         "host saves the guest while it waits); replaces --oom",
     )
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join([*SCENARIOS, *oom.EXPERIMENTS]))
         return 0
     names = select_scenarios(args.scenarios) if args.scenarios else []
-    if args.oom_from:
+    if args.oom_from is not None:  # even "" (init found no plan disk): an error, not no plan
         args.oom = resume.await_plan(args.oom_from, PLAN_TIMEOUT_S)
     plan = select_oom(args)
     out = Output(args.out)

@@ -35,6 +35,9 @@ def await_plan(path: str, timeout: float) -> str:
     O_DIRECT: the guest's own page cache is saved with it and would go on showing the saved
     boot's empty disk to a restored copy. SystemExit(2) after ``timeout`` seconds.
     """
+    if not path:
+        sys.stderr.write("probe: --oom-from: no plan disk (the guest found no kmxplan disk)\n")
+        raise SystemExit(2)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT needs
     sys.stderr.write(MARK + "\n")

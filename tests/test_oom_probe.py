@@ -17,7 +17,7 @@ import oom_harness
 import oom_model
 import oom_scope
 import oom_watch
-from kmatrix.cells.oom_boots import plan_arg
+from kmatrix.cells.oom_guest import plan_arg
 from kmatrix.results.oom import EXPERIMENTS, Unit
 
 PAGE = 4096

@@ -20,12 +20,13 @@ from kmatrix.backends.qemu import (
 from kmatrix.backends.qemu import read_log as _read
 from kmatrix.cells.console import ConsoleSummary, analyze_console
 from kmatrix.cells.oom_boots import (
+    EARLY_CRASH_MARK,
     EARLY_CRASH_RETRIES,
     OomRun,
     crashed_early,
     run_oom_boots,
-    swap_image,
 )
+from kmatrix.cells.oom_guest import swap_image
 from kmatrix.cells.plan import QemuPlan
 from kmatrix.errors import QemuFailedToStart as QemuFailedToStart
 from kmatrix.guest.bootimage import boot_file
@@ -33,6 +34,7 @@ from kmatrix.guest.kernels import PreparedKernel
 from kmatrix.guest.kmods import modules_to_load
 from kmatrix.guest.userland import Userland, cell_archive, write_initrd
 from kmatrix.results.contract import Cell, CellStatus, KernelInfo
+from kmatrix.results.contract_oom import OomSnapshot
 from kmatrix.results.oomlog import condense_floods
 from kmatrix.results.repeats import aggregate_scenarios
 from kmatrix.results.schema import ProbeOutput, new_cell, parse_probe_output
@@ -210,13 +212,22 @@ def _record_oom(cell: Cell, oom: OomRun, plan: QemuPlan, console_dest: Path) -> 
     cell["duration_s"] = round(cell["duration_s"] + cell["oom_duration_s"], 2)
     with console_dest.open("a") as f:
         if oom.snapshot is not None:
-            f.write("\n===== kmatrix OOM boot 0: booted to the probe and saved; the OOM boots "
-                    "below that say restored started from it =====\n")  # fmt: skip
+            f.write(_saved_header(oom.snapshot))
             f.write(oom.snapshot_console)
         for boot, text in zip(oom.boots, oom.consoles, strict=True):
             how = f"{boot['units']} repeats" + (", restored" if boot.get("restored") else "")
             f.write(f"\n===== kmatrix OOM boot {boot['index']} ({how}) =====\n")
             f.write(condense_floods(text)[0])  # parsed in full already (results.oom)
+
+
+def _saved_header(saved: OomSnapshot) -> str:
+    if saved["error"] is None:
+        said = (
+            "booted to the probe and saved; the OOM boots below that say restored started from it"
+        )
+    else:
+        said = f"booted to be saved, but not saved ({saved['error']})"
+    return f"\n===== kmatrix OOM boot 0: {said} =====\n"
 
 
 # Where the kernel came from: the same for every run of one package, except the stale-pin
@@ -226,9 +237,6 @@ PROVENANCE_KEYS = (
     "archive", "archive_url", "suites", "skipped_suites", "stale_pin",
     "path", "modules", "modules_sha256", "config_file", "config_sha256", "build_sha256",
 )  # fmt: skip
-
-
-EARLY_CRASH_MARK = "===== kmatrix: this boot panicked before the probe started; booted again"
 
 
 def _boot_until_probe(spec: QemuSpec, timeout: float, weight: float) -> tuple[QemuRun, str, str]:

@@ -233,8 +233,8 @@ class OomSnapshot(TypedDict):
     """The boot a QEMU cell's OOM boots were restored from (``cell.oom_snapshot``).
 
     It booted the kernel, started the probe and was saved (QEMU migration to a file) while
-    the probe waited for its plan; ``error`` says why there was no saved boot, and the OOM
-    boots were then booted one by one.
+    the probe waited for its plan; ``error`` says why there was no saved boot (each OOM lane
+    then booted the kernel itself).
     """
 
     duration_s: float  # the saving boot, from QEMU's start to its exit

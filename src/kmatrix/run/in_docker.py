@@ -24,6 +24,7 @@ import requests.exceptions
 
 from kmatrix.backends import lifeline, qemu
 from kmatrix.backends.docker import API_TIMEOUT, LABEL, connect
+from kmatrix.cells.oom_saved import READY_TIMEOUT_S, SAVE_TIMEOUT_S
 from kmatrix.cells.plan import plan_units
 from kmatrix.config import DebianKernel, DockerKernel, Kernel, Matrix, load_matrix
 from kmatrix.debian.archive import default_cache_dir, resolve_mirror
@@ -149,11 +150,14 @@ def runner_memory(matrix: Matrix, kernel: DebianKernel) -> int:
 def runner_timeout(matrix: Matrix) -> float:
     """Seconds the whole container may run: download, the accounting boot, the OOM boots.
 
-    OOM boots can restart after an early end, so their budget counts twice.
+    OOM boots can restart after an early end, so their budget counts twice; the boot they
+    are restored from (oom.snapshot) comes before them.
     """
     units = plan_units(matrix.oom.experiments, matrix.oom.repeats)
     per_unit = matrix.oom.timeout + OOM_UNIT_SLACK_S
     oom = OOM_BOOT_ALLOWANCE_S + len(units) * per_unit if units else 0
+    if units and matrix.oom.snapshot:
+        oom += READY_TIMEOUT_S + SAVE_TIMEOUT_S
     return float(DOWNLOAD_ALLOWANCE_S + matrix.probe.cell_timeout + 2 * oom)
 
 

@@ -89,6 +89,8 @@ PARSERS = (
     "results/schema.py",
     "cells/qemu.py",
     "cells/oom_boots.py",
+    "cells/oom_guest.py",
+    "cells/oom_saved.py",
     "backends/qemu.py",
     "backends/qmp.py",
     "guest/bootimage.py",
