@@ -155,7 +155,7 @@ def runner_timeout(matrix: Matrix) -> float:
     """
     units = plan_units(matrix.oom.experiments, matrix.oom.repeats)
     per_unit = matrix.oom.timeout + OOM_UNIT_SLACK_S
-    oom = OOM_BOOT_ALLOWANCE_S + len(units) * per_unit if units else 0
+    oom = float(OOM_BOOT_ALLOWANCE_S + len(units) * per_unit if units else 0)
     if units and matrix.oom.snapshot:
         oom += READY_TIMEOUT_S + SAVE_TIMEOUT_S
     return float(DOWNLOAD_ALLOWANCE_S + matrix.probe.cell_timeout + 2 * oom)
