@@ -47,6 +47,32 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+class ProcFile:
+    """A /proc file opened once and read again from its start with pread.
+
+    Opening it again would look its path up; a dentry or inode evicted under memory
+    pressure is then allocated anew (GFP_KERNEL|__GFP_RECLAIMABLE), and that allocation can
+    invoke the OOM killer itself, with the reader as its trigger. Seen in the OOM harness,
+    which reads /proc per chunk while memory runs out.
+    """
+
+    #: More than /proc/PID/status or /proc/meminfo ever hold; one read returns it all.
+    SIZE = 16384
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self) -> str:
+        """The file's text as of now (OSError once the process behind it is gone)."""
+        return os.pread(self.fd, self.SIZE, 0).decode("ascii", errors="replace")
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def read_int(path: str) -> int | None:
     """The integer a /proc, /sys or cgroup file starts with (a sysctl, memory.current), or
     None if the file does not exist or holds no integer."""

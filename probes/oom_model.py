@@ -15,30 +15,60 @@ these counters, which is the whole point of the experiments.
 
 from __future__ import annotations
 
-from accounting import parse_kb_fields, read_text
+from accounting import ProcFile, parse_kb_fields
 
 #: /proc/PID/status fields kept in a snapshot (bytes).
 SNAPSHOT_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmPTE", "VmSwap")
 OOM_SCORE_ADJ_MIN = -1000
 
 
-def snapshot(pid: int) -> dict[str, int] | None:
-    """RSS counters, page tables, oom_score and oom_score_adj of ``pid``.
+class ProcOf:
+    """/proc/PID/status, oom_score and oom_score_adj of one process, kept open so that
+    snapshots taken while memory runs out allocate nothing (accounting.ProcFile)."""
 
-    None when the process is gone or a zombie (a zombie's status has no VmRSS), so a
-    snapshot never mixes a live process with a dead one.
-    """
+    def __init__(self, pid: int) -> None:
+        self.files: list[ProcFile] = []
+        try:
+            for name in ("status", "oom_score", "oom_score_adj"):
+                self.files.append(ProcFile(f"/proc/{pid}/{name}"))
+        except OSError:
+            self.close()
+            raise
+
+    def snapshot(self) -> dict[str, int] | None:
+        """RSS counters, page tables, oom_score and oom_score_adj, as of now.
+
+        None when the process is gone or a zombie (a zombie's status has no VmRSS), so a
+        snapshot never mixes a live process with a dead one.
+        """
+        status, score, adj = self.files
+        try:
+            fields = parse_kb_fields(status.read())
+            points, adjust = int(score.read()), int(adj.read())
+        except (OSError, ValueError):
+            return None
+        if "VmRSS" not in fields:
+            return None
+        snap = {name: fields.get(name, 0) for name in SNAPSHOT_FIELDS}
+        snap.update(oom_score=points, oom_score_adj=adjust)
+        return snap
+
+    def close(self) -> None:
+        """Close the files."""
+        for f in self.files:
+            f.close()
+
+
+def snapshot(pid: int) -> dict[str, int] | None:
+    """One :meth:`ProcOf.snapshot` of ``pid``; None when it is gone or a zombie."""
     try:
-        fields = parse_kb_fields(read_text(f"/proc/{pid}/status"))
-        score = int(read_text(f"/proc/{pid}/oom_score"))
-        adj = int(read_text(f"/proc/{pid}/oom_score_adj"))
-    except (OSError, ValueError):
+        proc = ProcOf(pid)
+    except OSError:
         return None
-    if "VmRSS" not in fields:
-        return None
-    snap = {name: fields.get(name, 0) for name in SNAPSHOT_FIELDS}
-    snap.update(oom_score=score, oom_score_adj=adj)
-    return snap
+    try:
+        return proc.snapshot()
+    finally:
+        proc.close()
 
 
 def badness(snap: dict[str, int], total_pages: int, page_size: int) -> int | None:

@@ -8,6 +8,7 @@ Also the system-wide readings a repeat records (Shmem, swap in use, the oom_kill
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import time
@@ -15,20 +16,27 @@ from dataclasses import dataclass, field
 
 import oom_growth
 import oom_model
-from accounting import parse_flat_keyed, read_meminfo, read_text
+from accounting import ProcFile, meminfo_metrics, parse_flat_keyed, read_meminfo, read_text
 from oom import Record
 from oom_harness import Role
 
 SETTLE_S = 0.15  # after the hog died: time for group kills / reaping to finish
 
 
-def snapshot_all(roles: list[Role], harness: bool = False) -> dict[str, dict[str, int]] | None:
+def snapshot_all(
+    roles: list[Role], procs: dict[int, oom_model.ProcOf], harness: bool = False
+) -> dict[str, dict[str, int]] | None:
     """/proc values of every role (and of the harness when it shares their cgroup, as it
-    does in a container: it is then an OOM candidate too); None if one is gone."""
+    does in a container: it is then an OOM candidate too); None if one is gone. ``procs``
+    keeps each process's files open from one snapshot to the next (oom_model.ProcOf)."""
     snaps = {}
     pids = [(r.name, r.pid) for r in roles if r.name != "creator"]
     for name, pid in pids + ([("harness", os.getpid())] if harness else []):
-        snap = oom_model.snapshot(pid)
+        try:
+            proc = procs.get(pid) or procs.setdefault(pid, oom_model.ProcOf(pid))
+        except OSError:
+            return None
+        snap = proc.snapshot()
         if snap is None:
             return None
         snaps[name] = snap
@@ -66,6 +74,16 @@ class Watch:
     outcome: str = "timeout"
     write_error: str | None = None  # the writer's errno name, when a write() failed
     stall: Record | None = None  # the driver went quiet while alive: what it was doing
+    #: The /proc files read while the driver runs, opened once (accounting.ProcFile).
+    procs: dict[int, oom_model.ProcOf] = field(default_factory=dict)
+    meminfo: ProcFile | None = None
+
+    def close(self) -> None:
+        """Close the /proc files the watch kept open."""
+        for proc in self.procs.values():
+            proc.close()
+        if self.meminfo is not None:
+            self.meminfo.close()
 
 
 def _on_message(message: Record, roles: list[Role], watch: Watch, harness: bool) -> bool:
@@ -73,7 +91,7 @@ def _on_message(message: Record, roles: list[Role], watch: Watch, harness: bool)
     if "progress" in message:
         watch.hog_bytes = int(message["progress"])
         if not watch.deaths:
-            watch.snapshot = snapshot_all(roles, harness) or watch.snapshot
+            watch.snapshot = snapshot_all(roles, watch.procs, harness) or watch.snapshot
     if "write_error" in message:
         watch.write_error = str(message["write_error"])
         watch.outcome = "write-error"
@@ -84,8 +102,11 @@ def _on_message(message: Record, roles: list[Role], watch: Watch, harness: bool)
     return False
 
 
-def _death(role: Role, start: float) -> Record:
-    info = read_meminfo()
+def _death(role: Role, start: float, meminfo: ProcFile) -> Record:
+    try:
+        info = meminfo_metrics(meminfo.read())
+    except (OSError, ValueError):
+        info = {}
     return {
         "role": role.name,
         "t": round(time.monotonic() - start, 3),
@@ -103,7 +124,23 @@ def watch(
     The driver is the last role (the hog, or the memfd writer); the repeat ends shortly
     after it dies or stops. ``harness``: include the harness in the snapshots (it shares
     the roles' cgroup)."""
-    result = Watch()
+    # Opened now, while memory is still free: reading them again allocates nothing.
+    result = Watch(meminfo=ProcFile("/proc/meminfo"))
+    for pid in [r.pid for r in roles if r.name != "creator"] + ([os.getpid()] if harness else []):
+        with contextlib.suppress(OSError):  # gone already: its snapshot will say so
+            result.procs[pid] = oom_model.ProcOf(pid)
+    try:
+        return _follow(roles, start, deadline, harness, stall_s, result)
+    finally:
+        result.close()
+
+
+def _follow(
+    roles: list[Role], start: float, deadline: float, harness: bool,
+    stall_s: float | None, result: Watch,
+) -> Watch:  # fmt: skip
+    assert result.meminfo is not None
+    meminfo = result.meminfo
     live = {r.channel.fd: r for r in roles if r.name != "creator"}
     driver = roles[-1]
     stop_at, heard = deadline, time.monotonic()
@@ -126,7 +163,7 @@ def watch(
             if messages is None:
                 role.alive = False
                 del live[fd]
-                result.deaths.append(_death(role, start))
+                result.deaths.append(_death(role, start, meminfo))
                 if role is driver and result.outcome == "timeout":
                     result.outcome = f"{driver.name}-died"
                     stop_at = time.monotonic() + SETTLE_S

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -100,6 +101,51 @@ def test_snapshot_of_this_process_and_of_a_missing_one() -> None:
     snap = oom_model.snapshot(os.getpid())
     assert snap is not None and snap["VmRSS"] > 0 and "oom_score" in snap
     assert oom_model.snapshot(2**22 + 12345) is None
+
+
+def test_open_proc_files_follow_a_process_without_reopening_until_it_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oom_model.ProcOf: what the harness reads while memory runs out, opened once."""
+    import builtins
+    import mmap
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child that maps 32 MiB when told to, then waits
+        os.close(w)  # so that the parent's end closing ends it, whatever the test did
+        os.read(r, 1)
+        keep = mmap.mmap(
+            -1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+        )
+        os.read(r, 1)
+        del keep
+        os._exit(0)
+    proc = oom_model.ProcOf(pid)
+    # From here on no file may be opened by path: each snapshot reads the open ones.
+    monkeypatch.setattr(os, "open", lambda *a, **k: pytest.fail(f"os.open{a}"))
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: pytest.fail(f"open{a}"))
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        before = proc.snapshot()
+        os.write(w, b"g")
+        deadline = time.monotonic() + 10
+        after = proc.snapshot()
+        while after is not None and after["RssAnon"] - (before or after)["RssAnon"] < 30 << 20:
+            assert time.monotonic() < deadline, after
+            time.sleep(0.05)
+            after = proc.snapshot()
+        assert before and after and len(os.listdir("/proc/self/fd")) == fds
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+        assert proc.snapshot() is None  # reaped: the open files no longer read
+    finally:
+        monkeypatch.undo()
+        proc.close()
+        os.close(r)
+        os.close(w)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def test_sizes_keep_the_roles_in_order() -> None:
