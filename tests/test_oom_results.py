@@ -24,7 +24,7 @@ from kmatrix.results.oom import (
     entries_from_probe,
     summarize,
 )
-from kmatrix.results.schema import parse_probe_output
+from kmatrix.results.schema import ProbeOutput, parse_probe_output
 
 FIXTURES = Path(__file__).parent / "fixtures" / "oom"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "probes"))
@@ -238,3 +238,34 @@ def test_a_boot_that_panics_before_the_probe_is_booted_again() -> None:
     assert crashed_early(None, summary.panic)
     assert not crashed_early({"type": "hello"}, summary.panic)  # the probe ran: a result
     assert not crashed_early(None, None)  # no panic (a hang): not retried
+
+
+def _dropped_boot(probe_victims: list[str]) -> BootOutput:
+    """A real 7.3-rc console (oom.memory 160M, oom-memcg-v2-memfd-growth-protected repeat 2)
+    whose printk dropped the Killed lines of two of the three bystanders, with that repeat's
+    probe records (pids as recorded in its results.json)."""
+    unit = Unit("oom-memcg-v2-memfd-growth-protected", 2)
+    pids = {"bystander-1": 175, "bystander-2": 176, "bystander-3": 177, "writer": 178}
+    start = {"type": "oom", "event": "start", "name": unit.name, "repeat": 2, "pids": pids}
+    result = start | {"event": "result", "status": "ok", "outcome": "writer-stalled",
+                      "probe_victims": probe_victims}  # fmt: skip
+    console = (FIXTURES / "7.3-rc-killed-lines-dropped.console.log").read_text()
+    return BootOutput(2, [unit], ProbeOutput(hello={}, oom=[start, result]), console, {})
+
+
+def test_kills_the_console_dropped_are_taken_from_the_probe_and_marked() -> None:
+    """The console has only bystander-3's Killed line ("** N printk messages dropped **"
+    around it); the probe saw all three die by SIGKILL, so the victims are all three and
+    the two without a line are named."""
+    unit = Unit("oom-memcg-v2-memfd-growth-protected", 2)
+    seen = ["bystander-3", "bystander-2", "bystander-1"]
+    (exp,) = assemble([unit], [_dropped_boot(seen)])
+    (run,) = exp["runs"]
+    assert [k["role"] for k in run["kills"]] == ["bystander-3"]
+    assert run["victims"] == seen and run["victims_source"] == "kernel+probe"
+    assert run["kills_lost_from_console"] == ["bystander-2", "bystander-1"]
+    # When the probe saw no more deaths than the console shows, nothing is added.
+    (exp,) = assemble([unit], [_dropped_boot(["bystander-3"])])
+    (run,) = exp["runs"]
+    assert run["victims"] == ["bystander-3"] and run["victims_source"] == "kernel"
+    assert "kills_lost_from_console" not in run

@@ -151,7 +151,11 @@ class OomRepeat(TypedDict):
     no_killable_reports: NotRequired[int]
     victims: NotRequired[list[str]]
     first_victim: NotRequired[str | None]
+    #: "kernel" (Killed lines), "probe" (no line at all: the probe's SIGKILL exits) or
+    #: "kernel+probe" (some lines lost: kills_lost_from_console).
     victims_source: NotRequired[str]
+    #: Roles the probe saw killed whose Killed line the console does not have (dropped).
+    kills_lost_from_console: NotRequired[list[str]]
     holder_role: NotRequired[str | None]
     pids: NotRequired[dict[str, int] | None]
     sizes: NotRequired[dict[str, int] | None]

@@ -186,8 +186,16 @@ def unit_outcome(unit: Unit, boot: BootOutput, log: OomLog) -> OomRepeat:
         _from_probe(entry, result)
         # The probe's result records always carry a status (probes/README.md).
         entry |= {"status": cast(str, result.get("status")), "error": result.get("error")}
-        if not victims and result.get("probe_victims"):
-            victims, entry["victims_source"] = list(result["probe_victims"]), "probe"
+        seen = [r for r in result.get("probe_victims") or [] if isinstance(r, str)]
+        if not victims and seen:
+            victims, entry["victims_source"] = seen, "probe"
+        elif lost := [r for r in seen if r not in victims]:
+            # The probe saw them die by SIGKILL, the console has no Killed line for them:
+            # the kernel dropped it (7.3's "** N printk messages dropped **" under an OOM
+            # report flood). Appended in the order the harness saw the deaths.
+            victims = victims + lost
+            entry["kills_lost_from_console"] = lost
+            entry["victims_source"] = "kernel+probe"
     else:  # started, never finished: the boot ended under it
         _crashed(entry, boot, log, roles)
         entry["holder_role"] = (start or {}).get("holder_role")
