@@ -7,6 +7,7 @@ never replaced by a guessed number. Metric names: docs/architecture.md, "Metrics
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,14 +58,20 @@ class ProcFile:
     """
 
     #: More than /proc/PID/status or /proc/meminfo ever hold; one read returns it all.
-    SIZE = 16384
+    SIZE = 8192
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY)
+        # Read into one buffer of our own, and once now: a seq_file allocates its kernel
+        # page buffer at the first read, which should not be the one under pressure.
+        self._buf = bytearray(self.SIZE)
+        with contextlib.suppress(OSError):  # gone already: read() says so again later
+            self.read()
 
     def read(self) -> str:
         """The file's text as of now (OSError once the process behind it is gone)."""
-        return os.pread(self.fd, self.SIZE, 0).decode("ascii", errors="replace")
+        n = os.preadv(self.fd, [self._buf], 0)
+        return self._buf[:n].decode("ascii", errors="replace")
 
     def close(self) -> None:
         """Close the file (idempotent)."""

@@ -125,11 +125,13 @@ def watch(
     after it dies or stops. ``harness``: include the harness in the snapshots (it shares
     the roles' cgroup)."""
     # Opened now, while memory is still free: reading them again allocates nothing.
-    result = Watch(meminfo=ProcFile("/proc/meminfo"))
-    for pid in [r.pid for r in roles if r.name != "creator"] + ([os.getpid()] if harness else []):
-        with contextlib.suppress(OSError):  # gone already: its snapshot will say so
-            result.procs[pid] = oom_model.ProcOf(pid)
+    result = Watch()
     try:
+        result.meminfo = ProcFile("/proc/meminfo")
+        pids = [r.pid for r in roles if r.name != "creator"] + ([os.getpid()] if harness else [])
+        for pid in pids:
+            with contextlib.suppress(OSError):  # gone already: its snapshot will say so
+                result.procs[pid] = oom_model.ProcOf(pid)
         return _follow(roles, start, deadline, harness, stall_s, result)
     finally:
         result.close()

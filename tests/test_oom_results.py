@@ -253,19 +253,24 @@ def _dropped_boot(probe_victims: list[str]) -> BootOutput:
     return BootOutput(2, [unit], ProbeOutput(hello={}, oom=[start, result]), console, {})
 
 
-def test_kills_the_console_dropped_are_taken_from_the_probe_and_marked() -> None:
+def test_kills_the_console_dropped_are_named_not_merged() -> None:
     """The console has only bystander-3's Killed line ("** N printk messages dropped **"
-    around it); the probe saw all three die by SIGKILL, so the victims are all three and
-    the two without a line are named."""
+    around it); the probe saw all three die by SIGKILL: the two without a line are named,
+    and the victims stay what the kernel printed, in its order."""
+    from kmatrix.report.oom import experiment_table
+
     unit = Unit("oom-memcg-v2-memfd-growth-protected", 2)
-    seen = ["bystander-3", "bystander-2", "bystander-1"]
-    (exp,) = assemble([unit], [_dropped_boot(seen)])
+    (exp,) = assemble([unit], [_dropped_boot(["bystander-3", "bystander-2", "bystander-1"])])
     (run,) = exp["runs"]
     assert [k["role"] for k in run["kills"]] == ["bystander-3"]
-    assert run["victims"] == seen and run["victims_source"] == "kernel+probe"
+    assert run["victims"] == ["bystander-3"] and run["victims_source"] == "kernel"
     assert run["kills_lost_from_console"] == ["bystander-2", "bystander-1"]
-    # When the probe saw no more deaths than the console shows, nothing is added.
+    cell = {"id": "7.3-rc", "backend": "qemu", "oom": [exp]}
+    table = experiment_table([cell], unit.name)
+    row = next(line for line in table.splitlines() if "kills the console lost" in line)
+    assert row.split("|")[2].strip() == "2 in 1 repeat(s) (bystander-2, bystander-1)"
+    # When the probe saw no more deaths than the console shows, nothing is named.
     (exp,) = assemble([unit], [_dropped_boot(["bystander-3"])])
     (run,) = exp["runs"]
-    assert run["victims"] == ["bystander-3"] and run["victims_source"] == "kernel"
-    assert "kills_lost_from_console" not in run
+    assert run["victims"] == ["bystander-3"] and "kills_lost_from_console" not in run
+    assert "kills the console lost" not in experiment_table([cell | {"oom": [exp]}], unit.name)

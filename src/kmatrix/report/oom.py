@@ -59,6 +59,9 @@ NOTES = (
     "fault of its Python process, just after a kill and before the victim's memory is back), "
     "the kill is the harness's doing, not the experiment's. The row is shown only where that "
     "happened.",
+    "*kills the console lost*: roles the probe saw die by SIGKILL that have no Killed line on "
+    "the console (the kernel's printk dropped it under a flood of OOM reports); the victims "
+    "row lists only what the kernel printed. Shown only where it happened.",
     "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
     "`writer-stalled` (alive, no progress for 1.5 s: see the repeat's `stall` record), "
     "`panic` (the boot ended: the next boot ran the remaining repeats).",
@@ -124,6 +127,15 @@ def _harness_kills(entry: JSON) -> str:
     return f"{len(set_off)} of {len(kills)} kills ({roles})"
 
 
+def _lost_kills(entry: JSON) -> str:
+    """Kills the probe saw whose Killed line the console lost ("—": none)."""
+    lost = [run.get("kills_lost_from_console") or [] for run in entry.get("runs") or []]
+    if not any(lost):
+        return "—"
+    roles = ", ".join(dict.fromkeys(str(r) for repeat in lost for r in repeat))
+    return f"{sum(map(len, lost))} in {sum(1 for x in lost if x)} repeat(s) ({roles})"
+
+
 def _panic(entry: JSON) -> str:
     text = "yes" if entry.get("panic") else "no"
     if entry.get("panic_expected"):
@@ -132,11 +144,12 @@ def _panic(entry: JSON) -> str:
 
 
 #: Rows about the harness, not the kernel: never marked as kernels disagreeing.
-NOT_KERNEL_ROWS = frozenset({"kills the harness set off"})
+NOT_KERNEL_ROWS = frozenset({"kills the harness set off", "kills the console lost"})
 
 ROWS: tuple[tuple[str, Callable[[JSON], str]], ...] = (
     ("victims (kill order)", _victims),
     ("kills the harness set off", _harness_kills),
+    ("kills the console lost", _lost_kills),
     ("model predicts", _model),
     ("model = kernel's first victim", _agree),
     ("ended", lambda e: distribution([str(x) for x in e.get("ended", [])])),

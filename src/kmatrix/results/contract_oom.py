@@ -151,10 +151,10 @@ class OomRepeat(TypedDict):
     no_killable_reports: NotRequired[int]
     victims: NotRequired[list[str]]
     first_victim: NotRequired[str | None]
-    #: "kernel" (Killed lines), "probe" (no line at all: the probe's SIGKILL exits) or
-    #: "kernel+probe" (some lines lost: kills_lost_from_console).
+    #: "kernel" (Killed lines) or "probe" (no line at all: the probe's SIGKILL exits).
     victims_source: NotRequired[str]
-    #: Roles the probe saw killed whose Killed line the console does not have (dropped).
+    #: Roles the probe saw die by SIGKILL that have no Killed line on the console (dropped
+    #: by the kernel's printk); not in ``victims``, whose order is the kernel's.
     kills_lost_from_console: NotRequired[list[str]]
     holder_role: NotRequired[str | None]
     pids: NotRequired[dict[str, int] | None]
