@@ -28,15 +28,14 @@ def snapshot_all(
 ) -> dict[str, dict[str, int]] | None:
     """/proc values of every role (and of the harness when it shares their cgroup, as it
     does in a container: it is then an OOM candidate too); None if one is gone. ``procs``
-    keeps each process's files open from one snapshot to the next (oom_model.ProcOf)."""
+    holds each process's files, opened once by watch() (oom_model.ProcOf)."""
     snaps = {}
     pids = [(r.name, r.pid) for r in roles if r.name != "creator"]
     for name, pid in pids + ([("harness", os.getpid())] if harness else []):
-        try:
-            proc = procs.get(pid) or procs.setdefault(pid, oom_model.ProcOf(pid))
-        except OSError:
-            return None
-        snap = proc.snapshot()
+        # watch() opened every file before the driver started; one it could not open was of
+        # a process gone already (no path lookup here, while memory runs out).
+        proc = procs.get(pid)
+        snap = proc.snapshot() if proc is not None else None
         if snap is None:
             return None
         snaps[name] = snap

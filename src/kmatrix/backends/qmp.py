@@ -23,6 +23,8 @@ from kmatrix.errors import InfraError
 #: QEMU 7.2 migrates at 32 MiB/s unless told otherwise; the file is local.
 MAX_BANDWIDTH = 1 << 40
 POLL_S = 0.05
+#: What to do instead, named in every error of a saved boot.
+FALLBACK_HINT = "the OOM lanes boot the kernel instead (oom.snapshot: false does so always)"
 
 
 def save_command(part: Path, dest: Path) -> str:
@@ -78,10 +80,6 @@ class _Client:
     def close(self) -> None:
         self._file.close()
         self._sock.close()
-
-
-#: What to do instead, named in every error of a saved boot.
-FALLBACK_HINT = "the OOM lanes boot the kernel instead (oom.snapshot: false does so always)"
 
 
 def save_and_quit(qmp: Path, dest: Path, timeout: float) -> float:

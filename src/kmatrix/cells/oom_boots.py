@@ -91,16 +91,17 @@ def _boot(
     try:
         if snapshot is None:
             swap = swap_image(workdir, oom_swap_bytes(plan, units), name=f"{name}.swap.img")
-            made += [workdir / f"{name}.initrd", *([swap] if swap else [])]
+            initrd = workdir / f"{name}.initrd"
+            made += [initrd, *([swap] if swap else [])]
             args = oom_args(plan, units, swap is not None, saved=False)
             write_initrd(userland, cell_archive(args, boot_modules(kernel, swap is not None)),
-                         made[0])  # fmt: skip
-            spec = replace(oom_spec(plan, image, made[0], workdir, name), swap=swap)
+                         initrd)  # fmt: skip
+            spec = replace(oom_spec(plan, image, initrd, workdir, name), swap=swap)
         else:
             swap = workdir / f"{name}.swap.img" if snapshot.spec.swap else None
             plan_disk = workdir / f"{name}.plan.img"
             made += [plan_disk, *([swap] if swap else [])]
-            if snapshot.spec.swap and swap:
+            if snapshot.spec.swap is not None and swap is not None:
                 copy_sparse(snapshot.spec.swap, swap)  # formatted by the saving boot's init
             write_plan_disk(plan_disk, plan_block(units))
             spec = restored_spec(snapshot, workdir, name, swap, plan_disk)
