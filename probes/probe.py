@@ -150,6 +150,7 @@ def hello_record(settings: Settings, cgroups: system.Cgroups) -> dict[str, Any]:
         "shm_size": settings.shm_size,
         "disk_fs": system.fs_type(settings.disk_dir),
         "python": ".".join(map(str, sys.version_info[:3])),  # platform: 27 ms under TCG
+        "cmdline": system.kernel_cmdline(),  # what the kernel booted with (kpti=0 on arm64)
         "knobs": knobs.read_knobs(),  # every setting that can change an answer, as it is
     }
 

@@ -260,3 +260,11 @@ def uptime() -> float | None:
         return float(read_text("/proc/uptime").split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def kernel_cmdline() -> str | None:
+    """The kernel's command line (/proc/cmdline), or None when it cannot be read."""
+    try:
+        return read_text("/proc/cmdline").strip()
+    except OSError:
+        return None

@@ -232,6 +232,8 @@ def test_stream_has_hello_every_scenario_and_done(host_run: dict[str, Any]) -> N
         "SC_PAGE_SIZE"
     )
     assert hello["cgroup"] in ("v1", "v2", "none") and hello["python"].startswith("3.")
+    with open("/proc/cmdline") as f:
+        assert hello["cmdline"] == f.read().strip()
     assert done == {"type": "done", "scenarios": len(ALL)}
     assert [r["name"] for r in records[1:-1]] == ALL
     keys = {

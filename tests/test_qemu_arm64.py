@@ -79,3 +79,13 @@ def test_report_names_the_architecture(run: tuple[dict[str, Any], Path]) -> None
     console = (out / "console" / "6.12-arm64.log").read_text(errors="replace")
     assert "Machine model: linux,dummy-virt" in console
     assert "results to /dev/vport" in console
+
+
+def test_kpti_is_off_as_the_command_line_asks(run: tuple[dict[str, Any], Path]) -> None:
+    """arch/arm64/kernel/cpufeature.c, unmap_kernel_at_el0(): ``kpti=0`` sets __kpti_forced
+    to -1, which wins over KASLR's "forced ON"; the hello records the command line it got."""
+    results, out = run
+    (cell,) = results["cells"]
+    assert "kpti=0" in cell["probe"]["cmdline"].split()
+    console = (out / "console" / "6.12-arm64.log").read_text(errors="replace")
+    assert "kernel page table isolation forced OFF by kpti command line option" in console

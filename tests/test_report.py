@@ -184,6 +184,16 @@ def test_provenance_has_every_sha256_and_machine_facts() -> None:
     assert "QEMU 7.2.22" in text and "CONFIG_MEMCG_V1" in text and "/dev/shm size MiB" in text
 
 
+def test_provenance_shows_the_kernel_command_line_only_where_recorded() -> None:
+    results = load("partial-5.10-6.1.json")
+    assert "kernel command line" not in render_report(results)  # recorded before the probe had it
+    results["cells"][0]["probe"]["cmdline"] = "console=ttyS0,115200 panic=-1 mitigations=off"
+    text = render_report(results).split("## Provenance", 1)[1]
+    (row,) = [line for line in text.splitlines() if line.startswith("| kernel command line")]
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert cells == ["`console=ttyS0,115200 panic=-1 mitigations=off`", "—"]
+
+
 def test_docker_cell_provenance_names_the_engine() -> None:
     results = load("dev-6.1.json")
     results["cells"].append(

@@ -227,6 +227,12 @@ def _arch(cell: JSON, run: JSON) -> str:
     return str(cell.get("arch") or "—")
 
 
+def _cmdline(cell: JSON) -> str:
+    """The accounting boot's /proc/cmdline (the OOM boots add ``quiet``), as code."""
+    cmdline = get_path(cell, "probe", "cmdline")
+    return f"`{cmdline}`" if cmdline else "—"
+
+
 def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
     keys = sorted({key for c in cells for key in (get_path(c, "kernel", "config") or {})})
     rows: list[list[str]] = [
@@ -244,6 +250,8 @@ def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
         ["/dev/shm size MiB", *(mib(get_path(c, "probe", "shm_size")) for c in cells)],
         ["cgroup", *(str(get_path(c, "probe", "cgroup") or "—") for c in cells)],
     ]
+    if any(get_path(c, "probe", "cmdline") for c in cells):  # recorded since probe 2026-12
+        rows.append(["kernel command line", *(_cmdline(c) for c in cells)])
     rows += _knob_rows(cells)
     return md_table(rows, ["", *(cell_label(c) for c in cells)])
 

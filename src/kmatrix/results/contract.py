@@ -146,6 +146,7 @@ class Hello(TypedDict, total=False):
     shm_size: int | None
     disk_fs: str | None
     python: str
+    cmdline: str | None
     knobs: HelloKnobs
     uptime: float | None
 
