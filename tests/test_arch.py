@@ -31,7 +31,8 @@ def _after(argv: list[str], flag: str) -> list[str]:
 def test_amd64_argv() -> None:
     """Disks carry a serial the guest's init finds them by (the swap disk too)."""
     assert build_argv(SPEC) == [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max,-erms,-fsrm", "-m", "512M", "-smp", "1",
+        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max,-erms,-fsrm,-smap",
+        "-m", "512M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", "/k/vmlinuz", "-initrd", "/w/initrd",
         "-append", "console=ttyS0,115200 panic=-1 mitigations=off quiet",

@@ -49,7 +49,8 @@ def test_qemu_plan_takes_the_kernel_sizes_over_the_guest() -> None:
     assert isinstance(plan, QemuPlan)
     assert (plan.memory_bytes, plan.shm_size, plan.cmdline) == (1024 * MIB, 128 * MIB, "x")
     assert (
-        plan.cpu == "max,-erms,-fsrm" and qemu_plan(matrix, matrix.kernels[0], "kvm").cpu == "host"
+        plan.cpu == "max,-erms,-fsrm,-smap"
+        and qemu_plan(matrix, matrix.kernels[0], "kvm").cpu == "host"
     )  # type: ignore[arg-type]
     assert len(plan.oom.units) == 3 * len(plan_units("all", 1))
     assert cell_args(plan)["KMX_SIZE_MIB"] == "64" and cell_args(plan)["KMX_SWAP"] == "0"

@@ -75,7 +75,7 @@ def test_cell_provenance(cell: dict[str, Any]) -> None:
     assert cell["accel"] == "tcg"
     assert cell["memory_bytes"] == 384 * MIB
     assert cell["boot"] == "pvh"  # Debian's amd64 kernels carry the PVH entry note
-    assert cell["cpu"] == "max,-erms,-fsrm"
+    assert cell["cpu"] == "max,-erms,-fsrm,-smap"
 
 
 def test_memfd_write_is_invisible_to_rss_but_not_to_shmem(cell: dict[str, Any]) -> None:
