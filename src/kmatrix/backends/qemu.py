@@ -28,7 +28,10 @@ QEMU_BINARY = "qemu-system-x86_64"
 
 # panic=-1 reboots at once on a panic and -no-reboot turns that into QEMU exiting, so a
 # panicked guest costs seconds, not the cell timeout. mitigations=off only speeds up TCG.
-BASE_APPEND = "panic=-1 mitigations=off"
+# cryptomgr.notests skips the crypto API's self-tests of every algorithm registered at boot
+# (RSA, ECDSA, ... in software under TCG): measured (6.12, a boot whose probe exits at once,
+# 3 boots each) 8.9 s -> 7.1 s of QEMU CPU. They test crypto code, nothing memory accounts.
+BASE_APPEND = "panic=-1 mitigations=off cryptomgr.notests"
 #: The virtio-blk serials of the ext4 and the swap disk, which the guest's init looks for.
 DISK_SERIAL = "kmxdisk"
 SWAP_SERIAL = "kmxswap"
