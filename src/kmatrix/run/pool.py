@@ -138,7 +138,7 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
     """Every cell of the run, ``--jobs`` at a time, each saved as soon as it is done."""
     jobs = run.opts.jobs or os.cpu_count() or 1
     # A cell alone (a CI job runs one) still boots its OOM lanes side by side on every core.
-    qemu.set_parallel(max(jobs, os.cpu_count() or 1))
+    qemu.set_parallel(max(jobs, qemu.default_slots()))
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
     try:
         futures = [
