@@ -127,22 +127,36 @@ def _run_one(
 
 
 def start_order(kernels: list[Kernel]) -> list[Kernel]:
-    """Cells in the order they start: foreign-architecture guests first (TCG runs an arm64
-    guest about 1.5x slower than an amd64 one), so the longest cell does not run alone at
-    the end; then matrix order. Results keep matrix order (MatrixRun.save)."""
+    """Cells in the order they start: Docker cells first (they take no QEMU slot and run
+    beside the QEMU cells, see run_cells), then foreign-architecture guests (TCG runs an
+    arm64 guest about 1.5x slower than an amd64 one), so the longest cell does not run alone
+    at the end; then matrix order. Results keep matrix order (MatrixRun.save)."""
     native = platform.machine()
-    return sorted(kernels, key=lambda k: qemu.arch_for(k.arch).uname_machine == native)
+    return sorted(
+        kernels,
+        key=lambda k: (
+            k.backend != "docker",
+            k.backend == "docker" or qemu.arch_for(k.arch).uname_machine == native,
+        ),
+    )
 
 
 def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) -> None:
-    """Every cell of the run, ``--jobs`` at a time, each saved as soon as it is done."""
+    """Every cell of the run, each saved as soon as it is done: the QEMU cells ``--jobs`` at
+    a time, the Docker cells one at a time beside them (they take no QEMU slot; queued behind
+    the QEMU cells, the host cell used to run alone for its ~10 s at the very end)."""
     jobs = run.opts.jobs or os.cpu_count() or 1
     # A cell alone (a CI job runs one) still boots its OOM lanes side by side on every core.
     qemu.set_parallel(max(jobs, qemu.default_slots()))
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
+    docker_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-cell")
+    pools = (pool, docker_pool)
     try:
         futures = [
-            pool.submit(_run_one, run, k, sources, userland) for k in start_order(run.kernels)
+            (docker_pool if k.backend == "docker" else pool).submit(
+                _run_one, run, k, sources, userland
+            )
+            for k in start_order(run.kernels)
         ]
         failed: _CellError | None = None
         cancelled = 0
@@ -165,7 +179,8 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
             _raise_cell_error(run, failed, cancelled)
     except KeyboardInterrupt:
         killed = qemu.kill_all() + docker_backend.kill_all()
-        pool.shutdown(wait=True, cancel_futures=True)
+        for each in pools:
+            each.shutdown(wait=True, cancel_futures=True)
         run.results["run"]["interrupted"] = now()
         run.save()
         done = len(run.results["cells"])
@@ -175,7 +190,8 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
         ) from None
     finally:
         # Whatever ended the loop (a cell's error, a full disk), queued cells do not start.
-        pool.shutdown(wait=True, cancel_futures=True)
+        for each in pools:
+            each.shutdown(wait=True, cancel_futures=True)
 
 
 def _raise_cell_error(run: MatrixRun, failed: _CellError, cancelled: int) -> None:
