@@ -93,6 +93,7 @@ def test_provenance_names_host_kernel_cgroup_and_engine(cell: dict[str, Any]) ->
     assert cell["probe"]["cgroup_mode"] == "shared"
     assert cell["probe"]["shm_size"] == SHM
     assert cell["probe"]["disk_fs"] not in (None, "tmpfs", "overlay")
+    assert "cmdline" not in cell["probe"]  # the host's boot line is not the report's
     assert cell["memory_bytes"] == MEMORY
 
 
