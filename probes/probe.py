@@ -74,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cgroup, e.g. a container's, whose limit is then the experiment's (container)",
     )
     p.add_argument(
+        "--host-kernel",
+        action="store_true",
+        help="the kernel is the host's own (a container): leave its boot command line out",
+    )
+    p.add_argument(
         "--list", action="store_true", help="list scenario and OOM experiment names and exit"
     )
     return p.parse_args(argv)
@@ -136,9 +141,13 @@ def make_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def hello_record(settings: Settings, cgroups: system.Cgroups) -> dict[str, Any]:
-    """The first record: what kind of system this is."""
-    return {
+def hello_record(
+    settings: Settings, cgroups: system.Cgroups, host_kernel: bool = False
+) -> dict[str, Any]:
+    """The first record: what kind of system this is. On the host's own kernel (a docker
+    cell) without ``cmdline``: that boot line is the host's (its init's arguments too), which
+    kmatrix set none of and a report has no business publishing."""
+    hello: dict[str, Any] = {
         "type": "hello",
         "probe_version": PROBE_VERSION,
         "release": os.uname().release,
@@ -150,9 +159,11 @@ def hello_record(settings: Settings, cgroups: system.Cgroups) -> dict[str, Any]:
         "shm_size": settings.shm_size,
         "disk_fs": system.fs_type(settings.disk_dir),
         "python": ".".join(map(str, sys.version_info[:3])),  # platform: 27 ms under TCG
-        "cmdline": system.kernel_cmdline(),  # what the kernel booted with (kpti=0 on arm64)
         "knobs": knobs.read_knobs(),  # every setting that can change an answer, as it is
     }
+    if not host_kernel:
+        hello["cmdline"] = system.kernel_cmdline()  # what the guest booted with (kpti=0 ...)
+    return hello
 
 
 def _cgroup_version(root: str) -> str:
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if names and cgroups.problem:
         sys.stderr.write(f"probe: cgroups: {cgroups.problem}\n")
     become_subreaper()
-    hello = hello_record(settings, cgroups) | {"uptime": system.uptime()}
+    hello = hello_record(settings, cgroups, args.host_kernel) | {"uptime": system.uptime()}
     out.emit(hello)
     emitted = run_passes(names, args, settings, cgroups, out)
     if cgroups.base_dir:

@@ -71,7 +71,7 @@ def cell(tmp_path_factory: pytest.TempPathFactory, image: ProbeImage) -> dict[st
     assert "KMX1 " in (tmp / "it" / "console" / "host.log").read_text()
     (only,) = results["cells"]
     assert only["status"] == "ok", only.get("reason")
-    return dict(only)
+    return dict(only) | {"_console": (tmp / "it" / "console" / "host.log").read_text()}
 
 
 def _sc(cell: dict[str, Any], name: str) -> dict[str, Any]:
@@ -93,7 +93,11 @@ def test_provenance_names_host_kernel_cgroup_and_engine(cell: dict[str, Any]) ->
     assert cell["probe"]["cgroup_mode"] == "shared"
     assert cell["probe"]["shm_size"] == SHM
     assert cell["probe"]["disk_fs"] not in (None, "tmpfs", "overlay")
-    assert "cmdline" not in cell["probe"]  # the host's boot line is not the report's
+    # The host's boot line is not the report's: not in the results, not in the console log.
+    assert "cmdline" not in cell["probe"]
+    with open("/proc/cmdline") as f:
+        host_cmdline = f.read().strip()
+    assert host_cmdline not in cell["_console"] and '"cmdline"' not in cell["_console"]
     assert cell["memory_bytes"] == MEMORY
 
 

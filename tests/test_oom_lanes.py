@@ -40,7 +40,7 @@ def test_only_panicking_repeats() -> None:
     assert plan_lanes([]) == []
 
 
-def test_docker_then_foreign_architecture_cells_start_first_matrix_order_otherwise() -> None:
+def test_foreign_architecture_cells_start_first_in_matrix_order_otherwise() -> None:
     from kmatrix.config import parse_matrix
     from kmatrix.run.pool import start_order
 
@@ -54,7 +54,7 @@ kernels:
   - {name: host, backend: docker, memory: 512M}
 """
     )
-    assert [k.name for k in start_order(list(matrix.kernels))] == ["host", "b", "a", "c"]
+    assert [k.name for k in start_order(list(matrix.kernels))] == ["b", "a", "c", "host"]
 
 
 def test_a_repeat_no_boot_started_is_told_by_its_own_lane() -> None:

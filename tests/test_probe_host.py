@@ -253,6 +253,12 @@ def test_stream_has_hello_every_scenario_and_done(host_run: dict[str, Any]) -> N
     assert {r["repeat"] for r in records[1:-1]} == {0}
 
 
+def test_on_the_host_kernel_the_hello_leaves_the_boot_line_out(tmp_path: Path) -> None:
+    records = run_probe("--scenarios", "", "--host-kernel", out=tmp_path / "records.kmx")
+    assert records[0]["type"] == "hello" and "cmdline" not in records[0]
+    assert "knobs" in records[0]  # the rest of the hello is still there
+
+
 @needs_root
 def test_repeats_are_whole_passes(tmp_path: Path) -> None:
     out = tmp_path / "records.kmx"

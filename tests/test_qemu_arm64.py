@@ -82,8 +82,9 @@ def test_report_names_the_architecture(run: tuple[dict[str, Any], Path]) -> None
 
 
 def test_kpti_is_off_as_the_command_line_asks(run: tuple[dict[str, Any], Path]) -> None:
-    """arch/arm64/kernel/cpufeature.c, unmap_kernel_at_el0(): ``kpti=0`` sets __kpti_forced
-    to -1, which wins over KASLR's "forced ON"; the hello records the command line it got."""
+    """arch/arm64/kernel/cpufeature.c: parse_kpti() (early_param "kpti") sets __kpti_forced
+    to -1 for ``kpti=0``; unmap_kernel_at_el0() forces KPTI on for KASLR only while
+    __kpti_forced is 0, and prints who forced it. The hello records the command line."""
     results, out = run
     (cell,) = results["cells"]
     assert "kpti=0" in cell["probe"]["cmdline"].split()

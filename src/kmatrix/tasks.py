@@ -59,7 +59,7 @@ def _finish(results: Results, note: str = "") -> None:
         "name": "report directory under reports/ (default: latest)",
         "kernels": "comma-separated cell names to run (default: all)",
         "matrix-file": "the matrix to run (default: matrix.yaml)",
-        "jobs": "cells run in parallel (default: one per CPU core)",
+        "jobs": "QEMU cells run in parallel (default: one per CPU core; Docker cells run beside)",
         "force": "rerun cells even when the result cache has them",
         "runtime": "host (default), or docker: every QEMU cell inside the runner image",
     }

@@ -111,7 +111,7 @@ ARM64 = Arch(
     # cortex-a72 3.5 s. Arm's v8.0 baseline is all a Debian arm64 kernel needs.
     tcg_cpu="cortex-a72",
     console="ttyAMA0",
-    # Debian's arm64 kernel forces page table isolation on when KASLR is on, whatever
+    # An arm64 kernel with KASLR (Debian's) forces page table isolation on, whatever
     # mitigations=off says ("kernel page table isolation forced ON by KASLR"). KPTI switches
     # the ASID in TTBR1 on every kernel entry and exit, and QEMU's TCG flushes its whole
     # software TLB on every ASID change (target/arm vmsa_ttbr_write). Measured (6.12 arm64,

@@ -131,6 +131,7 @@ def probe_command(
         "--scenarios", ",".join(names),
         "--timeout", str(int(timeout)),
         "--repeats", str(repeats),
+        "--host-kernel",  # the hello then leaves out the host's boot line
     ]  # fmt: skip
     if oom is not None:
         argv += ["--oom-memcg", "container", "--oom-repeats", str(oom.repeats)]
@@ -264,11 +265,7 @@ def _fill(cell: Cell, results: list[tuple[list[str], engine.ContainerRun, ProbeO
             seen = {rec.get("name") for rec in entries}
             cell["oom"] += [_failed_record(n, part_reason) for n in names if n not in seen]
         if probe.hello and not cell.get("probe"):
-            # A container's /proc/cmdline is the host's own boot line (its init's arguments
-            # too): kmatrix set none of it, and it is not the report's to publish.
-            hello = probe.hello.copy()
-            hello.pop("cmdline", None)
-            cell["probe"] = hello
+            cell["probe"] = probe.hello
     cell |= {
         "status": status,
         "reason": reason,

@@ -250,7 +250,7 @@ def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
         ["/dev/shm size MiB", *(mib(get_path(c, "probe", "shm_size")) for c in cells)],
         ["cgroup", *(str(get_path(c, "probe", "cgroup") or "—") for c in cells)],
     ]
-    if any(get_path(c, "probe", "cmdline") for c in cells):  # recorded since probe 2026-12
+    if any(get_path(c, "probe", "cmdline") for c in cells):  # older results have none
         rows.append(["kernel command line", *(_cmdline(c) for c in cells)])
     rows += _knob_rows(cells)
     return md_table(rows, ["", *(cell_label(c) for c in cells)])

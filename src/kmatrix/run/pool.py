@@ -127,24 +127,18 @@ def _run_one(
 
 
 def start_order(kernels: list[Kernel]) -> list[Kernel]:
-    """Cells in the order they start: Docker cells first (they take no QEMU slot and run
-    beside the QEMU cells, see run_cells), then foreign-architecture guests (TCG runs an
-    arm64 guest about 1.5x slower than an amd64 one), so the longest cell does not run alone
-    at the end; then matrix order. Results keep matrix order (MatrixRun.save)."""
+    """Cells in the order they start: foreign-architecture guests first (TCG runs an arm64
+    guest about 1.5x slower than an amd64 one), so the longest cell does not run alone at
+    the end; then matrix order. Results keep matrix order (MatrixRun.save). (Docker cells
+    start at once whatever their place: they have a worker of their own, see run_cells.)"""
     native = platform.machine()
-    return sorted(
-        kernels,
-        key=lambda k: (
-            k.backend != "docker",
-            k.backend == "docker" or qemu.arch_for(k.arch).uname_machine == native,
-        ),
-    )
+    return sorted(kernels, key=lambda k: qemu.arch_for(k.arch).uname_machine == native)
 
 
 def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) -> None:
     """Every cell of the run, each saved as soon as it is done: the QEMU cells ``--jobs`` at
-    a time, the Docker cells one at a time beside them (they take no QEMU slot; queued behind
-    the QEMU cells, the host cell used to run alone for its ~10 s at the very end)."""
+    a time, the Docker cells one at a time beside them from the start (they take no QEMU
+    slot; queued behind the QEMU cells, one would run alone at the end)."""
     jobs = run.opts.jobs or os.cpu_count() or 1
     # A cell alone (a CI job runs one) still boots its OOM lanes side by side on every core.
     qemu.set_parallel(max(jobs, qemu.default_slots()))
@@ -178,9 +172,11 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
         if failed is not None:
             _raise_cell_error(run, failed, cancelled)
     except KeyboardInterrupt:
+        run.failed.set()  # a worker between two cells must not start the next one
+        _stop_queued(pools)
         killed = qemu.kill_all() + docker_backend.kill_all()
         for each in pools:
-            each.shutdown(wait=True, cancel_futures=True)
+            each.shutdown(wait=True)
         run.results["run"]["interrupted"] = now()
         run.save()
         done = len(run.results["cells"])
@@ -190,8 +186,16 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
         ) from None
     finally:
         # Whatever ended the loop (a cell's error, a full disk), queued cells do not start.
+        _stop_queued(pools)
         for each in pools:
-            each.shutdown(wait=True, cancel_futures=True)
+            each.shutdown(wait=True)
+
+
+def _stop_queued(pools: tuple[ThreadPoolExecutor, ...]) -> None:
+    """Cancel every queued cell in every pool at once: waiting for one pool's running cells
+    first would let the other pool start its next cell meanwhile."""
+    for each in pools:
+        each.shutdown(wait=False, cancel_futures=True)
 
 
 def _raise_cell_error(run: MatrixRun, failed: _CellError, cancelled: int) -> None:
