@@ -246,8 +246,8 @@ def default_slots() -> int:
 
     TCG guests are CPU-bound, but not all the time: a guest's vCPUs idle while its probe
     sleeps or waits for a role. Measured (default matrix, 2 cores): with 2 slots the QEMUs
-    kept 1.73 cores busy; with 3, all 263 s of the run had 3 QEMUs at hand and the wall time
-    fell 276 -> 253 s. More would starve guests of CPU time and stretch the timers some
+    kept 1.73 cores busy; the same code one run after the other took 298 s with 2 slots and
+    276 s with 3. More would starve guests of CPU time and stretch the timers some
     experiments use (a stall is 1.5 s without progress), so no more than one extra.
     """
     return (os.cpu_count() or 1) + 1
