@@ -173,10 +173,8 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
             _raise_cell_error(run, failed, cancelled)
     except KeyboardInterrupt:
         run.failed.set()  # a worker between two cells must not start the next one
-        _stop_queued(pools)
         killed = qemu.kill_all() + docker_backend.kill_all()
-        for each in pools:
-            each.shutdown(wait=True)
+        _shutdown(pools)
         run.results["run"]["interrupted"] = now()
         run.save()
         done = len(run.results["cells"])
@@ -186,16 +184,17 @@ def run_cells(run: MatrixRun, sources: dict[str, Source], userland: Userland) ->
         ) from None
     finally:
         # Whatever ended the loop (a cell's error, a full disk), queued cells do not start.
-        _stop_queued(pools)
-        for each in pools:
-            each.shutdown(wait=True)
+        _shutdown(pools)
 
 
-def _stop_queued(pools: tuple[ThreadPoolExecutor, ...]) -> None:
-    """Cancel every queued cell in every pool at once: waiting for one pool's running cells
-    first would let the other pool start its next cell meanwhile."""
+def _shutdown(pools: tuple[ThreadPoolExecutor, ...]) -> None:
+    """Cancel every queued cell in every pool, then wait for the running ones (idempotent).
+    All queues first: waiting for one pool's running cells would let the other pool start
+    its next cell meanwhile."""
     for each in pools:
         each.shutdown(wait=False, cancel_futures=True)
+    for each in pools:
+        each.shutdown(wait=True)
 
 
 def _raise_cell_error(run: MatrixRun, failed: _CellError, cancelled: int) -> None:
