@@ -98,6 +98,8 @@ def test_the_swap_copy_keeps_the_header_and_the_holes(tmp_path: Path) -> None:
     src, dest = tmp_path / "swap.img", tmp_path / "copy.img"
     with src.open("wb") as f:
         f.write(b"\x01" * 4096)
+        f.seek(3 << 20)  # data between holes, in a chunk of its own
+        f.write(b"\x02" * 100)
         f.seek(4096 - 10 + (8 << 20))
         f.write(b"SWAPSPACE2")
     copy_sparse(src, dest)

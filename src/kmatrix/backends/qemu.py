@@ -9,13 +9,14 @@ works.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -426,13 +427,33 @@ def make_swap_image(path: Path, size_bytes: int) -> None:
 def copy_sparse(src: Path, dest: Path, chunk: int = 1 << 20) -> None:
     """Copy a disk image, leaving its all-zero chunks as holes (a formatted swap disk is a
     header and nothing else: each restored boot gets its own copy of it)."""
+    size = src.stat().st_size
     with src.open("rb") as fin, dest.open("wb") as fout:
-        while block := fin.read(chunk):
-            if block.count(0) == len(block):
-                fout.seek(len(block), os.SEEK_CUR)
-            else:
-                fout.write(block)
-        fout.truncate(src.stat().st_size)
+        for start, end in _data_ranges(fin.fileno(), size):
+            fin.seek(start)
+            fout.seek(start)
+            while fin.tell() < end and (block := fin.read(min(chunk, end - fin.tell()))):
+                if block.count(0) == len(block):
+                    fout.seek(len(block), os.SEEK_CUR)
+                else:
+                    fout.write(block)
+        fout.truncate(size)
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) ranges of a file that hold data, by SEEK_DATA/SEEK_HOLE: reading a
+    96 MiB swap image whose only data is its header cost ~0.25 s of CPU per restored boot.
+    The whole file where the filesystem cannot tell."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no data after pos
+                yield pos, size
+            return
+        pos = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, pos
 
 
 #: The plan disk's size: the same for the saved boot and every restored one (a virtio disk

@@ -100,8 +100,9 @@ class GuestConfig(Strict):
 class ProbeConfig(Strict):
     """Parameters of the probe run inside each cell."""
 
-    # 8192 pages: far above the noise (tens of KiB), and half the TCG time of 64 MiB.
-    size: Size = 32 * MIB
+    # 4096 pages: still far above the noise (tens of KiB: per-CPU counter batches), and
+    # ~17 % less TCG time per accounting boot than 32 MiB (measured, 6.12 alone).
+    size: Size = 16 * MIB
     scenarios: list[str] | Literal["all"] = "all"
     cell_timeout: int = 900
     # Passes over the scenarios in one boot: the median is the value, the spread its noise.
