@@ -94,9 +94,26 @@ def test_calm_repeats_split_into_consecutive_lanes_when_restored() -> None:
     calm = [u for u in units if u.name not in catalog.ENDS_BOOT]
     ending = [u for u in units if u.name in catalog.ENDS_BOOT]
     first, second, *rest = plan_lanes(units, split=2)
-    assert first + second == calm + ending[:1]  # the canonical order, cut once
-    assert abs(len(first) - (len(second) - 1)) <= 1
-    assert rest == [[u] for u in ending[1:]]
+    assert first[:-1] + second[:-1] == calm  # the canonical order, cut once
+    assert [first[-1], second[-1]] == ending[:2]  # each closed by a boot-ending repeat
+    assert abs(len(first) - len(second)) <= 1
+    assert rest == [[u] for u in ending[2:]]
     assert plan_lanes(_units(("oom-no-killable",)), split=2) == plan_lanes(
         _units(("oom-no-killable",))
     )
+
+
+def test_restored_every_boot_ending_repeat_closes_a_lane_of_calm_ones() -> None:
+    """Each repeat that ends its boot costs a restore anyway: the calm repeats are spread
+    over those restores, so there is no restore for calm repeats alone."""
+    from kmatrix.cells.oom_boots import RESTORED_CALM_LANES, restored_split
+
+    units = _units(EXPERIMENTS)
+    ending = [u for u in units if u.name in catalog.ENDS_BOOT]
+    lanes = plan_lanes(units, restored_split(units))
+    assert len(lanes) == len(ending) > RESTORED_CALM_LANES
+    assert [lane[-1] for lane in lanes] == ending
+    assert [u for lane in lanes for u in lane[:-1]] == [u for u in units if u not in ending]
+    assert max(map(len, lanes)) - min(map(len, lanes)) <= 1
+    calm = _units(tuple(n for n in EXPERIMENTS if n not in catalog.ENDS_BOOT))
+    assert restored_split(calm) == RESTORED_CALM_LANES

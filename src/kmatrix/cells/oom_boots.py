@@ -135,22 +135,30 @@ def plan_lanes(units: list[Unit], split: int = 1) -> list[list[Unit]]:
     """The units split into boots that can run side by side (each lane a boot, at first).
 
     The repeats that do not end their boot run in ``split`` lanes (consecutive runs of the
-    canonical order), the last of them followed by the first repeat that ends its boot
-    (catalog.ENDS_BOOT, which the probe runs last); every further such repeat gets a lane of
-    its own, so a cell's panics cost one boot each in parallel instead of in a row. More
-    than one calm lane pays only when lanes are restores of one saved boot, not boots.
+    canonical order); each of the first ``split`` repeats that end their boot
+    (catalog.ENDS_BOOT, which the probe runs last) closes one of them, and every further
+    such repeat gets a lane of its own, so a cell's panics cost one boot each in parallel
+    instead of in a row. More than one calm lane pays only when lanes are restores of one
+    saved boot, not boots.
     """
     ending = [u for u in units if u.name in ENDS_BOOT]
     calm = [u for u in units if u.name not in ENDS_BOOT]
     size = max(1, -(-len(calm) // max(1, split)))
     lanes = [calm[i : i + size] for i in range(0, len(calm), size)] or [[]]
-    lanes[-1] = lanes[-1] + ending[:1]
-    return [lane for lane in (*lanes, *([u] for u in ending[1:])) if lane]
+    closed = [lane + ending[i : i + 1] for i, lane in enumerate(lanes)]
+    return [lane for lane in (*closed, *([u] for u in ending[len(lanes) :])) if lane]
 
 
-#: Lanes for the calm repeats when every lane is a restore (a second restore costs ~1 s of
-#: CPU and halves the longest lane: one cell alone, 6.12, 75 s -> 63 s under TCG, 2 cores).
+#: Calm lanes at least, when every lane is a restore (a second restore costs ~1 s of CPU
+#: and halves the longest lane: one cell alone, 6.12, 75 s -> 63 s under TCG, 2 cores).
 RESTORED_CALM_LANES = 2
+
+
+def restored_split(units: list[Unit]) -> int:
+    """Calm lanes when every lane is a restore: one per repeat that ends its boot (each
+    of those needs a restore of its own anyway, so the calm repeats ride along at no cost
+    in restores), at least RESTORED_CALM_LANES."""
+    return max(RESTORED_CALM_LANES, sum(u.name in ENDS_BOOT for u in units))
 
 
 def run_oom_boots(
@@ -185,7 +193,7 @@ def run_oom_boots(
         if snapshot or not crashed_early(None, analyze_console(console).panic):
             break
         saved_console += f"\n{EARLY_CRASH_MARK} =====\n"
-    lanes = plan_lanes(units, RESTORED_CALM_LANES if snapshot else 1)
+    lanes = plan_lanes(units, restored_split(units) if snapshot else 1)
     failed: list[BootOutput] = []  # restores that came back without a hello
     broken = threading.Event()  # after one, no lane restores again
 
