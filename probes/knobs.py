@@ -11,10 +11,11 @@ import os
 import re
 
 from accounting import meminfo_fields, read_int, read_text
-from system import write_text
+from system import mount_of, write_text
 
 SYSCTL = "/proc/sys"
 THP = "/sys/kernel/mm/transparent_hugepage"
+CGROUP_ROOT = "/sys/fs/cgroup"
 #: sysctls under /proc/sys that decide what is charged, what may be allocated and whom
 #: the OOM killer picks.
 SYSCTLS = {
@@ -43,6 +44,20 @@ def _thp(name: str) -> str | None:
         return None
 
 
+def cgroup2_options() -> str | None:
+    """The cgroup2 hierarchy's own mount options (mountinfo's super options): some change
+    memcg answers (memory_localevents: memory.events counts this cgroup only;
+    memory_recursiveprot), favordynmods how fast a task moves between cgroups. None where
+    /sys/fs/cgroup is no cgroup2 mount."""
+    try:
+        mount = mount_of(CGROUP_ROOT)
+    except OSError:
+        return None
+    if mount is None or mount.fstype != "cgroup2" or mount.mount_point != CGROUP_ROOT:
+        return None
+    return mount.super_options
+
+
 def vcpus() -> int | None:
     """CPUs this process may run on (what the guest got from QEMU's -smp)."""
     try:
@@ -62,6 +77,7 @@ def read_knobs() -> dict[str, object]:
         "swap_total": meminfo.get("SwapTotal"),
         "thp_enabled": _thp("enabled"),
         "shmem_enabled": _thp("shmem_enabled"),
+        "cgroup2_options": cgroup2_options(),
     }
     found |= {key: read_int(os.path.join(SYSCTL, path)) for key, path in SYSCTLS.items()}
     return found

@@ -128,7 +128,7 @@ def become_subreaper() -> bool:
         return False
 
 
-def make_settings(args: argparse.Namespace) -> Settings:
+def make_settings(args: argparse.Namespace, subreaper: bool = False) -> Settings:
     """Probe-wide settings from the command line and the system."""
     return Settings(
         size=args.size_mib * MIB,
@@ -138,6 +138,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         shm_size=system.shm_size(args.shm_dir),
         disk_problem=system.disk_problem(args.disk_dir),
         swap_dev=args.swap_dev or None,
+        subreaper=subreaper,
     )
 
 
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         args.oom = resume.await_plan(args.oom_from, PLAN_TIMEOUT_S)
     plan = select_oom(args)
     out = Output(args.out)
-    settings = make_settings(args)
+    subreaper = become_subreaper()
+    settings = make_settings(args, subreaper)
     # detect_cgroups enables +memory on the v2 root; an OOM-only run must not (oom_scope).
     cgroups = (
         system.detect_cgroups(args.cgroup_root)
@@ -237,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if names and cgroups.problem:
         sys.stderr.write(f"probe: cgroups: {cgroups.problem}\n")
-    become_subreaper()
     hello = hello_record(settings, cgroups, args.host_kernel) | {"uptime": system.uptime()}
     out.emit(hello)
     emitted = run_passes(names, args, settings, cgroups, out)

@@ -27,6 +27,9 @@ class Settings:
     shm_size: int | None
     disk_problem: str | None
     swap_dev: str | None = None  # the guest's swap disk, swapped on only by swap scenarios
+    #: The probe adopts orphans (PR_SET_CHILD_SUBREAPER): a scenario's whole process group
+    #: is then its children once the scenario child is gone, and waitpid finds them all.
+    subreaper: bool = False
 
 
 @dataclass

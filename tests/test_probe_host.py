@@ -406,3 +406,35 @@ def test_list_and_unknown_scenario() -> None:
     )
     assert bad.returncode == 2
     assert "nope" in bad.stderr and "memfd-noexec-seal" in bad.stderr
+
+
+KILL_GROUP = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import probe, scenario_child, system
+assert probe.become_subreaper()
+r, w = os.pipe()
+child = os.fork()
+if child == 0:  # a scenario child with a helper of its own, as memfd-2proc has
+    os.setpgid(0, 0)
+    if os.fork() == 0:
+        os.write(w, b"x")
+        time.sleep(60)
+    time.sleep(60)
+os.setpgid(child, child)
+os.read(r, 1)  # the helper runs
+left = scenario_child.kill_group(child, subreaper=True)
+print(left, system.pids_in_group(child))
+"""
+
+
+def test_a_subreaper_reaps_the_whole_group_without_scanning_proc() -> None:
+    """kill_group as a subreaper: the helper is reparented to the probe when the scenario
+    child dies (kernel/exit.c find_new_reaper), so waitpid(-pgid) reaps it too and nothing
+    of the group is left in /proc, not even a zombie."""
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_GROUP, str(PROBES)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "[]"]

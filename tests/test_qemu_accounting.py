@@ -78,6 +78,14 @@ def test_cell_provenance(cell: dict[str, Any]) -> None:
     assert cell["cpu"] == "max,-erms,-fsrm,-smap"
 
 
+def test_the_cgroup2_mount_options_are_recorded(cell: dict[str, Any]) -> None:
+    """The guest's init mounts cgroup2 with favordynmods, which 6.1 has (since 6.0:
+    kernel/cgroup/cgroup.c, cgroup2_fs_parameters and cgroup_favor_dynmods()); the probe
+    records the options as the kernel shows them (cgroup2's show_options in mountinfo)."""
+    options = cell["probe"]["knobs"]["cgroup2_options"].split(",")
+    assert "favordynmods" in options and "rw" in options
+
+
 def test_memfd_write_is_invisible_to_rss_but_not_to_shmem(cell: dict[str, Any]) -> None:
     m = _m(cell, "memfd-write")
     assert m["VmRSS_delta"] < MIB

@@ -194,6 +194,19 @@ def test_provenance_shows_the_kernel_command_line_only_where_recorded() -> None:
     assert cells == ["`console=ttyS0,115200 panic=-1 mitigations=off`", "—"]
 
 
+def test_a_knob_row_appears_once_a_cell_recorded_the_knob() -> None:
+    """cgroup2_options came with a later probe: no row of dashes for results without it;
+    with it, the value where recorded, "absent" where the probe found no cgroup2 mount."""
+    results = load("latest-7-cells.json")
+    assert "cgroup2 mount options" not in render_report(results)
+    first, second, *_ = results["cells"]
+    first["probe"]["knobs"]["cgroup2_options"] = "rw,favordynmods"
+    second["probe"]["knobs"]["cgroup2_options"] = None
+    text = render_report(results).split("## Provenance", 1)[1]
+    (row,) = [line for line in text.splitlines() if line.startswith("| cgroup2 mount options")]
+    assert [c.strip() for c in row.strip("|").split("|")][1:4] == ["rw,favordynmods", "absent", "—"]
+
+
 def test_docker_cell_provenance_names_the_engine() -> None:
     results = load("dev-6.1.json")
     results["cells"].append(

@@ -270,20 +270,27 @@ KNOB_ROWS = (
     ("vm.swappiness", "swappiness"),
     ("THP enabled", "thp_enabled"),
     ("THP shmem_enabled", "shmem_enabled"),
+    ("cgroup2 mount options", "cgroup2_options"),
 )
 
 
 def _knob(cell: JSON, key: str) -> str:
+    knobs = get_path(cell, "probe", "knobs")
     value = get_path(cell, "probe", "knobs", key)
-    if value is None:
-        return "—" if get_path(cell, "probe", "knobs") is None else "absent"
+    if value is None:  # not recorded (no hello, an older probe), or the kernel has none
+        return "—" if not isinstance(knobs, dict) or key not in knobs else "absent"
     return mib(value) if key == "swap_total" else str(value)
 
 
 def _knob_rows(cells: Sequence[JSON]) -> list[list[str]]:
     if not any(get_path(c, "probe", "knobs") for c in cells):
         return []  # results from before the probe recorded them
-    return [[label, *(_knob(c, key) for c in cells)] for label, key in KNOB_ROWS]
+    recorded = [get_path(c, "probe", "knobs") or {} for c in cells]
+    return [
+        [label, *(_knob(c, key) for c in cells)]
+        for label, key in KNOB_ROWS
+        if any(key in knobs for knobs in recorded)  # a knob an older probe had no row for
+    ]
 
 
 def _provenance(results: AnyResults) -> str:

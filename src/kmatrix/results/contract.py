@@ -127,6 +127,7 @@ class HelloKnobs(TypedDict):
     swappiness: int | None
     thp_enabled: str | None
     shmem_enabled: str | None
+    cgroup2_options: NotRequired[str | None]  # older results have no such key
 
 
 class Hello(TypedDict, total=False):
