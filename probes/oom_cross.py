@@ -110,8 +110,7 @@ def _run(rec: Record, env: Env, emit: Emit, start: float) -> list[Role]:
         rec["cross"]["receiver"] = roles[0].ready
         rec["cross"]["after_handover"] = _stage(scopes, roles[0])
         armed(rec, roles, a, emit, env)
-        os.write(roles[-1].cmd_w, b"g")
-        seen = watch(roles, start, start + env.timeout)
+        seen = watch(roles, start, start + env.timeout, go=True)
         outcome(rec, seen, roles, a)
         rec["cross"]["after_oom"] = _stage(scopes, roles[0])
         _remove_a(rec, parent, a)

@@ -153,9 +153,8 @@ def _run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
         if exp.kill_allocating:
             knobs.set_sysctl("vm/oom_kill_allocating_task", 1)
         armed(rec, roles, scope, emit, env)
-        os.write(roles[-1].cmd_w, b"g")
         stall_s = oom_growth.STALL_S if exp.growth else None
-        seen = watch(roles, start, deadline, harness=not scope.owned, stall_s=stall_s)
+        seen = watch(roles, start, deadline, harness=not scope.owned, stall_s=stall_s, go=True)
         predict(rec, seen.snapshot, scope, env)
         outcome(rec, seen, roles, scope)
     except (ProtocolError, OSError, ValueError) as exc:

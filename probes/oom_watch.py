@@ -9,6 +9,7 @@ Also the system-wide readings a repeat records (Shmem, swap in use, the oom_kill
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import oom_growth
 import oom_model
 from accounting import ProcFile, meminfo_metrics, parse_flat_keyed, read_meminfo, read_text
+from messages import Channel
 from oom import Record
 from oom_harness import Role
 
@@ -116,13 +118,13 @@ def _death(role: Role, start: float, meminfo: ProcFile) -> Record:
 
 def watch(
     roles: list[Role], start: float, deadline: float, harness: bool = False,
-    stall_s: float | None = None,
+    stall_s: float | None = None, go: bool = False,
 ) -> Watch:  # fmt: skip
     """Follow the driver's progress (snapshotting /proc per chunk) and every role's death.
 
     The driver is the last role (the hog, or the memfd writer); the repeat ends shortly
     after it dies or stops. ``harness``: include the harness in the snapshots (it shares
-    the roles' cgroup)."""
+    the roles' cgroup). ``go``: tell the driver to start, once the harness is warmed up."""
     # Opened now, while memory is still free: reading them again allocates nothing.
     result = Watch()
     try:
@@ -131,9 +133,33 @@ def watch(
         for pid in pids:
             with contextlib.suppress(OSError):  # gone already: its snapshot will say so
                 result.procs[pid] = oom_model.ProcOf(pid)
+        if go:
+            _warm_up(roles, result, harness)
+            os.write(roles[-1].cmd_w, b"g")
         return _follow(roles, start, deadline, harness, stall_s, result)
     finally:
         result.close()
+
+
+def _warm_up(roles: list[Role], result: Watch, harness: bool) -> None:
+    """Run what the watch runs on each progress line and death, once, before the driver
+    starts. The roles share the harness's pages copy-on-write (they are its forks), so the
+    harness's first write to each page after the fork copies it, and Python writes the
+    objects it merely uses (reference counts). Those copies are page allocations: made
+    while memory runs out, they invoked the OOM killer themselves (a kill the harness set
+    off, named by its ``trigger``). Made now, while memory is free, they cost the same and
+    decide nothing."""
+    scratch = Watch(procs=result.procs)  # the same open files; its findings are dropped
+    _on_message(json.loads(b'{"progress": 0}'), roles, scratch, harness)
+    if result.meminfo is not None:
+        _death(roles[-1], time.monotonic(), result.meminfo)
+    r, w = os.pipe()  # a role's progress line arrives in a 64 KiB read (Channel)
+    try:
+        os.write(w, b"\n")
+        Channel(r).read_available()
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _follow(

@@ -178,8 +178,8 @@ def test_watch_a_hog_that_finds_no_oom_and_a_repeat_that_hangs() -> None:
     specs = [RoleSpec("holder", "anon", MIB), RoleSpec("hog", "hog", 8 * MIB)]
     roles = oom_harness.spawn_all(specs, env, start + 10)
     try:
-        os.write(roles[-1].cmd_w, b"g")
-        seen = oom_watch.watch(roles, start, start + 10)
+        # go=True: the harness runs its watch code once, then tells the driver to start.
+        seen = oom_watch.watch(roles, start, start + 10, go=True)
         assert seen.outcome == "hog-done" and seen.hog_bytes == 8 * MIB
         assert seen.snapshot is not None and set(seen.snapshot) == {"holder", "hog"}
         assert seen.snapshot["hog"]["RssAnon"] >= 8 * MIB
