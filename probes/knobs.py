@@ -11,7 +11,7 @@ import os
 import re
 
 from accounting import meminfo_fields, read_int, read_text
-from system import mount_of, write_text
+from system import Mount, mount_of, write_text
 
 SYSCTL = "/proc/sys"
 THP = "/sys/kernel/mm/transparent_hugepage"
@@ -44,16 +44,16 @@ def _thp(name: str) -> str | None:
         return None
 
 
-def cgroup2_options() -> str | None:
+def cgroup2_options(root: str = CGROUP_ROOT, mounts: list[Mount] | None = None) -> str | None:
     """The cgroup2 hierarchy's own mount options (mountinfo's super options): some change
     memcg answers (memory_localevents: memory.events counts this cgroup only;
     memory_recursiveprot), favordynmods how fast a task moves between cgroups. None where
-    /sys/fs/cgroup is no cgroup2 mount."""
+    ``root`` (the probe's --cgroup-root) is no cgroup2 mount."""
     try:
-        mount = mount_of(CGROUP_ROOT)
+        mount = mount_of(root, mounts)
     except OSError:
         return None
-    if mount is None or mount.fstype != "cgroup2" or mount.mount_point != CGROUP_ROOT:
+    if mount is None or mount.fstype != "cgroup2" or mount.mount_point != os.path.realpath(root):
         return None
     return mount.super_options
 
@@ -66,7 +66,7 @@ def vcpus() -> int | None:
         return os.cpu_count()
 
 
-def read_knobs() -> dict[str, object]:
+def read_knobs(cgroup_root: str = CGROUP_ROOT) -> dict[str, object]:
     """Every knob, as the kernel reports it now."""
     try:
         meminfo = meminfo_fields()
@@ -77,7 +77,7 @@ def read_knobs() -> dict[str, object]:
         "swap_total": meminfo.get("SwapTotal"),
         "thp_enabled": _thp("enabled"),
         "shmem_enabled": _thp("shmem_enabled"),
-        "cgroup2_options": cgroup2_options(),
+        "cgroup2_options": cgroup2_options(cgroup_root),
     }
     found |= {key: read_int(os.path.join(SYSCTL, path)) for key, path in SYSCTLS.items()}
     return found

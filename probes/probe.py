@@ -143,7 +143,10 @@ def make_settings(args: argparse.Namespace, subreaper: bool = False) -> Settings
 
 
 def hello_record(
-    settings: Settings, cgroups: system.Cgroups, host_kernel: bool = False
+    settings: Settings,
+    cgroups: system.Cgroups,
+    host_kernel: bool = False,
+    cgroup_root: str = knobs.CGROUP_ROOT,
 ) -> dict[str, Any]:
     """The first record: what kind of system this is. On the host's own kernel (a docker
     cell) without ``cmdline``: that boot line is the host's (its init's arguments too), which
@@ -160,7 +163,8 @@ def hello_record(
         "shm_size": settings.shm_size,
         "disk_fs": system.fs_type(settings.disk_dir),
         "python": ".".join(map(str, sys.version_info[:3])),  # platform: 27 ms under TCG
-        "knobs": knobs.read_knobs(),  # every setting that can change an answer, as it is
+        # every setting that can change an answer, as it is
+        "knobs": knobs.read_knobs(cgroup_root),
     }
     if not host_kernel:
         hello["cmdline"] = system.kernel_cmdline()  # what the guest booted with (kpti=0 ...)
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if names and cgroups.problem:
         sys.stderr.write(f"probe: cgroups: {cgroups.problem}\n")
-    hello = hello_record(settings, cgroups, args.host_kernel) | {"uptime": system.uptime()}
+    hello = hello_record(settings, cgroups, args.host_kernel, args.cgroup_root)
+    hello["uptime"] = system.uptime()
     out.emit(hello)
     emitted = run_passes(names, args, settings, cgroups, out)
     if cgroups.base_dir:

@@ -16,6 +16,7 @@ never raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -32,9 +33,14 @@ from scenario_types import CHUNK_SIZE, Ctx, Scenario, Settings, named_shm_path
 #: How long to wait for a killed process group to vanish from /proc.
 REAP_TIMEOUT = 5.0
 
-#: What the fill steps write from: made once, so no child faults in and fills 1 MiB of it
-#: before its ready (every child shares these pages with the probe, read-only).
-_CHUNK = b"\xa5" * CHUNK_SIZE
+
+@functools.cache
+def _chunk() -> bytes:
+    """What the fill steps write from: made once, by the first scenario, so no child faults
+    in and fills 1 MiB of it before its ready (every child shares these pages with the
+    probe, read-only). Not at import: an OOM boot's harness and roles would carry it."""
+    return b"\xa5" * CHUNK_SIZE
+
 
 #: Per-process metrics reported for helper processes (memfd-2proc's grandchild).
 HELPER_METRICS = ("VmRSS", "RssShmem", "Pss")
@@ -82,7 +88,6 @@ def child_main(
     """Body of the scenario child; never returns."""
     try:
         ready = _child_setup(out_fd, cgroup_dir)
-        ctx.chunk = _CHUNK
         prepared = _perform(scenario.prepare, ctx) if scenario.prepare else {"status": "ok"}
         send(res_w, {**ready, "fs_fd": ctx.fs_fd, "fs_path": ctx.fs_path})
         _wait_go(go_r)
@@ -133,6 +138,7 @@ def spawn(scenario: Scenario, settings: Settings, cgroup_dir: str | None, out_fd
         named_path=named_shm_path(settings, scenario.name),
         protocol_fds=[go_r, res_w],
     )
+    ctx.chunk = _chunk()
     pid = os.fork()
     if pid == 0:
         os.close(go_w)
@@ -157,7 +163,11 @@ def _reap_group(pgid: int) -> None:
 
 
 def kill_group(pid: int, subreaper: bool = False) -> list[int]:
-    """SIGKILL the child's process group, reap it, and return pids still in /proc."""
+    """SIGKILL the child's process group, reap it, and return pids still in /proc.
+
+    ``subreaper``: the probe adopts orphans, so every member of the group is its child once
+    the scenario child is reaped; waitpid(-pgid) then reaps them all and, when none is left,
+    [] comes back without a look at /proc."""
     for target, kill in ((pid, os.killpg), (pid, os.kill)):
         with contextlib.suppress(ProcessLookupError):
             kill(target, signal.SIGKILL)

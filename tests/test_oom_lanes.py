@@ -117,3 +117,14 @@ def test_restored_every_boot_ending_repeat_closes_a_lane_of_calm_ones() -> None:
     assert max(map(len, lanes)) - min(map(len, lanes)) <= 1
     calm = _units(tuple(n for n in EXPERIMENTS if n not in catalog.ENDS_BOOT))
     assert restored_split(calm) == RESTORED_CALM_LANES
+
+
+def test_calm_lanes_are_cut_evenly_whatever_the_counts() -> None:
+    """10 calm repeats over 6 lanes: lengths 2 and 1 (not 2, 2, 2, 2, 2, 0); never more
+    lanes than calm repeats."""
+    calm = [Unit("oom-global-memfd-unmapped", r) for r in range(10)]
+    ending = _units(("oom-no-killable", "oom-global-memfd-growth-protected"))
+    lanes = plan_lanes(calm + ending, split=6)
+    assert sorted(len(lane) - 1 for lane in lanes) == [1, 1, 2, 2, 2, 2]
+    assert [u for lane in lanes for u in lane[:-1]] == calm
+    assert len(plan_lanes(calm[:2] + ending, split=6)) == len(ending)

@@ -7,6 +7,7 @@ Real QEMU saves and restores in tests/test_qemu_oom.py.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -105,6 +106,31 @@ def test_the_swap_copy_keeps_the_header_and_the_holes(tmp_path: Path) -> None:
     copy_sparse(src, dest)
     assert dest.read_bytes() == src.read_bytes()
     assert os.stat(dest).st_blocks * 512 < (4 << 20)  # the zero megabytes stayed holes
+
+
+def test_the_swap_copy_keeps_every_data_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small hole, then data longer than any read-ahead buffer; and the same copy where
+    the filesystem cannot tell data from holes (lseek SEEK_DATA refused: EINVAL)."""
+    src = tmp_path / "swap.img"
+    with src.open("wb") as f:
+        f.write(b"\x01" * 4096)
+        f.seek(8192)
+        f.write(bytes(range(256)) * 800)  # 200 KiB from 8 KiB
+        f.truncate(4 << 20)
+    copy_sparse(src, tmp_path / "a.img", chunk=64 << 10)
+    assert (tmp_path / "a.img").read_bytes() == src.read_bytes()
+    real_lseek = os.lseek
+
+    def no_seek_data(fd: int, pos: int, how: int) -> int:
+        if how == os.SEEK_DATA:
+            raise OSError(errno.EINVAL, "not supported")
+        return real_lseek(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", no_seek_data)
+    copy_sparse(src, tmp_path / "b.img")
+    assert (tmp_path / "b.img").read_bytes() == src.read_bytes()
 
 
 UNITS = (Unit("oom-global-memfd-unmapped", 0), Unit("oom-global-memfd-unmapped", 1),

@@ -423,8 +423,12 @@ if child == 0:  # a scenario child with a helper of its own, as memfd-2proc has
     time.sleep(60)
 os.setpgid(child, child)
 os.read(r, 1)  # the helper runs
+scan = system.pids_in_group
+def refused(pgid):
+    raise AssertionError("a subreaper needs no /proc scan")
+system.pids_in_group = refused
 left = scenario_child.kill_group(child, subreaper=True)
-print(left, system.pids_in_group(child))
+print(left, scan(child))
 """
 
 
@@ -438,3 +442,18 @@ def test_a_subreaper_reaps_the_whole_group_without_scanning_proc() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "[]"]
+
+
+def test_the_cgroup2_options_are_those_of_the_probe_s_cgroup_root() -> None:
+    """mountinfo's super options of a cgroup2 mount at the root; None where the root is no
+    cgroup2 mount (a v1 host's tmpfs) or not a mount of its own. Lines as this host's
+    /proc/self/mountinfo has them (its cgroup2 is at /sys/fs/cgroup/unified)."""
+    import knobs
+
+    mounts = system.parse_mountinfo(
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard\n"
+        "31 26 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec - tmpfs tmpfs ro,mode=755\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,favordynmods\n"
+    )
+    assert knobs.cgroup2_options("/sys/fs/cgroup/unified", mounts) == "rw,favordynmods"
+    assert knobs.cgroup2_options("/sys/fs/cgroup", mounts) is None

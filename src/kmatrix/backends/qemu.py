@@ -428,15 +428,18 @@ def copy_sparse(src: Path, dest: Path, chunk: int = 1 << 20) -> None:
     """Copy a disk image, leaving its all-zero chunks as holes (a formatted swap disk is a
     header and nothing else: each restored boot gets its own copy of it)."""
     size = src.stat().st_size
-    with src.open("rb") as fin, dest.open("wb") as fout:
+    # pread at explicit offsets: _data_ranges moves the file position with lseek, which a
+    # buffered reader's read-ahead would not notice.
+    with src.open("rb", buffering=0) as fin, dest.open("wb") as fout:
         for start, end in _data_ranges(fin.fileno(), size):
-            fin.seek(start)
-            fout.seek(start)
-            while fin.tell() < end and (block := fin.read(min(chunk, end - fin.tell()))):
-                if block.count(0) == len(block):
-                    fout.seek(len(block), os.SEEK_CUR)
-                else:
+            offset = start
+            while offset < end and (
+                block := os.pread(fin.fileno(), min(chunk, end - offset), offset)
+            ):
+                if block.count(0) != len(block):
+                    fout.seek(offset)
                     fout.write(block)
+                offset += len(block)
         fout.truncate(size)
 
 

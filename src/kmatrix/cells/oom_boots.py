@@ -143,8 +143,8 @@ def plan_lanes(units: list[Unit], split: int = 1) -> list[list[Unit]]:
     """
     ending = [u for u in units if u.name in ENDS_BOOT]
     calm = [u for u in units if u.name not in ENDS_BOOT]
-    size = max(1, -(-len(calm) // max(1, split)))
-    lanes = [calm[i : i + size] for i in range(0, len(calm), size)] or [[]]
+    n = max(1, min(split, len(calm)))  # even cuts: lane lengths differ by one at most
+    lanes = [calm[len(calm) * i // n : len(calm) * (i + 1) // n] for i in range(n)]
     closed = [lane + ending[i : i + 1] for i, lane in enumerate(lanes)]
     return [lane for lane in (*closed, *([u] for u in ending[len(lanes) :])) if lane]
 
