@@ -11,11 +11,10 @@ import os
 import re
 
 from accounting import meminfo_fields, read_int, read_text
-from system import Mount, mount_of, write_text
+from system import CGROUP_ROOT, Mount, mount_of, write_text
 
 SYSCTL = "/proc/sys"
 THP = "/sys/kernel/mm/transparent_hugepage"
-CGROUP_ROOT = "/sys/fs/cgroup"
 #: sysctls under /proc/sys that decide what is charged, what may be allocated and whom
 #: the OOM killer picks.
 SYSCTLS = {

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shm-dir", default="/dev/shm")
     p.add_argument("--disk-dir", default="/mnt/disk")
     p.add_argument("--scenarios", default="all", help="comma-separated names, or all")
-    p.add_argument("--cgroup-root", default="/sys/fs/cgroup")
+    p.add_argument("--cgroup-root", default=system.CGROUP_ROOT)
     p.add_argument(
         "--swap-dev", default="", help="a swap device the swap scenarios may swap on (default none)"
     )
@@ -146,7 +146,7 @@ def hello_record(
     settings: Settings,
     cgroups: system.Cgroups,
     host_kernel: bool = False,
-    cgroup_root: str = knobs.CGROUP_ROOT,
+    cgroup_root: str = system.CGROUP_ROOT,
 ) -> dict[str, Any]:
     """The first record: what kind of system this is. On the host's own kernel (a docker
     cell) without ``cmdline``: that boot line is the host's (its init's arguments too), which

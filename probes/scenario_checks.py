@@ -16,6 +16,7 @@ import oom_scope
 import swap
 from scenario_actions import OVERCOMMIT
 from scenario_types import CHUNK_SIZE, MIB, Settings, Skip
+from system import CGROUP_ROOT
 
 OVER_LIMIT_EXTRA = 32 * MIB
 #: Refuse to write more than this fraction of MemAvailable (a host /dev/shm may be huge).
@@ -26,7 +27,6 @@ BEYOND_HALF_FRACTION = 0.65
 BEYOND_HALF_MARGIN = 32 * MIB
 #: ... and never more than this: beyond it the machine is a host, not a test guest.
 BEYOND_HALF_MAX = 4096 * MIB
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def need_disk(settings: Settings) -> Skip | None:

@@ -151,15 +151,16 @@ def spawn(scenario: Scenario, settings: Settings, cgroup_dir: str | None, out_fd
     return Child(pid, go_w, Channel(res_r), [go_w, res_r])
 
 
-def _reap_group(pgid: int) -> None:
-    """Reap every exited child of ours in process group ``pgid`` without blocking."""
+def _reap_group(pgid: int) -> bool:
+    """Reap every exited child of ours in process group ``pgid`` without blocking; True
+    when no child of ours is left in it."""
     while True:
         try:
             pid, _ = os.waitpid(-pgid, os.WNOHANG)
         except ChildProcessError:
-            return
+            return True
         if pid == 0:
-            return
+            return False
 
 
 def kill_group(pid: int, subreaper: bool = False) -> list[int]:
@@ -178,11 +179,9 @@ def kill_group(pid: int, subreaper: bool = False) -> list[int]:
     # died): no children left in the group means none left at all, and the /proc scan
     # below (~30 ms a scenario under TCG) is needed only for a group that will not die.
     while subreaper and time.monotonic() < deadline:
-        try:
-            if os.waitpid(-pid, os.WNOHANG)[0] == 0:
-                time.sleep(0.01)
-        except ChildProcessError:
+        if _reap_group(pid):
             return []
+        time.sleep(0.01)
     while True:
         _reap_group(pid)
         left = system.pids_in_group(pid)

@@ -12,7 +12,7 @@ import os
 import subprocess
 
 from accounting import read_text
-from system import write_text
+from system import CGROUP_ROOT, write_text
 
 SWAP_TIMEOUT = 60
 #: uapi asm-generic/mman-common.h; bookworm's Python 3.11 mmap module does not export it.
@@ -52,7 +52,7 @@ def own_cgroup_reclaim() -> str | None:
     try:
         for line in read_text("/proc/self/cgroup").splitlines():
             if line.startswith("0::"):
-                path = os.path.join("/sys/fs/cgroup", line[3:].strip().lstrip("/"))
+                path = os.path.join(CGROUP_ROOT, line[3:].strip().lstrip("/"))
                 name = os.path.join(path, "memory.reclaim")
                 return name if os.path.exists(name) else None
     except OSError:

@@ -17,6 +17,8 @@ from accounting import CGROUP_CURRENT_FILE, read_text, statvfs_total
 #: Filesystems that keep their pages in memory: not a "disk" for the disk scenarios.
 MEMORY_FS = frozenset({"tmpfs", "ramfs", "rootfs", "devtmpfs", "hugetlbfs", "proc", "sysfs"})
 
+#: Where the probe expects the cgroup hierarchy (its --cgroup-root default).
+CGROUP_ROOT = "/sys/fs/cgroup"
 #: Name of the directory holding the per-scenario cgroups.
 CGROUP_BASE_NAME = "kmatrix"
 
