@@ -31,7 +31,7 @@ def _after(argv: list[str], flag: str) -> list[str]:
 def test_amd64_argv() -> None:
     """Disks carry a serial the guest's init finds them by (the swap disk too)."""
     assert build_argv(SPEC) == [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max,-erms,-fsrm,-smap",
+        "qemu-system-x86_64", "-accel", "tcg,thread=single", "-cpu", "max,-erms,-fsrm,-smap",
         "-m", "512M", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", "/k/vmlinuz", "-initrd", "/w/initrd",
@@ -75,6 +75,12 @@ def test_a_comma_in_the_result_path_is_escaped_only_inside_option_lists() -> Non
     assert _after(arm, "-chardev") == ["file,id=kmxresult,path=/w/a,,b/results.log"]
     x86 = build_argv(QemuSpec(**{**SPEC.__dict__, "result_log": odd}))
     assert _after(x86, "-serial")[1] == "file:/w/a,b/results.log"
+
+
+def test_tcg_runs_vcpus_on_the_threads_the_spec_says() -> None:
+    multi = build_argv(replace(SPEC, cpus=2, tcg_thread="multi"))
+    assert _after(multi, "-accel") == ["tcg,thread=multi"]
+    assert _after(build_argv(replace(SPEC, cpus=2)), "-accel") == ["tcg,thread=single"]
 
 
 def test_kvm_uses_the_host_cpu() -> None:

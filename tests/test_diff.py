@@ -94,6 +94,14 @@ def test_cells_added_removed_and_status() -> None:
     assert "- `6.1`: status ok → timeout (hung)" in out
 
 
+def test_a_change_of_how_tcg_ran_the_vcpus_is_listed() -> None:
+    """Results from before tcg_thread was recorded have none: shown as a dash, not "None"."""
+    new = base()
+    new["cells"][0]["tcg_thread"] = "single"
+    assert "- `5.10`: tcg_thread — → single" in diff(base(), new)
+    assert "tcg_thread" not in diff(new, new)
+
+
 def test_kernel_version_and_errno_changes() -> None:
     new = base()
     new["cells"][1]["kernel"]["version"] = "6.1.177-1"

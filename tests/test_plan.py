@@ -53,6 +53,7 @@ def test_qemu_plan_takes_the_kernel_sizes_over_the_guest() -> None:
         and qemu_plan(matrix, matrix.kernels[0], "kvm").cpu == "host"
     )  # type: ignore[arg-type]
     assert len(plan.oom.units) == 3 * len(plan_units("all", 1))
+    assert plan.tcg_thread == "single"  # the default; why: backends/qemu.py, TcgThread
     assert cell_args(plan)["KMX_SIZE_MIB"] == "64" and cell_args(plan)["KMX_SWAP"] == "0"
     with pytest.raises(AttributeError):
         plan.memory_bytes = 1  # type: ignore[misc]  # frozen
@@ -77,6 +78,7 @@ def test_docker_plan_has_the_container_limits() -> None:
         ("disk_size: 256M", "disk_size: 320M"),
         ("cpus: 2", "cpus: 1"),
         ("cpus: 2}", "cpus: 2, swap: 96M}"),
+        ("cpus: 2}", "cpus: 2, tcg_thread: multi}"),
         ("size: 64M", "size: 32M"),
         ("scenarios: all", "scenarios: [memfd-write]"),
         ("repeats: 3, cell", "repeats: 2, cell"),

@@ -207,6 +207,14 @@ def test_a_knob_row_appears_once_a_cell_recorded_the_knob() -> None:
     assert [c.strip() for c in row.strip("|").split("|")][1:4] == ["rw,favordynmods", "absent", "—"]
 
 
+def test_provenance_shows_how_tcg_ran_the_vcpus_where_recorded() -> None:
+    results = load("partial-5.10-6.1.json")
+    results["cells"][0]["tcg_thread"] = "single"
+    text = render_report(results).split("## Provenance", 1)[1]
+    (row,) = [line for line in text.splitlines() if line.startswith("| accel")]
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["tcg, thread=single", "tcg"]
+
+
 def test_docker_cell_provenance_names_the_engine() -> None:
     results = load("dev-6.1.json")
     results["cells"].append(

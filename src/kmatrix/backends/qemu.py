@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from kmatrix.backends import lifeline
 from kmatrix.backends.qmp import load_command
@@ -149,6 +150,19 @@ def _result_argv(arch: Arch, path: Path) -> list[str]:
     ]
 
 
+#: How TCG runs a guest's vCPUs (QEMU's ``-accel tcg,thread=``).
+TcgThread = Literal["single", "multi"]
+
+# Why "single" is the default (guest.tcg_thread). Measured (default matrix, 2 cores, QEMU 7.2,
+# alternated runs 01:00-01:40): 247-260 s wall with "multi", 217 s with "single"; the
+# expectations held in both. The likely cause: with more vCPU threads than host cores (three
+# 2-vCPU guests on 2 cores), a vCPU that waits for another one -- a TLB-shootdown IPI in
+# csd_lock_wait, a spinlock whose holder's thread the host preempted -- spins through whole
+# host time slices, as TCG gives the guest no paravirtual way to yield; taking turns on one
+# thread, the waiting vCPU's turn ends and the other one runs. The guest still has 2 CPUs:
+# per-CPU counters and batching are the same, only the interleaving differs (recorded).
+
+
 @dataclass(frozen=True)
 class QemuSpec:
     """Everything that determines one QEMU invocation."""
@@ -159,6 +173,9 @@ class QemuSpec:
     result_log: Path
     memory_bytes: int
     accel: str = "tcg"
+    # TCG's vCPU threads: "single" runs a guest's vCPUs in turns on one host thread (see
+    # TcgThread), "multi" gives each its own.
+    tcg_thread: TcgThread = "single"
     disk: Path | None = None
     swap: Path | None = None  # a raw image the guest's init formats as swap (serial kmxswap)
     plan: Path | None = None  # the OOM plan disk of a saved or restored boot (serial kmxplan)
@@ -181,7 +198,7 @@ def build_argv(spec: QemuSpec) -> list[str]:
     accel = (
         ["-accel", "kvm", "-cpu", "host"]
         if spec.accel == "kvm"
-        else ["-accel", "tcg", "-cpu", arch.tcg_cpu]
+        else ["-accel", f"tcg,thread={spec.tcg_thread}", "-cpu", arch.tcg_cpu]
     )
     argv = [
         arch.binary,

@@ -68,6 +68,7 @@ def oom_spec(plan: QemuPlan, image: Path, initrd: Path, workdir: Path, name: str
         result_log=workdir / f"{name}.results.log",
         memory_bytes=plan.oom.memory_bytes,
         accel=plan.accel,
+        tcg_thread=plan.tcg_thread,
         cpus=plan.cpus,
         append=f"{OOM_APPEND} {plan.cmdline}".strip(),
         arch=arch_for(plan.arch),

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from kmatrix import catalog
+from kmatrix.backends.qemu import TcgThread
 from kmatrix.results.oom import EXPERIMENTS, Unit
 
 
@@ -66,6 +67,7 @@ class QemuPlan(CellPlan):
 
     cpu: str  # QEMU's -cpu: the architecture's TCG model, or host under KVM
     cpus: int  # vCPUs
+    tcg_thread: TcgThread  # how TCG runs them (why single: backends/qemu.py, TcgThread)
     disk_bytes: int  # the ext4 disk of the disk-backed scenarios
     swap_bytes: int  # the swap disk (0: none)
     cmdline: str  # extra kernel command line

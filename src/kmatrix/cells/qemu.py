@@ -86,6 +86,8 @@ def run_qemu_cell(
         "arch": arch.name,
         "cpu": plan.cpu,
     }
+    if plan.accel == "tcg":  # KVM runs vCPUs as threads of their own, whatever the plan says
+        cell["tcg_thread"] = plan.tcg_thread
     cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -153,6 +155,7 @@ def _accounting_spec(
         result_log=workdir / "results.log",
         memory_bytes=plan.memory_bytes,
         accel=plan.accel,
+        tcg_thread=plan.tcg_thread,
         disk=disk,
         swap=swap_image(workdir, plan.swap_bytes),
         cpus=plan.cpus,

@@ -82,6 +82,9 @@ class GuestConfig(Strict):
     disk_size: Size = 256 * MIB
     # vCPUs (-smp): per-CPU counters, batching and the OOM killer's timing differ on one.
     cpus: int = 2
+    # How TCG runs the vCPUs: single (in turns on one host thread: faster when guests
+    # outnumber the cores, see backends/qemu.py) or multi (a host thread each). KVM ignores it.
+    tcg_thread: Literal["single", "multi"] = "single"
     # A virtio disk the guest formats as swap (0: none). It is swapped on only by the
     # scenarios and OOM experiments about swap, so every other answer stays swap-free.
     swap: Size = 0

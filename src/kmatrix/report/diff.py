@@ -82,6 +82,10 @@ def _cells(results: AnyResults) -> dict[str, JSON]:
     return {str(c.get("id")): c for c in results.get("cells") or []}
 
 
+def _or_dash(value: object) -> str:
+    return "—" if value is None else str(value)
+
+
 def _cell_changes(cid: str, old: JSON, new: JSON) -> list[str]:
     out = []
     if old.get("status") != new.get("status"):
@@ -91,9 +95,9 @@ def _cell_changes(cid: str, old: JSON, new: JSON) -> list[str]:
         before, after = get_path(old, "kernel", key), get_path(new, "kernel", key)
         if before != after:
             out.append(f"`{cid}`: kernel {key} {before or '—'} → {after or '—'}")
-    for key in ("accel", "memory_bytes", "backend"):
+    for key in ("accel", "tcg_thread", "memory_bytes", "backend"):
         if old.get(key) != new.get(key):
-            show = mib if key == "memory_bytes" else str
+            show = mib if key == "memory_bytes" else _or_dash
             out.append(f"`{cid}`: {key} {show(old.get(key))} → {show(new.get(key))}")
     return out
 

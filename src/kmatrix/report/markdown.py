@@ -227,6 +227,12 @@ def _arch(cell: JSON, run: JSON) -> str:
     return str(cell.get("arch") or "—")
 
 
+def _accel(cell: JSON) -> str:
+    """How the cell ran: tcg (with QEMU's thread= where recorded), kvm or container."""
+    accel, thread = cell.get("accel") or "—", cell.get("tcg_thread")
+    return f"{accel}, thread={thread}" if thread else str(accel)
+
+
 def _cmdline(cell: JSON) -> str:
     """The accounting boot's /proc/cmdline (the OOM boots add ``quiet``), as code."""
     cmdline = get_path(cell, "probe", "cmdline")
@@ -241,7 +247,7 @@ def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
     if any(c.get("arch") for c in cells):  # results from before arm64 do not record it
         rows.append(["arch", *(_arch(c, run) for c in cells)])
     rows += [
-        ["accel", *(c.get("accel") or "—" for c in cells)],
+        ["accel", *(_accel(c) for c in cells)],
         ["CPU model", *(str(c.get("cpu") or "—") for c in cells)],
         ["boot entry", *(str(c.get("boot") or "—") for c in cells)],
         ["emulator / engine", *(_engine(c, run) for c in cells)],

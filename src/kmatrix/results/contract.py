@@ -206,6 +206,7 @@ class Cell(TypedDict):
     oom: NotRequired[list[OomExperiment]]  # in every cell kmatrix writes now
     arch: NotRequired[str]
     cpu: NotRequired[str]
+    tcg_thread: NotRequired[Literal["single", "multi"]]  # QEMU's -accel tcg,thread= (TCG cells)
     boot: NotRequired[str]
     probe: NotRequired[Hello]
     console_tail: NotRequired[list[str]]
