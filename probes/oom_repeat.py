@@ -35,6 +35,9 @@ def new_record(exp: Experiment, repeat: int, env: Env) -> Record:
         "type": "oom", "event": "result", "name": exp.name, "repeat": repeat,
         "status": "ok", "error": None, "scope": exp.scope, "group": exp.group,
         "writer_protected": exp.writer_protected,
+        # A growth writer alive without progress for this long counts as stalled: a
+        # knob of the harness that decides writer-stalled against a later write() error.
+        "stall_after_s": oom_growth.STALL_S if exp.growth else None,
         "holder_role": _HOLDER_ROLE.get(exp.holder, "holder"),
         "mem_total": env.mem_total, "sizes": role_sizes(exp, env), "knobs": knobs.oom_knobs(),
         "memcg": env.memcg if exp.scope != "global" else None,
@@ -153,7 +156,7 @@ def _run_repeat(exp: Experiment, repeat: int, env: Env, emit: Emit) -> Record:
         if exp.kill_allocating:
             knobs.set_sysctl("vm/oom_kill_allocating_task", 1)
         armed(rec, roles, scope, emit, env)
-        stall_s = oom_growth.STALL_S if exp.growth else None
+        stall_s = rec["stall_after_s"]
         seen = watch(roles, start, deadline, harness=not scope.owned, stall_s=stall_s, go=True)
         predict(rec, seen.snapshot, scope, env)
         outcome(rec, seen, roles, scope)

@@ -163,6 +163,17 @@ def test_sizes_keep_the_roles_in_order() -> None:
         assert sizes["hog"] >= env.mem_total  # the hog only stops at an OOM
 
 
+def test_the_stall_window_is_recorded_where_it_decides_an_outcome() -> None:
+    """writer-stalled against a later write() error is the harness's window: each growth
+    repeat records it; the other experiments, which never judge a stall, record none."""
+    import oom_repeat
+
+    env = oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 30.0, 1)
+    for exp in oom.EXPERIMENTS.values():
+        window = oom_repeat.new_record(exp, 0, env)["stall_after_s"]
+        assert window == (oom_growth.STALL_S if exp.growth else None), exp.name
+
+
 def _env() -> oom.Env:
     return oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 10.0, os.open(os.devnull, 1))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kmatrix import catalog
-from kmatrix.report.oom import SETUPS, distribution, oom_section
+from kmatrix.report.oom import SETUPS, distribution, oom_section, stall_window
 from kmatrix.results.oom import (
     EXPERIMENTS,
     BootOutput,
@@ -134,6 +134,14 @@ def test_report_section_shows_distributions_and_panics() -> None:
     assert "not available" in text
     assert "yes (expected)" in text
     assert distribution(["hog", "holder", "hog"]) == "hog 2/3, holder 1/3"
+
+
+def test_the_stall_note_says_the_window_the_repeats_recorded() -> None:
+    cell = {"id": "6.12", "oom": assemble(UNITS, [BOOT1, BOOT2])}
+    assert "results do not record the window, `stall_after_s`" in oom_section([cell])
+    cell["oom"][0]["runs"][0]["stall_after_s"] = 1.5
+    assert stall_window([cell]) == "1.5 s (the repeat's `stall_after_s`)"
+    assert "no progress for 1.5 s (the repeat's" in oom_section([cell])
 
 
 def test_report_section_renders_like_the_rest_of_the_report() -> None:

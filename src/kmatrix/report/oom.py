@@ -63,7 +63,8 @@ NOTES = (
     "the console (the kernel's printk dropped it under a flood of OOM reports); the victims "
     "row lists only what the kernel printed. Shown only where it happened.",
     "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
-    "`writer-stalled` (alive, no progress for 1.5 s: see the repeat's `stall` record), "
+    "`writer-stalled` (alive, no progress for {stall_after}; its `stall` record has what "
+    "the writer was doing), "
     "`panic` (the boot ended: the next boot ran the remaining repeats).",
 )
 
@@ -241,6 +242,21 @@ def container_notes(cells: Sequence[JSON]) -> list[str]:
     return notes
 
 
+def stall_window(cells: Sequence[JSON]) -> str:
+    """How long a growth experiment's writer went without progress before it counted as
+    stalled, as the repeats recorded it (a knob of the probe: the outcome depends on it)."""
+    found = {
+        r["stall_after_s"]
+        for c in cells
+        for e in c.get("oom") or []
+        for r in e.get("runs") or []
+        if isinstance(r.get("stall_after_s"), int | float)
+    }
+    if not found:
+        return "a while (these results do not record the window, `stall_after_s`)"
+    return " or ".join(f"{s:g} s" for s in sorted(found)) + " (the repeat's `stall_after_s`)"
+
+
 def oom_section(cells: Sequence[JSON]) -> str:
     """The markdown OOM section (empty string when no cell has OOM results)."""
     names = experiment_names(cells)
@@ -265,7 +281,8 @@ def oom_section(cells: Sequence[JSON]) -> str:
         table = experiment_table(shown, name)
         if table:
             parts += ["", f"### `{name}`" + (f": {setup}" if setup else ""), "", table]
-    parts += ["", *(f"- {note}" for note in NOTES)]
+    window = stall_window(shown)
+    parts += ["", *(f"- {note.replace('{stall_after}', window)}" for note in NOTES)]
     timing = timing_table(shown)
     if timing:
         parts += ["", "### OOM boots", "", timing]

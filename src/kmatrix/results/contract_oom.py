@@ -179,6 +179,7 @@ class OomRepeat(TypedDict):
     writer_protected: NotRequired[bool | None]
     write_error: NotRequired[str | None]
     stall: NotRequired[Stall | None]
+    stall_after_s: NotRequired[float | None]  # growth experiments: the probe's stall window
     cross: NotRequired[Cross | None]
     shmem_freed: NotRequired[bool | None]
     shmem_restored: NotRequired[bool | None]
