@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from kmatrix.backends.qemu import AMD64, ARM64, QemuSpec, arch_for, build_argv
+from kmatrix.cells.oom_guest import oom_spec
 from kmatrix.config import parse_matrix
 from kmatrix.errors import InfraError
 from kmatrix.report.markdown import render_report
 from kmatrix.results.view import cell_label
+from kmatrix.run.plan import qemu_plan
 
 SPEC = QemuSpec(
     vmlinuz=Path("/k/vmlinuz"),
@@ -19,6 +21,7 @@ SPEC = QemuSpec(
     console_log=Path("/w/console.log"),
     result_log=Path("/w/results.log"),
     memory_bytes=512 << 20,
+    tcg_thread="single",
     disk=Path("/w/disk.img"),
     append="quiet",
 )
@@ -81,6 +84,18 @@ def test_tcg_runs_vcpus_on_the_threads_the_spec_says() -> None:
     multi = build_argv(replace(SPEC, cpus=2, tcg_thread="multi"))
     assert _after(multi, "-accel") == ["tcg,thread=multi"]
     assert _after(build_argv(replace(SPEC, cpus=2)), "-accel") == ["tcg,thread=single"]
+
+
+def test_the_oom_boots_run_their_vcpus_as_the_plan_says() -> None:
+    """The OOM boots (a restored boot copies the saving boot's spec) take guest.tcg_thread
+    from the plan. QemuSpec has no default for it, so mypy --strict holds every other
+    constructor (the accounting boot's) to passing one."""
+    text = "kernels:\n  - {name: k, suite: bookworm, package: p}\n"
+    for thread in ("single", "multi"):
+        matrix = parse_matrix(f"guest: {{tcg_thread: {thread}}}\n" + text)
+        plan = qemu_plan(matrix, matrix.kernels[0], "tcg")  # type: ignore[arg-type]
+        oom = oom_spec(plan, Path("/w/vmlinux"), Path("/w/initrd"), Path("/w"), "saved")
+        assert _after(build_argv(oom), "-accel") == [f"tcg,thread={thread}"]
 
 
 def test_kvm_uses_the_host_cpu() -> None:

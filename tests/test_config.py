@@ -48,6 +48,10 @@ def test_default_matrix_is_valid() -> None:
         ("kernels: []", "kernels: the list is empty"),
         ("kernels: [{name: 1, suite: x, package: y}]", "kernels[0].name"),
         (f"accel: fast\nkernels: [{GOOD_KERNEL}]", "accel: Input should be 'auto', 'tcg' or 'kvm'"),
+        (
+            f"guest: {{tcg_thread: 2}}\nkernels: [{GOOD_KERNEL}]",
+            "guest.tcg_thread: Input should be 'single' or 'multi'",
+        ),
         ("kernels: [{name: a, suite: x, package: y, path: /k}]", "either path:"),
         (
             "kernels: [{name: host, backend: docker, suite: sid}]",

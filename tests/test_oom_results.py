@@ -138,7 +138,7 @@ def test_report_section_shows_distributions_and_panics() -> None:
 
 def test_the_stall_note_says_the_window_the_repeats_recorded() -> None:
     cell = {"id": "6.12", "oom": assemble(UNITS, [BOOT1, BOOT2])}
-    assert "results do not record the window, `stall_after_s`" in oom_section([cell])
+    assert "these results do not record how long (`stall_after_s`)" in oom_section([cell])
     cell["oom"][0]["runs"][0]["stall_after_s"] = 1.5
     assert stall_window([cell]) == "1.5 s (the repeat's `stall_after_s`)"
     assert "no progress for 1.5 s (the repeat's" in oom_section([cell])

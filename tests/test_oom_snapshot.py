@@ -67,6 +67,7 @@ SAVED = QemuSpec(
     console_log=Path("/w/saved.console.log"),
     result_log=Path("/w/saved.results.log"),
     memory_bytes=192 << 20,
+    tcg_thread="single",
     swap=Path("/w/saved.swap.img"),
     plan=Path("/w/saved.plan.img"),
     cpus=2,

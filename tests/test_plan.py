@@ -105,6 +105,9 @@ def test_accel_digests_and_qemu_change_the_cache_key_and_checks_do_not() -> None
     assert _key(probe="q" * 64) != base
     assert _key(qemu="QEMU 8.0.0") != base
     assert _key(userland="v") != base
+    # KVM gives each vCPU its thread whatever guest.tcg_thread says: no re-measuring.
+    multi = BASE.replace("cpus: 2}", "cpus: 2, tcg_thread: multi}")
+    assert _key(multi, accel="kvm") == _key(accel="kvm")
     # How the run is checked and where packages come from are not what is measured.
     checked = BASE + "expectations:\n  - memfd-write VmRSS_delta < 1 MiB\n"
     assert _key("check_valid_until: false\n" + checked) == base

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from kmatrix.backends import lifeline
 from kmatrix.backends.qmp import load_command
 from kmatrix.backends.slots import Slots
 from kmatrix.errors import InfraError
+from kmatrix.results.contract import TcgThread
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -150,11 +150,8 @@ def _result_argv(arch: Arch, path: Path) -> list[str]:
     ]
 
 
-#: How TCG runs a guest's vCPUs (QEMU's ``-accel tcg,thread=``).
-TcgThread = Literal["single", "multi"]
-
-# Why "single" is the default (guest.tcg_thread). Measured (default matrix, 2 cores, QEMU 7.2,
-# alternated runs 01:00-01:40): 247-260 s wall with "multi", 217 s with "single"; the
+# Why TcgThread "single" is the default (guest.tcg_thread). Measured (default matrix, 2 cores,
+# QEMU 7.2, alternated runs 01:00-01:45): 247-260 s wall with "multi", 215-217 s "single"; the
 # expectations held in both. The likely cause: with more vCPU threads than host cores (three
 # 2-vCPU guests on 2 cores), a vCPU that waits for another one -- a TLB-shootdown IPI in
 # csd_lock_wait, a spinlock whose holder's thread the host preempted -- spins through whole
@@ -172,10 +169,10 @@ class QemuSpec:
     console_log: Path
     result_log: Path
     memory_bytes: int
+    # TCG's vCPU threads: "single" runs a guest's vCPUs in turns on one host thread (why:
+    # above), "multi" gives each its own. No default, so no caller can forget the plan's.
+    tcg_thread: TcgThread
     accel: str = "tcg"
-    # TCG's vCPU threads: "single" runs a guest's vCPUs in turns on one host thread (see
-    # TcgThread), "multi" gives each its own.
-    tcg_thread: TcgThread = "single"
     disk: Path | None = None
     swap: Path | None = None  # a raw image the guest's init formats as swap (serial kmxswap)
     plan: Path | None = None  # the OOM plan disk of a saved or restored boot (serial kmxplan)
@@ -263,10 +260,11 @@ def default_slots() -> int:
     """QEMUs at once unless told otherwise: one more than the cores.
 
     TCG guests are CPU-bound, but not all the time: a guest's vCPUs idle while its probe
-    sleeps or waits for a role. Measured (default matrix, 2 cores): with 2 slots the QEMUs
-    kept 1.73 cores busy; the same code one run after the other took 298 s with 2 slots and
-    276 s with 3. More would starve guests of CPU time and stretch the timers some
-    experiments use (a stall is 1.5 s without progress), so no more than one extra.
+    sleeps or waits for a role. Measured (default matrix, 2 cores, a host thread per vCPU):
+    with 2 slots the QEMUs kept 1.73 cores busy; the same code one run after the other took
+    298 s with 2 slots and 276 s with 3. With the vCPUs in turns on one thread (TcgThread),
+    4 slots took 231 s against 215-217 s with 3. More would starve guests of CPU time and
+    stretch the timers some experiments use (a stall is 1.5 s without progress).
     """
     return (os.cpu_count() or 1) + 1
 
@@ -421,6 +419,7 @@ def kvm_smoke_test(vmlinuz: Path, workdir: Path, timeout: float = 20.0) -> bool:
         console_log=console,
         result_log=Path("/dev/null"),
         memory_bytes=256 * 1024 * 1024,
+        tcg_thread="multi",  # not used: KVM runs a thread per vCPU
         accel="kvm",
     )
     # Ahead of every waiting boot: the run's accelerator waits for this answer.

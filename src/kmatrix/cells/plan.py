@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from kmatrix import catalog
-from kmatrix.backends.qemu import TcgThread
+from kmatrix.results.contract import TcgThread
 from kmatrix.results.oom import EXPERIMENTS, Unit
 
 
@@ -71,6 +71,14 @@ class QemuPlan(CellPlan):
     disk_bytes: int  # the ext4 disk of the disk-backed scenarios
     swap_bytes: int  # the swap disk (0: none)
     cmdline: str  # extra kernel command line
+
+    def as_json(self) -> dict[str, Any]:
+        """The plan as plain data (for the result-cache key): ``tcg_thread`` only under TCG,
+        so changing it does not re-measure KVM cells (KVM gives each vCPU its thread)."""
+        data = super().as_json()
+        if self.accel != "tcg":
+            del data["tcg_thread"]
+        return data
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from kmatrix import catalog
 from kmatrix.catalog import unknown_names
+from kmatrix.results.contract import TcgThread
 from kmatrix.units import GIB, MIB
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -84,7 +85,7 @@ class GuestConfig(Strict):
     cpus: int = 2
     # How TCG runs the vCPUs: single (in turns on one host thread: faster when guests
     # outnumber the cores, see backends/qemu.py) or multi (a host thread each). KVM ignores it.
-    tcg_thread: Literal["single", "multi"] = "single"
+    tcg_thread: TcgThread = "single"
     # A virtio disk the guest formats as swap (0: none). It is swapped on only by the
     # scenarios and OOM experiments about swap, so every other answer stays swap-free.
     swap: Size = 0

@@ -253,7 +253,7 @@ def stall_window(cells: Sequence[JSON]) -> str:
         if isinstance(r.get("stall_after_s"), int | float)
     }
     if not found:
-        return "a while (these results do not record the window, `stall_after_s`)"
+        return "a while — these results do not record how long (`stall_after_s`)"
     return " or ".join(f"{s:g} s" for s in sorted(found)) + " (the repeat's `stall_after_s`)"
 
 

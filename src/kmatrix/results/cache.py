@@ -2,7 +2,8 @@
 
 The key covers the cell name, the kernel (package SHA256; for a local build the bzImage,
 modules tree and .config together), the guest userland, the probe and init, the probe/OOM
-parameters, guest memory and /dev/shm size, the accelerator and the QEMU version. Only
+parameters, the guest's memory, /dev/shm size, vCPUs and (under TCG) how they run, the
+accelerator and the QEMU version. Only
 complete ``ok`` cells are cached: a timeout may be the host's fault, and a cell with an OOM
 experiment in error is incomplete.
 """

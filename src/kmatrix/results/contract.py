@@ -25,6 +25,9 @@ from typing_extensions import TypedDict
 
 from kmatrix.results.contract_oom import OomBoot, OomExperiment, OomSnapshot
 
+#: How TCG ran a guest's vCPUs (QEMU's ``-accel tcg,thread=``): matrix.yaml's
+#: guest.tcg_thread, the QEMU command line and a TCG cell's ``tcg_thread``.
+TcgThread = Literal["single", "multi"]
 CellStatus = Literal["ok", "incomplete", "failed", "timeout", "panic", "error", "skipped"]
 Backend = Literal["qemu", "docker"]
 
@@ -206,7 +209,7 @@ class Cell(TypedDict):
     oom: NotRequired[list[OomExperiment]]  # in every cell kmatrix writes now
     arch: NotRequired[str]
     cpu: NotRequired[str]
-    tcg_thread: NotRequired[Literal["single", "multi"]]  # QEMU's -accel tcg,thread= (TCG cells)
+    tcg_thread: NotRequired[TcgThread]  # TCG cells only
     boot: NotRequired[str]
     probe: NotRequired[Hello]
     console_tail: NotRequired[list[str]]
