@@ -46,9 +46,14 @@ def role_specs(
     return [*specs, RoleSpec("writer", "memfd-grow", sizes["writer"], writer_adj, procs)]
 
 
-def stall_evidence(pid: int, quiet_s: float) -> dict[str, object]:
-    """What a stalled driver is doing: its state, system call and wait channel."""
-    found: dict[str, object] = {"no_progress_s": round(quiet_s, 2)}
+def stall_evidence(pid: int, quiet_s: float, late_s: float = 0.0) -> dict[str, object]:
+    """What a stalled driver is doing: its state, system call and wait channel; how long it
+    went without progress, and how much of that the harness itself did not run (not
+    counted towards the stall: oom_watch.LATE_S)."""
+    found: dict[str, object] = {
+        "no_progress_s": round(quiet_s, 2),
+        "harness_late_s": round(late_s, 2),
+    }
     for name in ("stat", "syscall", "wchan"):
         try:
             text = read_text(f"/proc/{pid}/{name}")

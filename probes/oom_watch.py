@@ -23,6 +23,16 @@ from oom import Record
 from oom_harness import Role
 
 SETTLE_S = 0.15  # after the hog died: time for group kills / reaping to finish
+#: While a stall is judged, the harness wakes at least this often, so it can tell how long
+#: it did not run itself (below).
+STALL_POLL_S = 0.25
+#: A wake-up later than asked by more than this: the harness itself did not run. Under TCG
+#: the guest's clock runs on while the host leaves its QEMU off the CPU (an oversubscribed
+#: host), so a writer that stops reporting then is starved, not stuck in the kernel. With
+#: guest.tcg_thread single (the default) the guest's vCPUs share one host thread, so the
+#: harness starves with the writer. 0.25 s is above a turn of TCG's round-robin between
+#: the vCPUs (its kick period is 0.1 s).
+LATE_S = 0.25
 
 
 def snapshot_all(
@@ -171,22 +181,30 @@ def _follow(
     live = {r.channel.fd: r for r in roles if r.name != "creator"}
     driver = roles[-1]
     stop_at, heard = deadline, time.monotonic()
+    late = 0.0  # of the time since the driver was last heard, how long the harness did not run
     while live:
         now = time.monotonic()
         if now >= stop_at:
             break
-        if stall_s and driver.alive and now - heard > stall_s:
+        # Quiet time counts only while the harness ran: a starved guest is not a stall.
+        if stall_s and driver.alive and now - heard - late > stall_s:
             result.outcome, result.stall = (
                 f"{driver.name}-stalled",
-                oom_growth.stall_evidence(driver.pid, now - heard),
+                oom_growth.stall_evidence(driver.pid, now - heard, late),
             )
             break
-        wait = min(stop_at, heard + stall_s) - now if stall_s else stop_at - now
-        for fd in select.select(list(live), [], [], max(wait, 0.01))[0]:
+        wait = stop_at - now
+        if stall_s:
+            wait = min(wait, heard + late + stall_s - now, STALL_POLL_S)
+        wait = max(wait, 0.01)
+        ready = select.select(list(live), [], [], wait)[0]
+        if (overdue := time.monotonic() - now - wait) > LATE_S:
+            late += overdue
+        for fd in ready:
             role = live[fd]
             messages = role.channel.read_available()
             if role is driver:
-                heard = time.monotonic()
+                heard, late = time.monotonic(), 0.0
             if messages is None:
                 role.alive = False
                 del live[fd]

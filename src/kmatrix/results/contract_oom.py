@@ -105,6 +105,9 @@ class Stall(TypedDict, total=False):
     """``run.stall``: a writer alive but making no progress, with its /proc state."""
 
     no_progress_s: float
+    # Of no_progress_s, how long the harness itself did not run (the guest starved on the
+    # host): not counted towards the stall (probes/oom_watch.py LATE_S).
+    harness_late_s: float
     state: str
     syscall: str
     wchan: str
