@@ -63,8 +63,9 @@ NOTES = (
     "the console (the kernel's printk dropped it under a flood of OOM reports); the victims "
     "row lists only what the kernel printed. Shown only where it happened.",
     "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
-    "`writer-stalled` (alive, no progress for {stall_after}; its `stall` record has what "
-    "the writer was doing), "
+    "`writer-stalled` (alive, no progress for {stall_after}, counting only time in which "
+    "the harness itself ran; its `stall` record has what the writer was doing and "
+    "`harness_late_s`, the time the harness missed), "
     "`panic` (the boot ended: the next boot ran the remaining repeats).",
 )
 
