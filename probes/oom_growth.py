@@ -46,7 +46,7 @@ def role_specs(
     return [*specs, RoleSpec("writer", "memfd-grow", sizes["writer"], writer_adj, procs)]
 
 
-def stall_evidence(pid: int, quiet_s: float, late_s: float = 0.0) -> dict[str, object]:
+def stall_evidence(pid: int, quiet_s: float, late_s: float) -> dict[str, object]:
     """What a stalled driver is doing: its state, system call and wait channel; how long it
     went without progress, and how much of that the harness itself did not run (not
     counted towards the stall: oom_watch.LATE_S)."""

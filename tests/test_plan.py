@@ -52,6 +52,7 @@ def test_qemu_plan_takes_the_kernel_sizes_over_the_guest() -> None:
         plan.cpu == "max,-erms,-fsrm,-smap"
         and qemu_plan(matrix, matrix.kernels[0], "kvm").cpu == "host"
     )  # type: ignore[arg-type]
+    assert qemu_plan(matrix, matrix.kernels[0], "kvm").tcg_thread is None  # type: ignore[arg-type]
     assert len(plan.oom.units) == 3 * len(plan_units("all", 1))
     assert plan.tcg_thread == "single"  # the default; why: backends/qemu.py, TcgThread
     assert cell_args(plan)["KMX_SIZE_MIB"] == "64" and cell_args(plan)["KMX_SWAP"] == "0"

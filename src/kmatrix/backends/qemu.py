@@ -170,8 +170,9 @@ class QemuSpec:
     result_log: Path
     memory_bytes: int
     # TCG's vCPU threads: "single" runs a guest's vCPUs in turns on one host thread (why:
-    # above), "multi" gives each its own. No default, so no caller can forget the plan's.
-    tcg_thread: TcgThread
+    # above), "multi" gives each its own; None (KVM's boots): QEMU's own, multi. No default,
+    # so no caller can forget the plan's.
+    tcg_thread: TcgThread | None
     accel: str = "tcg"
     disk: Path | None = None
     swap: Path | None = None  # a raw image the guest's init formats as swap (serial kmxswap)
@@ -195,7 +196,7 @@ def build_argv(spec: QemuSpec) -> list[str]:
     accel = (
         ["-accel", "kvm", "-cpu", "host"]
         if spec.accel == "kvm"
-        else ["-accel", f"tcg,thread={spec.tcg_thread}", "-cpu", arch.tcg_cpu]
+        else ["-accel", f"tcg,thread={spec.tcg_thread or 'multi'}", "-cpu", arch.tcg_cpu]
     )
     argv = [
         arch.binary,
@@ -419,7 +420,7 @@ def kvm_smoke_test(vmlinuz: Path, workdir: Path, timeout: float = 20.0) -> bool:
         console_log=console,
         result_log=Path("/dev/null"),
         memory_bytes=256 * 1024 * 1024,
-        tcg_thread="multi",  # not used: KVM runs a thread per vCPU
+        tcg_thread=None,
         accel="kvm",
     )
     # Ahead of every waiting boot: the run's accelerator waits for this answer.

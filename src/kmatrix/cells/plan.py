@@ -67,18 +67,12 @@ class QemuPlan(CellPlan):
 
     cpu: str  # QEMU's -cpu: the architecture's TCG model, or host under KVM
     cpus: int  # vCPUs
-    tcg_thread: TcgThread  # how TCG runs them (why single: backends/qemu.py, TcgThread)
+    # How TCG runs them (why single: backends/qemu.py, TcgThread); None under KVM, which
+    # gives each vCPU a thread of its own (so the setting changes no KVM cell's cache key).
+    tcg_thread: TcgThread | None
     disk_bytes: int  # the ext4 disk of the disk-backed scenarios
     swap_bytes: int  # the swap disk (0: none)
     cmdline: str  # extra kernel command line
-
-    def as_json(self) -> dict[str, Any]:
-        """The plan as plain data (for the result-cache key): ``tcg_thread`` only under TCG,
-        so changing it does not re-measure KVM cells (KVM gives each vCPU its thread)."""
-        data = super().as_json()
-        if self.accel != "tcg":
-            del data["tcg_thread"]
-        return data
 
 
 @dataclass(frozen=True)

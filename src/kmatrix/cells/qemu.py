@@ -86,7 +86,7 @@ def run_qemu_cell(
         "arch": arch.name,
         "cpu": plan.cpu,
     }
-    if plan.accel == "tcg":  # KVM runs vCPUs as threads of their own, whatever the plan says
+    if plan.tcg_thread is not None:  # TCG cells only
         cell["tcg_thread"] = plan.tcg_thread
     cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)

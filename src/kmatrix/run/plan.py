@@ -56,7 +56,7 @@ def qemu_plan(matrix: Matrix, kernel: QemuKernel, accel: str) -> QemuPlan:
         oom=oom_plan(matrix),
         cpu=qemu.arch_for(kernel.arch).tcg_cpu if accel == "tcg" else "host",
         cpus=matrix.guest.cpus,
-        tcg_thread=matrix.guest.tcg_thread,
+        tcg_thread=matrix.guest.tcg_thread if accel == "tcg" else None,
         disk_bytes=matrix.guest.disk_size,
         swap_bytes=matrix.guest.swap,
         cmdline=kernel.cmdline,
