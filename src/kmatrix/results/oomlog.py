@@ -55,11 +55,23 @@ _PANIC = re.compile(r"Kernel panic - not syncing: ?(?P<msg>.*)")
 _ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
 NO_KILLABLE = "Out of memory and no killable processes"
 TASKS_STATE = "Tasks state (memory values in pages):"
+# A literal part of each pattern above, tested first: most console lines are none of them,
+# and _INVOKED's leading ``.+?`` makes a failed search quadratic in the line's length (an
+# OOM flood is tens of thousands of lines, and the host parses every boot's console).
+_INVOKED_TEXT = " invoked oom-killer: "
+_KILLED_TEXT = "Killed process "
+_REAPED_TEXT = "oom_reaper: reaped process "
+_GROUP_TEXT = " are going to be killed due to memory.oom.group set"
+_PANIC_TEXT = "Kernel panic - not syncing"
+
+
+def _reaped(line: str) -> re.Match[str] | None:
+    return _REAPED.search(line) if _REAPED_TEXT in line else None
 
 
 def panic_message(line: str) -> str | None:
     """What a ``Kernel panic - not syncing`` line says ("kernel panic" if nothing), else None."""
-    m = _PANIC.search(line)
+    m = _PANIC.search(line) if _PANIC_TEXT in line else None
     return (m.group("msg").strip() or "kernel panic") if m else None
 
 
@@ -206,7 +218,7 @@ class _Parser:
     def feed(self, lineno: int, line: str) -> None:
         if self.columns is not None and self._task_line(line):
             return
-        if m := _INVOKED.search(line):
+        if _INVOKED_TEXT in line and (m := _INVOKED.search(line)):
             self.event = OomEvent(
                 trigger_comm=m.group("comm").split()[-1],
                 gfp_mask=m.group("gfp"),
@@ -220,7 +232,7 @@ class _Parser:
             self.columns = []
         elif "oom-kill:constraint=" in line:
             self._current().constraint = parse_constraint(line)
-        elif m := _KILLED.search(line):
+        elif _KILLED_TEXT in line and (m := _KILLED.search(line)):
             event = self._current()
             grouped = event.group_memcg is not None and not self.group_ended
             if grouped and self.now is not None and self.last_kill is not None:
@@ -234,17 +246,17 @@ class _Parser:
             event.kills.append(_kill(m))
             self.last_kill = self.now
         else:
-            if self.event is not None and self.event.kills and not _REAPED.search(line):
+            if self.event is not None and self.event.kills and not _reaped(line):
                 self.group_ended = True
             self._other(lineno, line)
 
     def _other(self, lineno: int, line: str) -> None:
-        if m := _GROUP.search(line):
+        if _GROUP_TEXT in line and (m := _GROUP.search(line)):
             self._current().group_memcg = m.group("cg")
             self.group_ended = False  # the group's Killed lines follow this one
         elif NO_KILLABLE in line:
             self._current().no_killable = True
-        elif m := _REAPED.search(line):
+        elif m := _reaped(line):
             for event in self.log.events:
                 for kill in event.kills:
                     if kill.pid == int(m.group("pid")):
@@ -287,9 +299,9 @@ def _report_blocks(lines: list[str]) -> list[tuple[int, int]]:
     blocks, start, killed = [], None, False
     for i, raw in enumerate(lines):
         line = strip_prefix(raw)
-        if _INVOKED.search(line):
+        if _INVOKED_TEXT in line and _INVOKED.search(line):
             start, killed = i, False
-        elif start is not None and _KILLED.search(line):
+        elif start is not None and _KILLED_TEXT in line and _KILLED.search(line):
             killed = True
         elif start is not None and NO_KILLABLE in line:
             if not killed:
