@@ -88,6 +88,9 @@ class Watch:
     outcome: str = "timeout"
     write_error: str | None = None  # the writer's errno name, when a write() failed
     stall: Record | None = None  # the driver went quiet while alive: what it was doing
+    #: The longest the driver went without a message and then sent one (time the harness
+    #: ran, as for a stall): how close a writer that went on came to the stall window.
+    longest_quiet_s: float = 0.0
     #: The /proc files read while the driver runs, opened once (accounting.ProcFile).
     procs: dict[int, oom_model.ProcOf] = field(default_factory=dict)
     meminfo: ProcFile | None = None
@@ -217,7 +220,11 @@ def _follow(
             role = live[fd]
             messages = role.channel.read_available()
             if role is driver:
-                heard, late = time.monotonic(), 0.0
+                heard_at = time.monotonic()
+                if messages is not None:  # went on (not an end of file: it died)
+                    quiet = heard_at - heard - late
+                    result.longest_quiet_s = max(result.longest_quiet_s, quiet)
+                heard, late = heard_at, 0.0
                 due = max(due, heard)
             if messages is None:
                 role.alive = False

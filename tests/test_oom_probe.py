@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -223,6 +224,40 @@ def test_a_stall_counts_only_the_time_the_harness_ran(monkeypatch: pytest.Monkey
 
 def _env() -> oom.Env:
     return oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 10.0, os.open(os.devnull, 1))
+
+
+def _paced_writer(pauses: list[float]) -> oom_harness.Role:
+    """A forked "writer" that sends a progress line after each pause, then "done", and
+    waits for its command pipe to close."""
+    from messages import Channel
+
+    r, w = os.pipe()
+    cmd_r, cmd_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.close(r)
+        for i, pause in enumerate(pauses):
+            time.sleep(pause)
+            os.write(w, json.dumps({"progress": i * MIB}).encode() + b"\n")
+        os.write(w, b'{"done": true}\n')
+        os.read(cmd_r, 1)
+        os._exit(0)
+    os.close(w)
+    os.close(cmd_r)
+    return oom_harness.Role("writer", pid, cmd_w, Channel(r))
+
+
+def test_the_longest_quiet_spell_of_a_writer_that_went_on_is_recorded() -> None:
+    """The stall window's margin: a writer quiet for 0.6 s and then going on is not
+    stalled under a 1 s window, and the watch records that 0.6 s as its longest quiet."""
+    role = _paced_writer([0.05, 0.1, 0.6, 0.05])
+    try:
+        begin = time.monotonic()
+        seen = oom_watch.watch([role], begin, begin + 10, stall_s=1.0)
+    finally:
+        oom_harness.kill_all([role])
+    assert seen.outcome == "writer-done" and seen.stall is None
+    assert 0.6 <= seen.longest_quiet_s < 0.6 + oom_watch.LATE_S
 
 
 def test_watch_a_hog_that_finds_no_oom_and_a_repeat_that_hangs() -> None:

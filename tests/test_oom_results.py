@@ -141,6 +141,8 @@ def test_the_stall_note_says_the_window_the_repeats_recorded() -> None:
     assert "these results do not record how long (`stall_after_s`)" in oom_section([cell])
     cell["oom"][0]["runs"][0]["stall_after_s"] = 1.5
     assert stall_window([cell]) == "1.5 s (the repeat's `stall_after_s`)"
+    cell["oom"][0]["runs"][0]["longest_quiet_s"] = 0.4213
+    assert stall_window([cell]).endswith("; a writer that went on was quiet for at most 0.42 s")
     assert "no progress for 1.5 s (the repeat's" in oom_section([cell])
 
 

@@ -255,7 +255,17 @@ def stall_window(cells: Sequence[JSON]) -> str:
     }
     if not found:
         return "a while — these results do not record how long (`stall_after_s`)"
-    return " or ".join(f"{s:g} s" for s in sorted(found)) + " (the repeat's `stall_after_s`)"
+    window = " or ".join(f"{s:g} s" for s in sorted(found)) + " (the repeat's `stall_after_s`)"
+    quiet = [
+        r["longest_quiet_s"]
+        for c in cells
+        for e in c.get("oom") or []
+        for r in e.get("runs") or []
+        if isinstance(r.get("longest_quiet_s"), int | float)
+    ]
+    if quiet:  # the window's margin: how long a writer that went on was ever quiet
+        window += f"; a writer that went on was quiet for at most {max(quiet):.2f} s"
+    return window
 
 
 def oom_section(cells: Sequence[JSON]) -> str:

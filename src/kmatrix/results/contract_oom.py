@@ -183,6 +183,9 @@ class OomRepeat(TypedDict):
     write_error: NotRequired[str | None]
     stall: NotRequired[Stall | None]
     stall_after_s: NotRequired[float | None]  # growth experiments: the probe's stall window
+    #: Growth experiments: the longest the writer went quiet and then went on (the window's
+    #: margin; probes/oom_watch.py Watch.longest_quiet_s).
+    longest_quiet_s: NotRequired[float | None]
     cross: NotRequired[Cross | None]
     shmem_freed: NotRequired[bool | None]
     shmem_restored: NotRequired[bool | None]
