@@ -13,7 +13,7 @@ import pytest
 
 from kmatrix.config import load_matrix, parse_matrix
 from kmatrix.errors import ExpectationFailed, UserError
-from kmatrix.gate.check import check_file, enforce, junit_xml
+from kmatrix.gate.check import check_file, enforce, gate_run, junit_xml
 from kmatrix.gate.expectations import (
     ExpectationSyntaxError,
     evaluate,
@@ -204,3 +204,21 @@ def test_check_file_exit_codes(tmp_path: Path) -> None:
     with pytest.raises(UserError) as unreadable:
         check_file(tmp_path / "missing.json", matrix)
     assert unreadable.value.exit_code == 2
+
+
+def test_the_end_of_a_run_checks_the_expectations_it_started_with(tmp_path: Path) -> None:
+    """`invoke matrix` gates on the expectation lines the run recorded at its start: an
+    edit of the matrix file during the run (here one that no longer even loads) changes
+    neither the verdict nor the exit code; results without them read the file."""
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("kernels: [{name: a, suite: b, package: c}]\nguest: {typo: 1}\n")
+    data = results()
+    data["run"]["expectations"] = ["memfd-write VmRSS < 1 MiB"]
+    assert "1 expectation(s) hold on 2 cell(s)" in gate_run(data, matrix)  # type: ignore[arg-type]
+    data["run"]["expectations"] = ["memfd-write VmRSS < 1 B"]
+    with pytest.raises(ExpectationFailed):
+        gate_run(data, matrix)  # type: ignore[arg-type]
+    del data["run"]["expectations"]
+    with pytest.raises(UserError) as unreadable:
+        gate_run(data, matrix)  # type: ignore[arg-type]
+    assert "typo" in str(unreadable.value)

@@ -130,6 +130,15 @@ def test_merge_of_split_cells_is_the_original_run(tmp_path: Path) -> None:
     assert list(report.parent.glob("*.svg")), "the merged report has its charts"
 
 
+def test_a_merge_keeps_the_expectations_only_when_every_run_read_the_same() -> None:
+    parts = _split(load_results(RESULTS / "full-5-kernels.json"))[:2]
+    for part in parts:
+        part["run"]["expectations"] = ["memfd-write VmRSS < 1 MiB"]
+    assert merge_results(parts)["run"].get("expectations") == ["memfd-write VmRSS < 1 MiB"]
+    parts[1]["run"]["expectations"] = []
+    assert "expectations" not in merge_results(parts)["run"]  # the check reads the file
+
+
 def test_merge_without_order_keeps_input_order_and_per_host() -> None:
     parts = _split(load_results(RESULTS / "full-5-kernels.json"))[:2]
     parts[1]["run"]["host"] = parts[1]["run"]["host"] | {"cpus": 4}

@@ -86,14 +86,18 @@ def enforce(
 
 
 def gate_run(results: AnyResults, matrix_path: Path, kernels: Sequence[str] = ()) -> str:
-    """The end of `invoke matrix` and `invoke cell`: the matrix file's expectations on the
-    results a run returned; raises ExpectationFailed (exit 1) naming each failure.
+    """The end of `invoke matrix` and `invoke cell`: the expectations on the results a run
+    returned; raises ExpectationFailed (exit 1) naming each failure.
 
+    They are the ones the run recorded when it started (``run.expectations``): the matrix
+    file may have been edited while the run went on. Results without them (a merge of
+    runs that read different ones) are checked against the file as it is now.
     ``kernels`` are the cells of a partial run (``--kernels``; empty: all of them): a cell
     an expectation names outside them is not expected in the results.
     """
-    matrix = load_matrix(matrix_path)
-    return enforce(matrix.expectations, results, ran=list(kernels) or None)
+    recorded = results["run"].get("expectations")
+    texts = recorded if recorded is not None else load_matrix(matrix_path).expectations
+    return enforce(texts, results, ran=list(kernels) or None)
 
 
 def stale_pins(results: AnyResults) -> list[str]:

@@ -61,6 +61,9 @@ class RunHeader(TypedDict):
     probe_sha256: str
     host: HostInfo
     matrix: str
+    #: The matrix file's expectation lines as the run read them at its start: what the end
+    #: of `invoke matrix` checks, so an edit of the file during the run changes nothing.
+    expectations: NotRequired[list[str]]
     guest: NotRequired[GuestInfo]
     interrupted: NotRequired[str]
     aborted: NotRequired[str]

@@ -59,6 +59,8 @@ def _merged_run(docs: Sequence[Results], name: str | None) -> RunHeader:
     run["finished"] = max(finished, key=_when) if finished else None
     if name is not None:
         run["name"] = name
+    if any(d["run"].get("expectations") != run.get("expectations") for d in docs):
+        run.pop("expectations", None)  # runs that read different ones: none of them speaks
     return run
 
 

@@ -79,6 +79,7 @@ class MatrixRun:
                 "probe_sha256": probe_sha256(),
                 "host": _host_info(),
                 "matrix": str(opts.matrix_path.name),
+                "expectations": list(matrix.expectations),
             },
             "cells": [],
         }
