@@ -243,27 +243,26 @@ def container_notes(cells: Sequence[JSON]) -> list[str]:
     return notes
 
 
-def stall_window(cells: Sequence[JSON]) -> str:
-    """How long a growth experiment's writer went without progress before it counted as
-    stalled, as the repeats recorded it (a knob of the probe: the outcome depends on it)."""
-    found = {
-        r["stall_after_s"]
+def _recorded(cells: Sequence[JSON], key: str) -> list[float]:
+    """Every OOM repeat's number under ``key``, across ``cells``."""
+    return [
+        r[key]
         for c in cells
         for e in c.get("oom") or []
         for r in e.get("runs") or []
-        if isinstance(r.get("stall_after_s"), int | float)
-    }
+        if isinstance(r.get(key), int | float)
+    ]
+
+
+def stall_window(cells: Sequence[JSON]) -> str:
+    """How long a growth experiment's writer went without progress before it counted as
+    stalled, as the repeats recorded it (a knob of the probe: the outcome depends on it),
+    and the longest a writer that went on was quiet (the window's margin)."""
+    found = set(_recorded(cells, "stall_after_s"))
     if not found:
         return "a while — these results do not record how long (`stall_after_s`)"
     window = " or ".join(f"{s:g} s" for s in sorted(found)) + " (the repeat's `stall_after_s`)"
-    quiet = [
-        r["longest_quiet_s"]
-        for c in cells
-        for e in c.get("oom") or []
-        for r in e.get("runs") or []
-        if isinstance(r.get("longest_quiet_s"), int | float)
-    ]
-    if quiet:  # the window's margin: how long a writer that went on was ever quiet
+    if quiet := _recorded(cells, "longest_quiet_s"):
         window += f"; a writer that went on was quiet for at most {max(quiet):.2f} s"
     return window
 
