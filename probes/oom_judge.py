@@ -43,8 +43,9 @@ def outcome(rec: Record, seen: Watch, roles: list[Role], scope: oom_scope.Scope)
         rec["write_error"] = seen.write_error
     if seen.stall:
         rec["stall"] = seen.stall
-    if rec.get("stall_after_s") is not None:
-        rec["longest_quiet_s"] = round(seen.longest_quiet_s, 3)
+    if rec.get("stall_after_s") is not None:  # the growth experiments: the window's margin
+        quiet = seen.longest_quiet_s
+        rec["longest_quiet_s"] = round(quiet, 3) if quiet is not None else None
     rec["exit"] = exit_signals(roles, [d["role"] for d in seen.deaths])
     rec["probe_victims"] = [
         d["role"] for d in seen.deaths if rec["exit"].get(d["role"]) == "SIGKILL"

@@ -90,7 +90,8 @@ class Watch:
     stall: Record | None = None  # the driver went quiet while alive: what it was doing
     #: The longest the driver went without a message and then sent one (time the harness
     #: ran, as for a stall): how close a writer that went on came to the stall window.
-    longest_quiet_s: float = 0.0
+    #: None until a first message came.
+    longest_quiet_s: float | None = None
     #: The /proc files read while the driver runs, opened once (accounting.ProcFile).
     procs: dict[int, oom_model.ProcOf] = field(default_factory=dict)
     meminfo: ProcFile | None = None
@@ -222,8 +223,11 @@ def _follow(
             if role is driver:
                 heard_at = time.monotonic()
                 if messages is not None:  # went on (not an end of file: it died)
-                    quiet = heard_at - heard - late
-                    result.longest_quiet_s = max(result.longest_quiet_s, quiet)
+                    # This pass's own lateness too (the next pass would have counted it).
+                    overdue = heard_at - (now + wait)
+                    missed = late + (overdue if overdue > LATE_S else 0.0)
+                    quiet = max(heard_at - heard - missed, 0.0)
+                    result.longest_quiet_s = max(result.longest_quiet_s or 0.0, quiet)
                 heard, late = heard_at, 0.0
                 due = max(due, heard)
             if messages is None:

@@ -226,9 +226,9 @@ def _env() -> oom.Env:
     return oom.Env(256 * MIB, PAGE, "/dev/shm", "/sys/fs/cgroup", 10.0, os.open(os.devnull, 1))
 
 
-def _paced_writer(pauses: list[float]) -> oom_harness.Role:
-    """A forked "writer" that sends a progress line after each pause, then "done", and
-    waits for its command pipe to close."""
+def _paced_writer(pauses: list[float], done: bool = True) -> oom_harness.Role:
+    """A forked "writer" that sends a progress line after each pause, then "done" and waits
+    for its command pipe to close (or, with ``done`` False, exits 0.6 s later: a death)."""
     from messages import Channel
 
     r, w = os.pipe()
@@ -239,6 +239,9 @@ def _paced_writer(pauses: list[float]) -> oom_harness.Role:
         for i, pause in enumerate(pauses):
             time.sleep(pause)
             os.write(w, json.dumps({"progress": i * MIB}).encode() + b"\n")
+        if not done:
+            time.sleep(0.6)  # quiet, then dead: not a spell it went on from
+            os._exit(0)
         os.write(w, b'{"done": true}\n')
         os.read(cmd_r, 1)
         os._exit(0)
@@ -247,17 +250,54 @@ def _paced_writer(pauses: list[float]) -> oom_harness.Role:
     return oom_harness.Role("writer", pid, cmd_w, Channel(r))
 
 
-def test_the_longest_quiet_spell_of_a_writer_that_went_on_is_recorded() -> None:
-    """The stall window's margin: a writer quiet for 0.6 s and then going on is not
-    stalled under a 1 s window, and the watch records that 0.6 s as its longest quiet."""
-    role = _paced_writer([0.05, 0.1, 0.6, 0.05])
+def _watch_paced(
+    monkeypatch: pytest.MonkeyPatch, pauses: list[float], done: bool = True, starve_s: float = 0.0
+) -> oom_watch.Watch:
+    """Watch a paced writer with a 1 s stall window; with ``starve_s``, the wait that returns
+    its third line ends that much later (the harness off the CPU, the line waiting)."""
+    role = _paced_writer(pauses, done)
+    real, lines = oom_watch.select.select, [0]
+
+    def starved(*args: float) -> object:
+        found = real(*args)
+        if found[0]:
+            lines[0] += 1
+            if lines[0] == 3:
+                time.sleep(starve_s)
+        return found
+
+    monkeypatch.setattr(oom_watch.select, "select", starved)
     try:
         begin = time.monotonic()
-        seen = oom_watch.watch([role], begin, begin + 10, stall_s=1.0)
+        return oom_watch.watch([role], begin, begin + 10, stall_s=1.0)
     finally:
+        monkeypatch.undo()
         oom_harness.kill_all([role])
+
+
+def test_the_longest_quiet_spell_of_a_writer_that_went_on_is_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stall window's margin: a writer quiet for 0.6 s and then going on is not
+    stalled under a 1 s window, and the watch records that spell as its longest quiet
+    (less by however late the harness read the line before it)."""
+    seen = _watch_paced(monkeypatch, [0.05, 0.1, 0.6, 0.05])
     assert seen.outcome == "writer-done" and seen.stall is None
-    assert 0.6 <= seen.longest_quiet_s < 0.6 + oom_watch.LATE_S
+    assert seen.longest_quiet_s is not None
+    assert 0.5 <= seen.longest_quiet_s < 0.6 + oom_watch.LATE_S
+
+
+def test_the_longest_quiet_spell_counts_only_time_the_harness_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line that waited while the harness was off the CPU for 1.2 s does not make a
+    0.1 s spell look longer than the stall window; nor does the quiet before a death."""
+    seen = _watch_paced(monkeypatch, [0.05, 0.05, 0.1, 0.05], starve_s=1.2)
+    assert seen.outcome == "writer-done" and seen.longest_quiet_s is not None
+    assert seen.longest_quiet_s < 0.1 + oom_watch.LATE_S
+    dying = _watch_paced(monkeypatch, [0.05, 0.05, 0.05], done=False)
+    assert dying.outcome == "writer-died" and dying.longest_quiet_s is not None
+    assert dying.longest_quiet_s < 0.05 + oom_watch.LATE_S
 
 
 def test_watch_a_hog_that_finds_no_oom_and_a_repeat_that_hangs() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kmatrix import catalog
-from kmatrix.report.oom import SETUPS, distribution, oom_section, stall_window
+from kmatrix.report.oom import SETUPS, distribution, oom_section, quiet_margin, stall_window
 from kmatrix.results.oom import (
     EXPERIMENTS,
     BootOutput,
@@ -141,9 +141,16 @@ def test_the_stall_note_says_the_window_the_repeats_recorded() -> None:
     assert "these results do not record how long (`stall_after_s`)" in oom_section([cell])
     cell["oom"][0]["runs"][0]["stall_after_s"] = 1.5
     assert stall_window([cell]) == "1.5 s (the repeat's `stall_after_s`)"
-    cell["oom"][0]["runs"][0]["longest_quiet_s"] = 0.4213
-    assert stall_window([cell]).endswith("; a writer that went on was quiet for at most 0.42 s")
     assert "no progress for 1.5 s (the repeat's" in oom_section([cell])
+    assert "`longest_quiet_s`" not in oom_section([cell])  # none recorded: nothing said
+    cell["oom"][0]["runs"][0]["longest_quiet_s"] = 0.4213
+    assert quiet_margin([cell]) == (
+        "; a writer that went on was never quiet longer than 0.42 s, counted the same way "
+        "(`longest_quiet_s`)"
+    )
+    assert "the time the harness missed; a writer that went on was never quiet" in oom_section(
+        [cell]
+    )
 
 
 def test_report_section_renders_like_the_rest_of_the_report() -> None:

@@ -87,3 +87,12 @@ def test_a_failed_cell_cancels_what_is_queued_in_both_pools(
     with pytest.raises(InfraError, match="cell a: boom; 2 queued cell"):
         _run_cells(tmp_path, monkeypatch, fake)
     assert sorted(started) == ["a", "host"]  # b and host2 never started
+
+
+def test_a_run_records_the_expectations_it_started_with(tmp_path: Path) -> None:
+    """What the end of `invoke matrix` checks (kmatrix.gate.check.gate_run): the lines of
+    the matrix as the run read it, not the file as it is when the run ends."""
+    matrix = parse_matrix(MATRIX + "expectations: ['memfd-write VmRSS < 1 MiB']\n")
+    opts = RunOptions(matrix_path=tmp_path / "matrix.yaml", name="t", reports_dir=tmp_path)
+    run = MatrixRun(opts, matrix, list(matrix.kernels), Progress(io.StringIO(), live=False))
+    assert run.results["run"].get("expectations") == ["memfd-write VmRSS < 1 MiB"]

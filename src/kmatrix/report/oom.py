@@ -65,7 +65,7 @@ NOTES = (
     "*ended*: `hog-died` / `writer-died` (the driver was killed), `write-error ERRNO`, "
     "`writer-stalled` (alive, no progress for {stall_after}, counting only time in which "
     "the harness itself ran; its `stall` record has what the writer was doing and "
-    "`harness_late_s`, the time the harness missed), "
+    "`harness_late_s`, the time the harness missed{longest_quiet}), "
     "`panic` (the boot ended: the next boot ran the remaining repeats).",
 )
 
@@ -256,15 +256,29 @@ def _recorded(cells: Sequence[JSON], key: str) -> list[float]:
 
 def stall_window(cells: Sequence[JSON]) -> str:
     """How long a growth experiment's writer went without progress before it counted as
-    stalled, as the repeats recorded it (a knob of the probe: the outcome depends on it),
-    and the longest a writer that went on was quiet (the window's margin)."""
+    stalled, as the repeats recorded it (a knob of the probe: the outcome depends on it)."""
     found = set(_recorded(cells, "stall_after_s"))
     if not found:
         return "a while — these results do not record how long (`stall_after_s`)"
-    window = " or ".join(f"{s:g} s" for s in sorted(found)) + " (the repeat's `stall_after_s`)"
-    if quiet := _recorded(cells, "longest_quiet_s"):
-        window += f"; a writer that went on was quiet for at most {max(quiet):.2f} s"
-    return window
+    return " or ".join(f"{s:g} s" for s in sorted(found)) + " (the repeat's `stall_after_s`)"
+
+
+def quiet_margin(cells: Sequence[JSON]) -> str:
+    """The stall window's margin as the repeats measured it: the longest a writer that went
+    on was quiet ("" when no repeat recorded one)."""
+    quiet = _recorded(cells, "longest_quiet_s")
+    if not quiet:
+        return ""
+    return (
+        f"; a writer that went on was never quiet longer than {max(quiet):.2f} s, "
+        "counted the same way (`longest_quiet_s`)"
+    )
+
+
+def _filled(note: str, fill: dict[str, str]) -> str:
+    for placeholder, text in fill.items():
+        note = note.replace(placeholder, text)
+    return note
 
 
 def oom_section(cells: Sequence[JSON]) -> str:
@@ -291,8 +305,8 @@ def oom_section(cells: Sequence[JSON]) -> str:
         table = experiment_table(shown, name)
         if table:
             parts += ["", f"### `{name}`" + (f": {setup}" if setup else ""), "", table]
-    window = stall_window(shown)
-    parts += ["", *(f"- {note.replace('{stall_after}', window)}" for note in NOTES)]
+    fill = {"{stall_after}": stall_window(shown), "{longest_quiet}": quiet_margin(shown)}
+    parts += ["", *(f"- {_filled(note, fill)}" for note in NOTES)]
     timing = timing_table(shown)
     if timing:
         parts += ["", "### OOM boots", "", timing]
