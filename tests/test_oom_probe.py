@@ -175,6 +175,24 @@ def test_the_stall_window_is_recorded_where_it_decides_an_outcome() -> None:
         assert window == (oom_growth.STALL_S if exp.growth else None), exp.name
 
 
+def _starve_one_wait(
+    monkeypatch: pytest.MonkeyPatch, starve_s: float, nth: int, ready_only: bool
+) -> None:
+    """Make the watch's ``nth`` wait (counting only those that found a line, with
+    ``ready_only``) end ``starve_s`` late: the harness left off the CPU after it."""
+    real, calls = oom_watch.select.select, [0]
+
+    def starved(*args: float) -> object:
+        found = real(*args)
+        if found[0] or not ready_only:
+            calls[0] += 1
+            if calls[0] == nth:
+                time.sleep(starve_s)
+        return found
+
+    monkeypatch.setattr(oom_watch.select, "select", starved)
+
+
 def _watch_a_silent_writer(
     monkeypatch: pytest.MonkeyPatch, starve_s: float
 ) -> tuple[oom_watch.Watch, float]:
@@ -186,16 +204,7 @@ def _watch_a_silent_writer(
 
     start = time.monotonic()
     roles = oom_harness.spawn_all([RoleSpec("writer", "anon", MIB)], _env(), start + 10)
-    real, calls = oom_watch.select.select, [0]
-
-    def starved(*args: float) -> object:
-        found = real(*args)
-        calls[0] += 1
-        if calls[0] == 2:
-            time.sleep(starve_s)
-        return found
-
-    monkeypatch.setattr(oom_watch.select, "select", starved)
+    _starve_one_wait(monkeypatch, starve_s, nth=2, ready_only=False)
     try:
         begin = time.monotonic()
         seen = oom_watch.watch(roles, begin, begin + 10, stall_s=1.0)
@@ -256,17 +265,7 @@ def _watch_paced(
     """Watch a paced writer with a 1 s stall window; with ``starve_s``, the wait that returns
     its third line ends that much later (the harness off the CPU, the line waiting)."""
     role = _paced_writer(pauses, done)
-    real, lines = oom_watch.select.select, [0]
-
-    def starved(*args: float) -> object:
-        found = real(*args)
-        if found[0]:
-            lines[0] += 1
-            if lines[0] == 3:
-                time.sleep(starve_s)
-        return found
-
-    monkeypatch.setattr(oom_watch.select, "select", starved)
+    _starve_one_wait(monkeypatch, starve_s, nth=3, ready_only=True)
     try:
         begin = time.monotonic()
         return oom_watch.watch([role], begin, begin + 10, stall_s=1.0)
