@@ -223,8 +223,8 @@ def _follow(
             if role is driver:
                 heard_at = time.monotonic()
                 if messages is not None:  # went on (not an end of file: it died)
-                    # This pass's own lateness too (the next pass would have counted it).
-                    overdue = heard_at - (now + wait)
+                    # This pass's own lateness too, as the next pass would have counted it.
+                    overdue = heard_at - due
                     missed = late + (overdue if overdue > LATE_S else 0.0)
                     quiet = max(heard_at - heard - missed, 0.0)
                     result.longest_quiet_s = max(result.longest_quiet_s or 0.0, quiet)

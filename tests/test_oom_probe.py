@@ -222,6 +222,7 @@ def test_a_stall_counts_only_the_time_the_harness_ran(monkeypatch: pytest.Monkey
     calm, took = _watch_a_silent_writer(monkeypatch, 0.0)
     assert calm.outcome == "writer-stalled" and calm.stall is not None
     assert calm.stall["harness_late_s"] == 0.0 and 1.0 <= took < 1.0 + oom_watch.LATE_S
+    assert calm.longest_quiet_s is None  # it never said anything: no spell it went on from
     starved, took = _watch_a_silent_writer(monkeypatch, 1.5)
     assert starved.outcome == "writer-stalled" and starved.stall is not None
     late, quiet = starved.stall["harness_late_s"], starved.stall["no_progress_s"]
@@ -283,7 +284,7 @@ def test_the_longest_quiet_spell_of_a_writer_that_went_on_is_recorded(
     seen = _watch_paced(monkeypatch, [0.05, 0.1, 0.6, 0.05])
     assert seen.outcome == "writer-done" and seen.stall is None
     assert seen.longest_quiet_s is not None
-    assert 0.5 <= seen.longest_quiet_s < 0.6 + oom_watch.LATE_S
+    assert 0.6 - oom_watch.LATE_S <= seen.longest_quiet_s < 0.6 + oom_watch.LATE_S
 
 
 def test_the_longest_quiet_spell_counts_only_time_the_harness_ran(
@@ -293,7 +294,7 @@ def test_the_longest_quiet_spell_counts_only_time_the_harness_ran(
     0.1 s spell look longer than the stall window; nor does the quiet before a death."""
     seen = _watch_paced(monkeypatch, [0.05, 0.05, 0.1, 0.05], starve_s=1.2)
     assert seen.outcome == "writer-done" and seen.longest_quiet_s is not None
-    assert seen.longest_quiet_s < 0.1 + oom_watch.LATE_S
+    assert seen.longest_quiet_s < 1.0  # the window (counting the starvation: ~1.3 s)
     dying = _watch_paced(monkeypatch, [0.05, 0.05, 0.05], done=False)
     assert dying.outcome == "writer-died" and dying.longest_quiet_s is not None
     assert dying.longest_quiet_s < 0.05 + oom_watch.LATE_S

@@ -142,11 +142,13 @@ def test_the_stall_note_says_the_window_the_repeats_recorded() -> None:
     cell["oom"][0]["runs"][0]["stall_after_s"] = 1.5
     assert stall_window([cell]) == "1.5 s (the repeat's `stall_after_s`)"
     assert "no progress for 1.5 s (the repeat's" in oom_section([cell])
-    assert "`longest_quiet_s`" not in oom_section([cell])  # none recorded: nothing said
+    # None recorded: nothing said, and no placeholder left.
+    assert "the time the harness missed), `panic`" in oom_section([cell])
+    assert "{" not in oom_section([cell])
     cell["oom"][0]["runs"][0]["longest_quiet_s"] = 0.4213
     assert quiet_margin([cell]) == (
-        "; a writer that went on was never quiet longer than 0.42 s, counted the same way "
-        "(`longest_quiet_s`)"
+        "; a writer that went on was never quiet longer than 0.43 s, also counting only time "
+        "in which the harness ran (`longest_quiet_s`)"
     )
     assert "the time the harness missed; a writer that went on was never quiet" in oom_section(
         [cell]

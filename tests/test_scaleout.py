@@ -131,8 +131,9 @@ def test_merge_of_split_cells_is_the_original_run(tmp_path: Path) -> None:
 
 
 def test_a_merge_keeps_the_expectations_only_when_every_run_read_the_same() -> None:
-    """Runs that read different expectation lines leave none in the merge: `invoke check`
-    and the gate then read the matrix file rather than the first run's lines."""
+    """Runs that read different expectation lines leave none in the merge: the gate at the
+    end of `invoke matrix --runtime docker` then reads the matrix file rather than the
+    first run's lines."""
     parts = _split(load_results(RESULTS / "full-5-kernels.json"))[:2]
     for part in parts:
         part["run"]["expectations"] = ["memfd-write VmRSS < 1 MiB"]
