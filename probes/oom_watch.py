@@ -179,6 +179,12 @@ def _warm_up(roles: list[Role], result: Watch, harness: bool) -> None:
         os.close(w)
 
 
+def _missed(at: float, due: float) -> float:
+    """How long the harness did not run between ``due`` (when it was to run again) and
+    ``at`` (when it did): 0 within LATE_S."""
+    return overdue if (overdue := at - due) > LATE_S else 0.0
+
+
 def _pending(role: Role) -> bool:
     """Whether ``role`` has written something the harness has not read yet."""
     return bool(select.select([role.channel.fd], [], [], 0)[0])
@@ -199,8 +205,7 @@ def _follow(
         now = time.monotonic()
         # Asked to run again at ``due`` (a select's timeout, or right after handling what
         # it returned): a pass that starts much later did not run in between.
-        if (overdue := now - due) > LATE_S:
-            late += overdue
+        late += _missed(now, due)
         if now >= stop_at:
             break
         # Quiet time counts only while the harness ran: a starved guest is not a stall;
@@ -224,9 +229,7 @@ def _follow(
                 heard_at = time.monotonic()
                 if messages is not None:  # went on (not an end of file: it died)
                     # This pass's own lateness too, as the next pass would have counted it.
-                    overdue = heard_at - due
-                    missed = late + (overdue if overdue > LATE_S else 0.0)
-                    quiet = max(heard_at - heard - missed, 0.0)
+                    quiet = max(heard_at - heard - late - _missed(heard_at, due), 0.0)
                     result.longest_quiet_s = max(result.longest_quiet_s or 0.0, quiet)
                 heard, late = heard_at, 0.0
                 due = max(due, heard)
