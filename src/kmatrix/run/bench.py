@@ -30,6 +30,9 @@ from kmatrix.run.progress import Progress
 
 # The kernel logs this line just before it executes our /init (init/main.c run_init_process).
 _RUN_INIT_RE = re.compile(r"\[\s*(\d+\.\d+)\] Run /init as init process")
+# /proc/stat's "cpu" line: user nice system idle iowait irq softirq steal ..., in USER_HZ
+# ticks (fs/proc/stat.c show_stat); steal is the 8th, absent before Linux 2.6.11.
+_STEAL_FIELD = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,53 @@ def boot_to_init_seconds(console: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def steal_seconds(proc_stat: str, ticks_per_s: int) -> float | None:
+    """CPU time the machine's hypervisor gave to others, summed over every CPU, from the
+    text of /proc/stat (None where the line has no steal column)."""
+    for line in proc_stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            return int(fields[_STEAL_FIELD]) / ticks_per_s if len(fields) > _STEAL_FIELD else None
+    return None
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds at one moment: this process and its reaped children (the QEMUs), and
+    the machine's steal (None off Linux)."""
+
+    own_s: float
+    children_s: float
+    steal_s: float | None
+
+    @staticmethod
+    def now() -> CpuUse:
+        """Read the counters."""
+        me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        try:
+            stat: str | None = Path("/proc/stat").read_text()
+        except OSError:
+            stat = None
+        steal = steal_seconds(stat, os.sysconf("SC_CLK_TCK")) if stat else None
+        return CpuUse(me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime, steal)
+
+    def since(self, before: CpuUse) -> CpuUse:
+        """What was used from ``before`` to this moment."""
+        steal = None
+        if self.steal_s is not None and before.steal_s is not None:
+            steal = self.steal_s - before.steal_s
+        return CpuUse(self.own_s - before.own_s, self.children_s - before.children_s, steal)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One run of the matrix in the bench: its wall time, CPU use and results."""
+
+    seconds: float
+    cpu: CpuUse
+    results: Results
+
+
 def render_figures(figures: list[Figure], note: str) -> str:
     """The bench table as markdown."""
     rows = [f.row() for f in figures]
@@ -91,53 +141,55 @@ def run_bench(
     work = Path(tempfile.mkdtemp(prefix="kmatrix-bench-"))
     quiet = Progress(io.StringIO(), live=False)
 
-    def run(name: str, force: bool, kernels: tuple[str, ...] = ()) -> tuple[float, Results]:
-        opts = RunOptions(
-            matrix_path=matrix_path, name=name, reports_dir=work, force=force, kernels=kernels
-        )
-        start = time.monotonic()
-        results = run_matrix(opts, quiet)
-        return time.monotonic() - start, results
-
     figures: dict[str, Figure] = {}
 
     def add(what: str, value: float | None, unit: str = "s") -> None:
         if value is not None:
             figures.setdefault(what, Figure(what, [], unit)).samples.append(value)
 
+    def run(name: str, force: bool, kernels: tuple[str, ...] = ()) -> Timed:
+        opts = RunOptions(
+            matrix_path=matrix_path, name=name, reports_dir=work, force=force, kernels=kernels
+        )
+        start, before = time.monotonic(), CpuUse.now()
+        results = run_matrix(opts, quiet)
+        return Timed(time.monotonic() - start, CpuUse.now().since(before), results)
+
     try:
         if cold:
             log("cold run: empty cache (downloads every kernel and the userland)")
             with _cache_at(work / "cold-cache"):
-                seconds, _ = run("cold", force=True)
-            add("whole matrix, cold (download + build + boot)", seconds)
+                add("whole matrix, cold (download + build + boot)", run("cold", True).seconds)
             shutil.rmtree(work / "cold-cache", ignore_errors=True)
         results = _warm_runs(run, add, work, repeats, log)
         alone = next((c["id"] for c in results["cells"] if c["backend"] == "qemu"), None)
         for i in range(repeats if alone else 0):
             log(f"one cell alone {i + 1}/{repeats}: {alone}")
-            seconds, _ = run(f"alone{i}", force=True, kernels=(str(alone),))
+            seconds = run(f"alone{i}", force=True, kernels=(str(alone),)).seconds
             add(f"one cell alone ({alone}: accounting + OOM boots)", seconds)
         for i in range(repeats):
-            seconds, _ = run(f"cached{i}", force=False)
-            add("unchanged rerun (all cells from cache)", seconds)
+            add("unchanged rerun (all cells from cache)", run(f"cached{i}", False).seconds)
         add("userland build (from cached .debs)", _time_userland_build(matrix_path))
         # RUSAGE_CHILDREN is no measure of QEMU: a forked child starts with the parent's
         # RSS, so its maximum is this process's own. A QEMU cell's RAM is guest.memory.
         add(
-            "peak RSS of kmatrix (cold run parses whole Packages indices)",
+            "peak RSS of kmatrix"
+            + (" (the cold run parses whole Packages indices)" if cold else ""),
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "MiB",
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cores = os.cpu_count()
-    note = f"Machine: {cores} cores, {_mem_total_gib():.0f} GiB RAM; cells in parallel: {cores}."
+    note = (
+        f"Machine: {cores} cores, {_mem_total_gib():.0f} GiB RAM; cells in parallel: {cores}. "
+        "CPU figures leave out the Docker cell's container (dockerd runs it)."
+    )
     return render_figures(list(figures.values()), note)
 
 
 def _warm_runs(
-    run: Callable[..., tuple[float, Results]],
+    run: Callable[..., Timed],
     add: Callable[[str, float | None], None],
     work: Path,
     repeats: int,
@@ -147,8 +199,14 @@ def _warm_runs(
     results: AnyResults = {"cells": []}
     for i in range(repeats):
         log(f"warm run {i + 1}/{repeats}: downloads cached, every cell booted")
-        seconds, results = run(f"warm{i}", force=True)
-        add("whole matrix, warm (every cell booted)", seconds)
+        timed = run(f"warm{i}", force=True)
+        results = timed.results
+        add("whole matrix, warm (every cell booted)", timed.seconds)
+        # Wall time alone does not compare across moments: this machine, a VM, did the same
+        # run's work with 190 s of CPU one day and 440 s another.
+        add("CPU of a warm run: QEMU (and other children)", timed.cpu.children_s)
+        add("CPU of a warm run: kmatrix itself", timed.cpu.own_s)
+        add("CPU stolen by the machine's hypervisor in a warm run", timed.cpu.steal_s)
         for cell in results["cells"]:
             # wall_s: a cell's boots run side by side; duration_s sums them.
             wall = cell.get("wall_s") or cell.get("duration_s")
