@@ -10,7 +10,8 @@ boot's.
 
 With ``oom.snapshot`` (the default) the kernel is booted once per cell: that boot is saved
 when its probe is ready (oom_saved.py) and every boot above is a restore of it, told its
-units by a plan disk of its own, with the calm repeats split over two restores. If the
+units by a plan disk of its own: one restore per repeat that ends its boot, the calm repeats
+split over them, at least two (restored_split). If the
 saving boot fails, the lanes boot; a restore that brings back no hello is kept as a boot of
 its own and its units are booted.
 """

@@ -202,11 +202,15 @@ def _warm_runs(
         timed = run(f"warm{i}", force=True)
         results = timed.results
         add("whole matrix, warm (every cell booted)", timed.seconds)
-        # Wall time alone does not compare across moments: this machine, a VM, did the same
-        # run's work with 190 s of CPU one day and 440 s another.
-        add("CPU of a warm run: QEMU (and other children)", timed.cpu.children_s)
-        add("CPU of a warm run: kmatrix itself", timed.cpu.own_s)
-        add("CPU stolen by the machine's hypervisor in a warm run", timed.cpu.steal_s)
+        # How fast the machine was: on a VM the same run's work took 190 s of CPU one day
+        # and 440 s another. A QEMU that kmatrix killed (a timeout) is never reaped by its
+        # guard, so its CPU is not counted: such a run has no CPU figures.
+        if every_boot_ended(results):
+            add("CPU of a warm run: QEMU (and other children)", timed.cpu.children_s)
+            add("CPU of a warm run: kmatrix itself", timed.cpu.own_s)
+            add("CPU stolen by the machine's hypervisor in a warm run", timed.cpu.steal_s)
+        else:
+            log(f"warm run {i + 1}: a cell or boot did not end by itself; no CPU figures")
         for cell in results["cells"]:
             # wall_s: a cell's boots run side by side; duration_s sums them.
             wall = cell.get("wall_s") or cell.get("duration_s")
@@ -216,6 +220,16 @@ def _warm_runs(
                 text = console.read_text(errors="replace")
                 add(f"boot to init {cell['id']}", boot_to_init_seconds(text))
     return results
+
+
+def every_boot_ended(results: AnyResults) -> bool:
+    """Whether every cell is ok and none of its OOM boots timed out: the QEMUs of such a
+    run all exited by themselves, so their CPU reached this process (CpuUse)."""
+    return all(
+        cell.get("status") == "ok"
+        and not any(b.get("timed_out") for b in cell.get("oom_boots") or [])
+        for cell in results.get("cells") or []
+    )
 
 
 def _time_userland_build(matrix_path: Path) -> float:
