@@ -50,3 +50,24 @@ def test_cross_charge_and_swapped_memfd() -> None:
     )
     swapped = _texts("mapped memfd in swap counted in VmSwap / oom_score?")
     assert all(t.startswith("no: smaps Swap 6") for t in swapped)
+
+
+def test_a_stall_without_a_kernel_report_is_said_so() -> None:
+    """The stall window is the harness's: a writer-stalled repeat whose kernel printed no
+    "no killable" report gets a note; with reports only their median shows; results that
+    do not record the count (this fixture's) show neither."""
+    question = "growing memfd in a memory cgroup, writer protected: kills, ending"
+    assert all("'no killable'" not in t for t in _texts(question))
+    cells = json.loads(json.dumps(RESULTS["cells"]))
+    exp = next(e for e in cells[0]["oom"] if e["name"] == "oom-memcg-v2-memfd-growth-protected")
+    for run, reports in zip(exp["runs"], (293, 0, 301), strict=True):
+        run["no_killable_reports"] = reports
+    (row,) = [r for r in answer_all(cells) if r.question == question]
+    text = row.answers[0].text
+    assert text.endswith(
+        "ended: writer-stalled 3/3 (median 301 'no killable' reports a repeat)"
+        " (1 stalled with no 'no killable' report from the kernel)"
+    ), text
+    exp["runs"][1]["no_killable_reports"] = 250
+    (row,) = [r for r in answer_all(cells) if r.question == question]
+    assert row.answers[0].text.endswith("(median 293 'no killable' reports a repeat)")
