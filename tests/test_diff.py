@@ -102,6 +102,14 @@ def test_a_change_of_how_tcg_ran_the_vcpus_is_listed() -> None:
     assert "tcg_thread" not in diff(new, new)
 
 
+def test_a_change_of_how_many_qemus_ran_at_once_is_listed() -> None:
+    """A cell measured with more guests competing for the CPU (--jobs) says so in a diff."""
+    old, new = base(), base()
+    old["cells"][0]["qemu_slots"], new["cells"][0]["qemu_slots"] = 3, 7
+    assert "- `5.10`: qemu_slots 3 → 7" in diff(old, new)
+    assert "qemu_slots" not in diff(new, new)
+
+
 def test_kernel_version_and_errno_changes() -> None:
     new = base()
     new["cells"][1]["kernel"]["version"] = "6.1.177-1"

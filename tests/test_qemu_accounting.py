@@ -7,12 +7,14 @@ verified archive client (cached under ~/.cache/kmatrix) and really boot them und
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kmatrix import catalog
+from kmatrix.backends import qemu
 from kmatrix.run.matrix import RunOptions, run_matrix
 from kmatrix.run.progress import Progress
 
@@ -76,6 +78,9 @@ def test_cell_provenance(cell: dict[str, Any]) -> None:
     assert cell["memory_bytes"] == 384 * MIB
     assert cell["boot"] == "pvh"  # Debian's amd64 kernels carry the PVH entry note
     assert cell["cpu"] == "max,-erms,-fsrm,-smap"
+    # run_cells lets the larger of --jobs (default: the cores) and cores + 1 QEMUs run at
+    # once (run/pool.py), unless a runner container's environment says (backends/qemu.py).
+    assert cell["qemu_slots"] == int(os.environ.get(qemu.SLOTS_ENV) or qemu.default_slots())
 
 
 def test_the_cgroup2_mount_options_are_recorded(cell: dict[str, Any]) -> None:

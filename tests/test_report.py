@@ -215,6 +215,16 @@ def test_provenance_shows_how_tcg_ran_the_vcpus_where_recorded() -> None:
     assert [c.strip() for c in row.strip("|").split("|")][1:] == ["tcg, thread=single", "tcg"]
 
 
+def test_provenance_shows_the_qemus_at_once_where_recorded() -> None:
+    """Results from before qemu_slots was recorded get no row; a cell without it a dash."""
+    results = load("partial-5.10-6.1.json")
+    assert "| QEMUs at once" not in render_report(results)
+    results["cells"][0]["qemu_slots"] = 3
+    text = render_report(results).split("## Provenance", 1)[1]
+    (row,) = [line for line in text.splitlines() if line.startswith("| QEMUs at once")]
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == ["3", "—"]
+
+
 def test_docker_cell_provenance_names_the_engine() -> None:
     results = load("dev-6.1.json")
     results["cells"].append(

@@ -287,6 +287,11 @@ def set_parallel(n: int) -> None:
     _SLOTS = Slots(int(env) if env.isdigit() else n)
 
 
+def slot_count() -> int:
+    """How many QEMU processes may run at once now (set_parallel)."""
+    return _SLOTS.count
+
+
 def run_qemu(
     argv: list[str],
     timeout: float,

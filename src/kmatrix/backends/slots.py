@@ -21,7 +21,8 @@ class Slots:
     arrival order."""
 
     def __init__(self, count: int) -> None:
-        self._free = max(1, count)
+        self.count = max(1, count)  # how many can be held at once
+        self._free = self.count
         self._cond = threading.Condition()
         self._waiting: list[tuple[float, int]] = []  # (-weight, arrival): a heap
         self._arrivals = itertools.count()

@@ -16,6 +16,7 @@ from kmatrix.backends.qemu import (
     build_argv,
     make_disk,
     run_qemu,
+    slot_count,
 )
 from kmatrix.backends.qemu import read_log as _read
 from kmatrix.cells.console import ConsoleSummary, analyze_console
@@ -88,6 +89,7 @@ def run_qemu_cell(
     }
     if plan.tcg_thread is not None:  # TCG cells only
         cell["tcg_thread"] = plan.tcg_thread
+    cell["qemu_slots"] = slot_count()
     cell["kernel"] = kernel_info(kernel)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)

@@ -95,7 +95,7 @@ def _cell_changes(cid: str, old: JSON, new: JSON) -> list[str]:
         before, after = get_path(old, "kernel", key), get_path(new, "kernel", key)
         if before != after:
             out.append(f"`{cid}`: kernel {key} {before or '—'} → {after or '—'}")
-    for key in ("accel", "tcg_thread", "memory_bytes", "backend"):
+    for key in ("accel", "tcg_thread", "qemu_slots", "memory_bytes", "backend"):
         if old.get(key) != new.get(key):
             show = mib if key == "memory_bytes" else _or_dash
             out.append(f"`{cid}`: {key} {show(old.get(key))} → {show(new.get(key))}")
