@@ -65,9 +65,15 @@ def test_a_stall_without_a_kernel_report_is_said_so() -> None:
     (row,) = [r for r in answer_all(cells) if r.question == question]
     text = row.answers[0].text
     assert text.endswith(
-        "ended: writer-stalled 3/3 (median 301 'no killable' reports a repeat)"
-        " (1 stalled with no 'no killable' report from the kernel)"
+        "ended: writer-stalled 3/3 (median 293 'no killable' reports a repeat)"
+        " (1 stalled with none on the console)"
     ), text
     exp["runs"][1]["no_killable_reports"] = 250
     (row,) = [r for r in answer_all(cells) if r.question == question]
     assert row.answers[0].text.endswith("(median 293 'no killable' reports a repeat)")
+    for run in exp["runs"]:
+        run["no_killable_reports"] = 0
+    (row,) = [r for r in answer_all(cells) if r.question == question]
+    assert row.answers[0].text.endswith(
+        "writer-stalled 3/3 (3 stalled with no 'no killable' report on the console)"
+    )

@@ -1,4 +1,5 @@
-"""QEMU slots: the heaviest waiting boot starts first; an interrupted wait takes no slot."""
+"""QEMU slots: the heaviest waiting boot starts first; an interrupted wait takes no slot; the
+cap each cell records (qemu_slots)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
+from kmatrix.backends import qemu
 from kmatrix.backends.slots import Slots
+from kmatrix.run.in_docker import RUNNER_SLOTS, runner_slots_env
 
 
 def _wait_for(cond: Callable[[], bool], what: str) -> None:
@@ -88,3 +91,47 @@ def test_an_exception_in_the_wait_leaves_no_stale_ticket() -> None:
     assert slots._waiting == []
     slots.release()
     assert slots.acquire(1, lambda: False, 0.01)
+
+
+def test_set_parallel_takes_the_environment_s_cap_and_at_least_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A runner container's KMATRIX_QEMU_SLOTS wins over --jobs; no cap is below one."""
+    monkeypatch.delenv(qemu.MACHINE_SLOTS_ENV, raising=False)
+    monkeypatch.setattr(qemu, "_SLOTS", Slots(3))
+    monkeypatch.setenv(qemu.SLOTS_ENV, "2")
+    qemu.set_parallel(7)
+    assert qemu.slot_count() == 2
+    monkeypatch.setenv(qemu.SLOTS_ENV, "0")
+    qemu.set_parallel(7)
+    assert qemu.slot_count() == 1
+    monkeypatch.delenv(qemu.SLOTS_ENV)
+    qemu.set_parallel(7)
+    assert qemu.slot_count() == 7
+
+
+def test_setting_the_same_cap_again_keeps_the_boots_that_hold_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cells in threads of one process each set the cap: the second must not hand out a
+    fresh set of slots beside the ones the first cell's boots hold."""
+    monkeypatch.delenv(qemu.SLOTS_ENV, raising=False)
+    monkeypatch.setattr(qemu, "_SLOTS", Slots(3))
+    qemu.set_parallel(2)
+    held = qemu._SLOTS
+    assert held.acquire(0, lambda: False) and held.acquire(0, lambda: False)
+    qemu.set_parallel(2)
+    assert qemu._SLOTS is held
+    assert not qemu._SLOTS.acquire(0, lambda: True)  # both taken: a third boot waits
+
+
+def test_a_runner_records_the_whole_run_s_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a runner container the cells record every runner's QEMUs (in_docker.py), not the
+    container's own two: three runners at once let six guests compete for the CPU."""
+    env = runner_slots_env(3)
+    assert env == {qemu.SLOTS_ENV: str(RUNNER_SLOTS), qemu.MACHINE_SLOTS_ENV: "6"}
+    monkeypatch.setattr(qemu, "_SLOTS", Slots(RUNNER_SLOTS))
+    monkeypatch.setenv(qemu.MACHINE_SLOTS_ENV, env[qemu.MACHINE_SLOTS_ENV])
+    assert qemu.slot_count() == 6
+    monkeypatch.delenv(qemu.MACHINE_SLOTS_ENV)
+    assert qemu.slot_count() == RUNNER_SLOTS

@@ -277,6 +277,9 @@ _SLOTS = Slots(default_slots())
 #: Set by ``--runtime docker`` in each runner container: the container's memory limit
 #: allows this many guests at once, whatever the host's core count.
 SLOTS_ENV = "KMATRIX_QEMU_SLOTS"
+#: Also set in each runner container: the QEMUs the whole run may have at once on the
+#: machine (its runner containers at once, each with its SLOTS_ENV).
+MACHINE_SLOTS_ENV = "KMATRIX_MACHINE_QEMUS"
 
 
 def set_parallel(n: int) -> None:
@@ -284,12 +287,19 @@ def set_parallel(n: int) -> None:
     or what KMATRIX_QEMU_SLOTS says."""
     global _SLOTS
     env = os.environ.get(SLOTS_ENV, "")
-    _SLOTS = Slots(int(env) if env.isdigit() else n)
+    count = max(1, int(env) if env.isdigit() else n)
+    # Cells run side by side in threads of one process (local builds in a --runtime docker
+    # run) each set it: a new semaphore would let the boots already holding the old one
+    # run beside as many again.
+    if count != _SLOTS.count:
+        _SLOTS = Slots(count)
 
 
 def slot_count() -> int:
-    """How many QEMU processes may run at once now (set_parallel)."""
-    return _SLOTS.count
+    """How many QEMUs the run may have at once on this machine: this process's (set_parallel),
+    or in a runner container all the run's runners' (MACHINE_SLOTS_ENV)."""
+    env = os.environ.get(MACHINE_SLOTS_ENV, "")
+    return int(env) if env.isdigit() and int(env) > 0 else _SLOTS.count
 
 
 def run_qemu(

@@ -73,18 +73,24 @@ def serial_kills(name: str) -> Callable[[JSON], Reply]:
 
 def _flood(exp: JSON) -> str:
     """For stalled writers, the kernel's evidence: how often it found nothing to kill. The
-    stall window is the harness's (STALL_S), so a stall without one such report is said so:
-    nothing from the kernel then tells a writer looping in the OOM killer from one that did
-    not get the CPU. (Results that do not record the count say nothing either way.)"""
-    stalled = [
-        r.get("no_killable_reports")
+    stall window is the harness's (STALL_S), so a stall without one such report on the
+    console is said so: nothing there then tells a writer looping in the OOM killer from
+    one that did not get the CPU. (Results that do not record the count say nothing.)"""
+    counts = sorted(
+        int(r["no_killable_reports"])
         for r in exp.get("runs") or []
         if str(r.get("outcome", "")).endswith("-stalled")
-    ]
-    counts = sorted(int(n) for n in stalled if n)
-    text = f" (median {counts[len(counts) // 2]} 'no killable' reports a repeat)" if counts else ""
-    if bare := sum(n == 0 for n in stalled):
-        text += f" ({bare} stalled with no 'no killable' report from the kernel)"
+        and r.get("no_killable_reports") is not None
+    )
+    if not any(counts):
+        return (
+            f" ({len(counts)} stalled with no 'no killable' report on the console)"
+            if counts
+            else ""
+        )
+    text = f" (median {counts[len(counts) // 2]} 'no killable' reports a repeat)"
+    if bare := counts.count(0):
+        text += f" ({bare} stalled with none on the console)"
     return text
 
 

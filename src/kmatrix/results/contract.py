@@ -213,8 +213,9 @@ class Cell(TypedDict):
     arch: NotRequired[str]
     cpu: NotRequired[str]
     tcg_thread: NotRequired[TcgThread]  # TCG cells only
-    # QEMUs allowed at once on the machine while the cell ran (--jobs; default cores + 1):
-    # how much its guests competed for the CPU, on which timing-dependent endings depend.
+    # QEMUs the run could have at once on the machine (backends.qemu.slot_count: the larger
+    # of --jobs and cores + 1, or --runtime docker's runners at once x 2): how much its
+    # guests could compete for the CPU, on which timing-dependent endings depend.
     qemu_slots: NotRequired[int]
     boot: NotRequired[str]
     probe: NotRequired[Hello]

@@ -147,6 +147,15 @@ def runner_memory(matrix: Matrix, kernel: DebianKernel) -> int:
     return max(guest + oom, RUNNER_SLOTS * oom) + RUNNER_OVERHEAD
 
 
+def runner_slots_env(runners: int) -> dict[str, str]:
+    """The QEMU caps a runner container gets: its own, and the whole run's when ``runners``
+    containers run at once (what its cells record as ``qemu_slots``)."""
+    return {
+        qemu.SLOTS_ENV: str(RUNNER_SLOTS),
+        qemu.MACHINE_SLOTS_ENV: str(max(1, runners) * RUNNER_SLOTS),
+    }
+
+
 def runner_timeout(matrix: Matrix) -> float:
     """Seconds the whole container may run: download, the accounting boot, the OOM boots.
 
@@ -312,12 +321,14 @@ def run_cell_in_docker(
     base: BaseChoice = "auto",
     timeout: float | None = None,
     reports_dir: Path = REPORTS,
+    runners: int = 1,
     log: Callable[[str], None] = print,
 ) -> int:
     """`invoke cell --runtime docker`: the cell in the runner image; the container's exit code.
 
     The one-cell results land at ``output`` and the cell's report and console log in
-    ``reports_dir``/cell-KERNEL/, as with the host runtime.
+    ``reports_dir``/cell-KERNEL/, as with the host runtime. ``runners``: how many runner
+    containers the run has at once (this one included).
     """
     matrix = load_matrix(matrix_path)
     (entry,) = matrix.select([kernel_name])
@@ -344,9 +355,7 @@ def run_cell_in_docker(
         name=f"kmatrix-runner-{kernel.name}-{secrets.token_hex(4)}",
         kvm_gid=gid,
         reports_dir=reports_dir.resolve(),
-        env=proxy_env(dict(os.environ))
-        | _security_env(matrix, mirror)
-        | {qemu.SLOTS_ENV: str(RUNNER_SLOTS)},
+        env=proxy_env(dict(os.environ)) | _security_env(matrix, mirror) | runner_slots_env(runners),
     )
     code = run_runner(client, runner_config(spec), timeout or runner_timeout(matrix), log)
     # The container printed its own mount points; these are the same files on this host.

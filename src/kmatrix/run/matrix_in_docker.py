@@ -55,12 +55,15 @@ def plan_cells(kernels: Sequence[Kernel], parts_dir: Path) -> list[PlannedCell]:
     ]
 
 
-def _run_one(cell: PlannedCell, matrix_path: Path, force: bool, reports_dir: Path) -> int:
+def _run_one(
+    cell: PlannedCell, matrix_path: Path, force: bool, reports_dir: Path, runners: int
+) -> int:
     """Run one planned cell; its exit code (results land in ``cell.output``)."""
     if cell.where == "runner":
         return run_cell_in_docker(
-            matrix_path, cell.kernel, cell.output, force=force, reports_dir=reports_dir
-        )
+            matrix_path, cell.kernel, cell.output, force=force, reports_dir=reports_dir,
+            runners=runners,
+        )  # fmt: skip
     try:
         run_cell(matrix_path, cell.kernel, cell.output, force=force, reports_dir=reports_dir)
     except ExpectationFailed:
@@ -77,8 +80,9 @@ def _run_all(
     containers; the containers are removed first, which ends the workers' waits.
     """
     pool = ThreadPoolExecutor(max_workers=jobs)
+    runners = min(jobs, sum(c.where == "runner" for c in plan))
     try:
-        futures = [pool.submit(_run_one, c, matrix_path, force, reports_dir) for c in plan]
+        futures = [pool.submit(_run_one, c, matrix_path, force, reports_dir, runners) for c in plan]
         return [f.result() for f in futures]
     except KeyboardInterrupt:
         stop_runners()  # the workers' containers: the signal reached only this thread
