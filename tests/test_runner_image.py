@@ -71,6 +71,8 @@ def test_one_cell_runs_in_the_runner_image(client: Any, image: RunnerImage, tmp_
     (cell,) = results["cells"]
     assert cell["status"] == "ok", cell.get("reason")
     assert cell["accel"] == "tcg"
+    # Alone, the runner's two QEMUs are all the machine runs (KMATRIX_MACHINE_QEMUS).
+    assert cell["qemu_slots"] == in_docker.RUNNER_SLOTS
     assert [s["name"] for s in cell["scenarios"]] == ["memfd-write"]
     # QEMU and Python are the image's, not the host's.
     qemu = _in_image(client, image.tag, ["qemu-system-x86_64", "--version"]).splitlines()[0]
@@ -95,6 +97,7 @@ def test_matrix_runtime_docker_runs_every_qemu_cell_in_the_image(
     (cell,) = results["cells"]
     assert cell["id"] == "runner-6.1" and cell["status"] == "ok", cell.get("reason")
     assert cell["cached"] is False
+    assert cell["qemu_slots"] == in_docker.RUNNER_SLOTS  # one runner at once
     qemu = _in_image(client, image.tag, ["qemu-system-x86_64", "--version"]).splitlines()[0]
     assert results["run"]["host"]["qemu"] == qemu.strip()  # the image's QEMU, not the host's
     assert json.loads((reports / "in-docker" / "results.json").read_text()) == results
