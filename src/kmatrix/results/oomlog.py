@@ -34,44 +34,53 @@ _TS = re.compile(r"^\[\s*(\d+\.\d+)\]\s?")
 #: under TCG); a Killed line this long after the group's last one is another OOM whose
 #: header the rate limit dropped.
 GROUP_BURST_S = 0.05
-_INVOKED = re.compile(
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """A regular expression tried only on lines that hold its literal part ``text``: most
+    console lines are none of these, and _INVOKED's leading ``.+?`` makes a failed search
+    quadratic in the line's length (an OOM flood is tens of thousands of lines, and the
+    host parses every boot's console)."""
+
+    text: str
+    regex: re.Pattern[str]
+
+    def search(self, line: str) -> re.Match[str] | None:
+        """The regex's match in ``line``, if its literal part is there at all."""
+        return self.regex.search(line) if self.text in line else None
+
+
+_INVOKED = _Pattern(" invoked oom-killer: ", re.compile(
     r"(?P<comm>.+?) invoked oom-killer: gfp_mask=(?P<gfp>0x[0-9a-f]+)\((?P<flags>[^)]*)\), "
     r"order=(?P<order>-?\d+), oom_score_adj=(?P<adj>-?\d+)"
-)
+))  # fmt: skip
 _CPU = re.compile(r"^CPU: \d+ (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>\S+)")
-_KILLED = re.compile(
+_KILLED = _Pattern("Killed process ", re.compile(
     r"(?P<msg>Out of memory(?: \(oom_kill_allocating_task\))?|Memory cgroup out of memory): "
     r"Killed process (?P<pid>\d+) "
     r"\((?P<comm>.*?)\) total-vm:(?P<total_vm>\d+)kB, anon-rss:(?P<anon_rss>\d+)kB, "
     r"file-rss:(?P<file_rss>\d+)kB, shmem-rss:(?P<shmem_rss>\d+)kB, UID:(?P<uid>\d+) "
     r"pgtables:(?P<pgtables>\d+)kB oom_score_adj:(?P<adj>-?\d+)"
-)
-_REAPED = re.compile(
+))  # fmt: skip
+_REAPED = _Pattern("oom_reaper: reaped process ", re.compile(
     r"oom_reaper: reaped process (?P<pid>\d+) \((?P<comm>.*?)\), now anon-rss:(?P<anon>\d+)kB, "
     r"file-rss:(?P<file>\d+)kB, shmem-rss:(?P<shmem>\d+)kB"
+))  # fmt: skip
+_GROUP = _Pattern(" are going to be killed due to memory.oom.group set", re.compile(
+    r"Tasks in (?P<cg>\S+) are going to be killed due to memory\.oom\.group set"
+))  # fmt: skip
+_PANIC = _Pattern(
+    "Kernel panic - not syncing", re.compile(r"Kernel panic - not syncing: ?(?P<msg>.*)")
 )
-_GROUP = re.compile(r"Tasks in (?P<cg>\S+) are going to be killed due to memory\.oom\.group set")
-_PANIC = re.compile(r"Kernel panic - not syncing: ?(?P<msg>.*)")
 _ROW = re.compile(r"^\[\s*(?P<pid>\d+)\]\s+(?P<rest>.*)$")
 NO_KILLABLE = "Out of memory and no killable processes"
 TASKS_STATE = "Tasks state (memory values in pages):"
-# A literal part of each pattern above, tested first: most console lines are none of them,
-# and _INVOKED's leading ``.+?`` makes a failed search quadratic in the line's length (an
-# OOM flood is tens of thousands of lines, and the host parses every boot's console).
-_INVOKED_TEXT = " invoked oom-killer: "
-_KILLED_TEXT = "Killed process "
-_REAPED_TEXT = "oom_reaper: reaped process "
-_GROUP_TEXT = " are going to be killed due to memory.oom.group set"
-_PANIC_TEXT = "Kernel panic - not syncing"
-
-
-def _reaped(line: str) -> re.Match[str] | None:
-    return _REAPED.search(line) if _REAPED_TEXT in line else None
 
 
 def panic_message(line: str) -> str | None:
     """What a ``Kernel panic - not syncing`` line says ("kernel panic" if nothing), else None."""
-    m = _PANIC.search(line) if _PANIC_TEXT in line else None
+    m = _PANIC.search(line)
     return (m.group("msg").strip() or "kernel panic") if m else None
 
 
@@ -218,7 +227,7 @@ class _Parser:
     def feed(self, lineno: int, line: str) -> None:
         if self.columns is not None and self._task_line(line):
             return
-        if _INVOKED_TEXT in line and (m := _INVOKED.search(line)):
+        if m := _INVOKED.search(line):
             self.event = OomEvent(
                 trigger_comm=m.group("comm").split()[-1],
                 gfp_mask=m.group("gfp"),
@@ -232,7 +241,7 @@ class _Parser:
             self.columns = []
         elif "oom-kill:constraint=" in line:
             self._current().constraint = parse_constraint(line)
-        elif _KILLED_TEXT in line and (m := _KILLED.search(line)):
+        elif m := _KILLED.search(line):
             event = self._current()
             grouped = event.group_memcg is not None and not self.group_ended
             if grouped and self.now is not None and self.last_kill is not None:
@@ -246,17 +255,17 @@ class _Parser:
             event.kills.append(_kill(m))
             self.last_kill = self.now
         else:
-            if self.event is not None and self.event.kills and not _reaped(line):
+            if self.event is not None and self.event.kills and not _REAPED.search(line):
                 self.group_ended = True
             self._other(lineno, line)
 
     def _other(self, lineno: int, line: str) -> None:
-        if _GROUP_TEXT in line and (m := _GROUP.search(line)):
+        if m := _GROUP.search(line):
             self._current().group_memcg = m.group("cg")
             self.group_ended = False  # the group's Killed lines follow this one
         elif NO_KILLABLE in line:
             self._current().no_killable = True
-        elif m := _reaped(line):
+        elif m := _REAPED.search(line):
             for event in self.log.events:
                 for kill in event.kills:
                     if kill.pid == int(m.group("pid")):
@@ -299,9 +308,9 @@ def _report_blocks(lines: list[str]) -> list[tuple[int, int]]:
     blocks, start, killed = [], None, False
     for i, raw in enumerate(lines):
         line = strip_prefix(raw)
-        if _INVOKED_TEXT in line and _INVOKED.search(line):
+        if _INVOKED.search(line):
             start, killed = i, False
-        elif start is not None and _KILLED_TEXT in line and _KILLED.search(line):
+        elif start is not None and _KILLED.search(line):
             killed = True
         elif start is not None and NO_KILLABLE in line:
             if not killed:
