@@ -282,12 +282,18 @@ SLOTS_ENV = "KMATRIX_QEMU_SLOTS"
 MACHINE_SLOTS_ENV = "KMATRIX_MACHINE_QEMUS"
 
 
+def _env_count(name: str) -> int | None:
+    """A count the environment sets (a runner container's), None when it sets none."""
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
 def set_parallel(n: int) -> None:
     """Let at most ``n`` QEMU processes run at once (``--jobs``; default: default_slots()),
     or what KMATRIX_QEMU_SLOTS says."""
     global _SLOTS
-    env = os.environ.get(SLOTS_ENV, "")
-    count = max(1, int(env) if env.isdigit() else n)
+    env = _env_count(SLOTS_ENV)
+    count = max(1, n if env is None else env)
     # Cells run side by side in threads of one process (local builds in a --runtime docker
     # run) each set it: a new semaphore would let the boots already holding the old one
     # run beside as many again.
@@ -298,8 +304,7 @@ def set_parallel(n: int) -> None:
 def slot_count() -> int:
     """How many QEMUs the run may have at once on this machine: this process's (set_parallel),
     or in a runner container all the run's runners' (MACHINE_SLOTS_ENV)."""
-    env = os.environ.get(MACHINE_SLOTS_ENV, "")
-    return int(env) if env.isdigit() and int(env) > 0 else _SLOTS.count
+    return _env_count(MACHINE_SLOTS_ENV) or _SLOTS.count
 
 
 def run_qemu(

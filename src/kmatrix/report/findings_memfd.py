@@ -82,16 +82,11 @@ def _flood(exp: JSON) -> str:
         if str(r.get("outcome", "")).endswith("-stalled")
         and r.get("no_killable_reports") is not None
     )
-    if not any(counts):
-        return (
-            f" ({len(counts)} stalled with no 'no killable' report on the console)"
-            if counts
-            else ""
-        )
+    bare = counts.count(0)
+    if bare == len(counts):  # none recorded, or every one without a report
+        return f" ({bare} stalled with no 'no killable' report on the console)" if bare else ""
     text = f" (median {counts[len(counts) // 2]} 'no killable' reports a repeat)"
-    if bare := counts.count(0):
-        text += f" ({bare} stalled with none on the console)"
-    return text
+    return text + (f" ({bare} stalled with none on the console)" if bare else "")
 
 
 def cross_charge(cell: JSON) -> Reply:

@@ -246,13 +246,10 @@ def _provenance_machine(cells: Sequence[JSON], run: JSON) -> str:
     ]
     if any(c.get("arch") for c in cells):  # results from before arm64 do not record it
         rows.append(["arch", *(_arch(c, run) for c in cells)])
+    rows.append(["accel", *(_accel(c) for c in cells)])
+    if any(c.get("qemu_slots") for c in cells):  # older results do not record it
+        rows.append(["QEMUs at once", *(str(c.get("qemu_slots") or "—") for c in cells)])
     rows += [
-        ["accel", *(_accel(c) for c in cells)],
-        *(
-            [["QEMUs at once", *(str(c.get("qemu_slots") or "—") for c in cells)]]
-            if any(c.get("qemu_slots") for c in cells)  # older results do not record it
-            else []
-        ),
         ["CPU model", *(str(c.get("cpu") or "—") for c in cells)],
         ["boot entry", *(str(c.get("boot") or "—") for c in cells)],
         ["emulator / engine", *(_engine(c, run) for c in cells)],
